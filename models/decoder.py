@@ -1,0 +1,196 @@
+"""The shared Llama-family decoder (Flax NNX) over a paged KV cache.
+
+Llama, Mistral, Qwen2, Qwen3 and Granite differ only in flags of `ModelConfig` (biases, q/k
+norms, sliding windows, multipliers), so one module tree serves them all. Every parameter
+carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`) in its
+`out_sharding` metadata; a rules table maps them to mesh axes elsewhere.
+
+The forward pass is the engine's: a flat ragged batch of tokens, per-layer KV page arrays in,
+updated page arrays and logits out.
+
+Shapes: T tokens, D hidden, N query heads, K kv heads, H head_dim, F mlp, V vocab,
+P pages, B page size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from models.attention_metadata import AttentionMetadata
+from models.config import ModelConfig
+from models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str, *, dtype, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), (axis_name,), dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)  # [D, N, H]
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)  # [N, H, D]
+        if cfg.attention_bias:
+            self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, init="zeros")
+            self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
+        if cfg.o_proj_bias:
+            self.o_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
+        self.cfg = cfg
+        self.sliding_window = cfg.sliding_windows[layer]
+        self.attention_backend = attention_backend
+
+    def __call__(self, x, cos, sin, kv_pages, md: AttentionMetadata):
+        """x [T, D]; cos, sin [T, H]; kv_pages [P, B, 2K, H] -> (out [T, D], kv_pages')."""
+        cfg = self.cfg
+        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
+        k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
+        v = jnp.einsum("td,dkh->tkh", x, self.v_proj[...])
+        if cfg.attention_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, backend=self.attention_backend)
+        o = pallas_kernels.ragged_paged_attention(
+            q, kv_pages, md.kv_lens, md.block_tables, md.cu_q_lens, md.num_seqs,
+            sm_scale=cfg.sm_scale, sliding_window=self.sliding_window, backend=self.attention_backend,
+        )  # [T, N, H]
+        out = jnp.einsum("tnh,nhd->td", o.astype(x.dtype), self.o_proj[...])
+        if cfg.o_proj_bias:
+            out = out + self.o_bias[...]
+        return out, kv_pages
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
+            self.up_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
+            self.down_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
+        self.mlp_bias = cfg.mlp_bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        if self.mlp_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        return out + self.down_bias[...] if self.mlp_bias else out
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def __call__(self, x, cos, sin, kv_pages, md):
+        attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, md)
+        x = x + attn * self.residual_multiplier if self.residual_multiplier != 1.0 else x + attn
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        x = x + mlp * self.residual_multiplier if self.residual_multiplier != 1.0 else x + mlp
+        return x, kv_pages
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM: embed, N decoder layers over paged KV, final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, attention_backend: str = "auto",
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+            for i in range(cfg.num_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(
+        self,
+        kv_caches: list[jax.Array],
+        input_ids: jax.Array,
+        positions: jax.Array,
+        md: AttentionMetadata,
+        logits_indices: jax.Array | None = None,
+    ) -> tuple[list[jax.Array], jax.Array]:
+        """kv_caches: per layer [P, B, 2K, H]; input_ids, positions int32[T];
+        logits_indices int32[R] selects the rows to project to the vocabulary (all when None).
+        Returns (updated kv_caches, logits float32[R or T, V])."""
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0)  # [T, D]
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
+        # Derived from the config at trace time: a constant of the compiled step, not a parameter.
+        inv_freq, rope_scaling = inverse_frequencies(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings)
+        cos, sin = rotary_cos_sin(positions, jnp.asarray(inv_freq), rope_scaling)
+        new_caches = []
+        for layer, kv_pages in zip(self.layers, kv_caches, strict=True):
+            x, kv_pages = layer(x, cos, sin, kv_pages, md)
+            new_caches.append(kv_pages)
+        if logits_indices is not None:
+            x = jnp.take(x, logits_indices, axis=0)
+        return new_caches, self.compute_logits(self.norm(x))
+
+    def compute_logits(self, h: jax.Array) -> jax.Array:
+        """h [R, D] (after the final norm) -> float32 logits [R, V]."""
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("rd,vd->rv", h, self.embed_tokens[...])
+        else:
+            logits = h @ self.lm_head[...]
+        logits = logits.astype(jnp.float32)
+        return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits
+
+
+def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's page array: [num_pages, page_size, 2 * kv_heads, head_dim]
+    (K of kv head h at index 2h, V at 2h + 1)."""
+    return (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+
+
+def init_kv_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> list[jax.Array]:
+    """Allocates the per-layer page arrays once (zeros), optionally placed with a sharding."""
+    shape = kv_cache_shape(cfg, num_pages, page_size)
+    if sharding is None:
+        return [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return [make() for _ in range(cfg.num_layers)]

@@ -1,0 +1,169 @@
+"""Loading models: a local HF directory, a hub id, or a jaxserve Orbax checkpoint.
+
+Flow: resolve the directory (download through huggingface_hub when given a hub id) ->
+read config.json -> ModelConfig -> an abstract CausalLM (shapes only, no memory) ->
+stream tensors one at a time from *.safetensors (sharded index supported), check each
+shape, transform to our layout, cast to the requested dtype, place with the sharding for
+its logical axes -> merge into a real model. Nothing is materialised twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig, ModelLoadError
+from models.decoder import CausalLM
+from models.hf_weights import IGNORED_SUFFIXES, weight_specs
+
+log = logging.getLogger(__name__)
+
+# Maps a parameter's logical axis names to where it should live (None: default device).
+ShardingFn = Callable[[tuple[str | None, ...]], "jax.sharding.Sharding | None"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ORBAX_DIR = "orbax"
+ORBAX_MARKER = "jaxserve_checkpoint.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    model_dir: Path  # where config.json and the tokenizer files are
+    dtype: Any
+
+
+def resolve_dtype(name: str, cfg: ModelConfig | None = None):
+    """'float32' | 'bfloat16' | 'float16' | 'auto' (checkpoint dtype; float32 if unknown)."""
+    if name == "auto":
+        name = cfg.checkpoint_dtype if cfg and cfg.checkpoint_dtype in DTYPES else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join([*DTYPES, 'auto'])}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id downloaded through huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model {str(model)!r} is a file; expected a model directory or a hub id")
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {name!r} is not a local directory and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo: say which and why
+        raise ModelLoadError(
+            f"model {name!r} is not a local directory and could not be downloaded from the hub: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    attention_backend: str = "auto",
+    sharding_fn: ShardingFn | None = None,
+) -> LoadedModel:
+    """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory."""
+    model_dir = resolve_model_dir(model)
+    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
+    jdtype = resolve_dtype(dtype, cfg)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend))
+    graphdef, state = nnx.split(abstract)
+    if (model_dir / ORBAX_MARKER).is_file():
+        from models.orbax_checkpoint import restore_state
+
+        state = restore_state(model_dir / ORBAX_DIR, state, sharding_fn)
+    else:
+        state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn)
+    return LoadedModel(nnx.merge(graphdef, state), cfg, model_dir, jdtype)
+
+
+def place(array: np.ndarray, axes: tuple[str | None, ...] | None, sharding_fn: ShardingFn | None) -> jax.Array:
+    sharding = sharding_fn(tuple(axes)) if sharding_fn is not None and axes is not None else None
+    return jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index.name} lists shard files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"{model_dir} has no *.safetensors weights (PyTorch .bin checkpoints are not supported)"
+        )
+    return files
+
+
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """Yields (name, loader) for every tensor, one file open at a time; loader() reads it."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                yield name, (lambda f=f, name=name: f.get_tensor(name))
+
+
+def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, sharding_fn) -> nnx.State:
+    specs = weight_specs(cfg)
+    flat = nnx.to_flat_state(state)
+    variables = dict(flat)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, read in iter_tensors(model_dir):
+        spec = specs.get(name)
+        if spec is None:
+            if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                unexpected.append(name)
+            continue
+        tensor = read()
+        if tuple(tensor.shape) != spec.hf_shape:
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.hf_shape} "
+                f"from config.json ({cfg.model_type})"
+            )
+        var = variables[spec.path]
+        value = spec.transform(tensor).astype(dtype)
+        var.set_value(place(value, var.get_metadata().get("out_sharding"), sharding_fn))
+        loaded.add(name)
+    missing = sorted(set(specs) - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing[:5])}{more}")
+    if unexpected:
+        log.warning("ignored %d tensors the model does not use: %s", len(unexpected), ", ".join(unexpected[:5]))
+    return nnx.from_flat_state(flat)
