@@ -1,0 +1,199 @@
+"""Per-request sampling parameters (vLLM-compatible names, defaults and ranges).
+
+`SamplingParams` is a frozen, hashable dataclass. `__post_init__` checks the types and
+ranges of every field and normalises the container fields:
+
+- `top_k=-1` becomes 0 (both mean "disabled"),
+- `stop` (None | str | list of str) becomes a tuple of str,
+- `stop_token_ids` becomes a tuple of int,
+- `logit_bias` (None | dict[int, float] | pairs) becomes a sorted tuple of (id, bias) pairs,
+- numeric fields become plain Python `int` / `float` (numpy scalars are accepted).
+
+Every invalid value raises `ValueError` naming the field, the allowed range and the value
+got. Checks that need the model (vocabulary size) live in `validate_for_model`; the context
+length check belongs to the engine, which knows the prompt length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+MAX_LOGPROBS = 20  # most top logprobs a request may ask for per token
+MAX_LOGIT_BIAS = 100.0  # |logit_bias| bound, as OpenAI
+# Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing logits by
+# a tiny temperature only amplifies noise and can overflow.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+def _fail(name: str, rule: str, value: Any) -> ValueError:
+    return ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _as_int(name: str, value: Any) -> int:
+    # bool is an int subclass; accepting it would hide bugs like top_k=True.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(name, "an int", value)
+    return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, "a number", value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise _fail(name, "finite", value)
+    return value
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "a bool", value)
+    return value
+
+
+def _as_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise _fail("stop", "None, a str or a list of str", value)
+    for s in value:
+        if not isinstance(s, str) or not s:
+            raise _fail("stop", "non-empty strings", s)
+    return tuple(value)
+
+
+def _as_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _fail(name, "a list of int", value)
+    ids = tuple(_as_int(name, t) for t in value)
+    for t in ids:
+        if t < 0:
+            raise _fail(name, "non-negative token ids", t)
+    return ids
+
+
+def _as_logit_bias(value: Any) -> tuple[tuple[int, float], ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items):
+            raise _fail("logit_bias", "a dict[int, float] or (id, bias) pairs", value)
+    else:
+        raise _fail("logit_bias", "None or a dict[int, float]", value)
+    out: dict[int, float] = {}
+    for k, v in items:
+        tid = _as_int("logit_bias key", k)
+        if tid < 0:
+            raise _fail("logit_bias key", "a non-negative token id", tid)
+        bias = _as_float("logit_bias value", v)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise _fail("logit_bias value", f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
+        out[tid] = bias
+    return tuple(sorted(out.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request's completion(s); see vLLM's SamplingParams."""
+
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # >= 0; 0 (or < GREEDY_TEMPERATURE_EPS) is greedy
+    top_p: float = 1.0  # (0, 1]; 1 = off
+    top_k: int = 0  # >= 0; 0 (or -1 on input) = off
+    min_p: float = 0.0  # [0, 1]; 0 = off
+    repetition_penalty: float = 1.0  # > 0; 1 = off; over prompt + output tokens
+    presence_penalty: float = 0.0  # [-2, 2]; over output tokens
+    frequency_penalty: float = 0.0  # [-2, 2]; over output tokens
+    seed: int | None = None  # any int; the engine reduces it mod 2**31
+    max_tokens: int | None = 16  # >= 1; None = up to the context length
+    min_tokens: int = 0  # EOS / stop_token_ids banned until this many tokens
+    stop: tuple[str, ...] = ()  # stop strings; accepts None | str | list[str]
+    stop_token_ids: tuple[int, ...] = ()  # extra stop token ids; accepts a list
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per token, [0, MAX_LOGPROBS]
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Additive bias per token id, in [-100, 100]; accepts dict[int, float], stored as a
+    # sorted tuple of (id, bias) pairs so the dataclass stays hashable.
+    logit_bias: tuple[tuple[int, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("n", "top_k", "min_tokens"):
+            set_(name, _as_int(name, getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            set_(name, _as_float(name, getattr(self, name)))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            set_(name, _as_bool(name, getattr(self, name)))
+        for name in ("seed", "max_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                set_(name, _as_int(name, getattr(self, name)))
+        if self.top_k == -1:
+            set_("top_k", 0)
+        set_("stop", _as_stop(self.stop))
+        set_("stop_token_ids", _as_token_ids("stop_token_ids", self.stop_token_ids))
+        set_("logit_bias", _as_logit_bias(self.logit_bias))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        checks = [
+            ("n", self.n >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (or -1 to disable)"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, ">= 1 or None"),
+            ("min_tokens", self.min_tokens >= 0, ">= 0"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}] or None"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise _fail(name, rule, getattr(self, name))
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature ~ 0 or top_k == 1)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        """True when any repetition / presence / frequency penalty is active."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def num_logprobs(self) -> int:
+        """Top logprobs wanted per token; 0 when `logprobs` is None."""
+        return self.logprobs or 0
+
+    @property
+    def logit_bias_dict(self) -> dict[int, float]:
+        """`logit_bias` as a fresh dict ({} when None)."""
+        return dict(self.logit_bias or ())
+
+    def validate_for_model(self, *, vocab_size: int) -> None:
+        """Check the token ids in `stop_token_ids` and `logit_bias` against the vocabulary."""
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise _fail("stop_token_ids", f"< vocab_size ({vocab_size})", t)
+        for t, _ in self.logit_bias or ():
+            if t >= vocab_size:
+                raise _fail("logit_bias key", f"< vocab_size ({vocab_size})", t)
