@@ -1,0 +1,123 @@
+"""EngineConfig: every engine setting in one frozen dataclass, validated on construction.
+
+Sources, later ones win: the dataclass defaults < a YAML preset in `configs/` (the `engine:`
+section, or the whole file if it has none) < keyword overrides (`LLM(model, **overrides)`,
+CLI flags). Unknown keys are refused with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ATTENTION_BACKENDS = ("auto", "reference", "tpu", "gpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2lo, 4lo, ... below hi, then hi itself."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (hi,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF dir, hub id or Orbax checkpoint; None: the demo model
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # weights and activations; "auto": the checkpoint's dtype
+    kv_cache_dtype: str = "auto"  # "auto": same as dtype
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64  # sequences per step
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    page_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # None: sized from the memory budget
+    memory_fraction: float = 0.9  # of device memory left after weights, for KV pages
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default: 1 GiB)
+    token_buckets: tuple[int, ...] | None = None  # None: 16, 32, ... max_num_batched_tokens
+    seq_buckets: tuple[int, ...] | None = None  # None: 1, 2, 4, ... max_num_seqs
+    attention_backend: str = "auto"
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
+                     "kv_cache_memory_bytes", "tensor_parallel_size"):
+            positive(name)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not supported yet "
+                             "(multi-chip meshes are a later milestone); use 1")
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
+        object.__setattr__(self, "token_buckets", self._buckets(
+            "token_buckets", self.token_buckets, min(16, self.max_num_batched_tokens), self.max_num_batched_tokens))
+        object.__setattr__(self, "seq_buckets", self._buckets(
+            "seq_buckets", self.seq_buckets, 1, self.max_num_seqs))
+
+    @staticmethod
+    def _buckets(name: str, given, lo: int, hi: int) -> tuple[int, ...]:
+        if given is None:
+            return _power_of_two_buckets(lo, hi)
+        buckets = tuple(sorted({int(b) for b in given}))
+        if not buckets or buckets[0] <= 0:
+            raise ValueError(f"{name} must be positive integers, got {given!r}")
+        if buckets[-1] != hi:
+            raise ValueError(f"the largest of {name} must equal {hi} (its limit), got {buckets[-1]}")
+        return buckets
+
+    @classmethod
+    def load(cls, config: str | os.PathLike | Mapping[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
+        """Defaults < YAML file (or mapping) < keyword overrides."""
+        values: dict[str, Any] = {}
+        if config is not None:
+            values.update(read_yaml(config) if not isinstance(config, Mapping) else config)
+        values.update({k: v for k, v in overrides.items() if v is not None or k == "model"} if overrides else {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for key in ("token_buckets", "seq_buckets"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a preset; its `engine:` section when it has one (mesh presets have more sections)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    section = data.get("engine", data)
+    if not isinstance(section, dict):
+        raise ValueError(f"the engine section of {path} must be a mapping")
+    return dict(section)
