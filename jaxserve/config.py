@@ -83,14 +83,16 @@ class EngineConfig:
 
     @staticmethod
     def _buckets(name: str, given, lo: int, hi: int) -> tuple[int, ...]:
+        """Sorted buckets capped at the limit `hi`, which is always the largest bucket."""
         if given is None:
             return _power_of_two_buckets(lo, hi)
-        buckets = tuple(sorted({int(b) for b in given}))
+        try:
+            buckets = sorted({int(b) for b in given})
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a list of positive integers, got {given!r}") from None
         if not buckets or buckets[0] <= 0:
-            raise ValueError(f"{name} must be positive integers, got {given!r}")
-        if buckets[-1] != hi:
-            raise ValueError(f"the largest of {name} must equal {hi} (its limit), got {buckets[-1]}")
-        return buckets
+            raise ValueError(f"{name} must be a list of positive integers, got {given!r}")
+        return tuple(b for b in buckets if b < hi) + (hi,)
 
     @classmethod
     def load(cls, config: str | os.PathLike | Mapping[str, Any] | None = None, **overrides: Any) -> "EngineConfig":

@@ -110,8 +110,9 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Validates and queues a request; raises ValueError naming the field and limit."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
+        """Validates and queues a request; returns its prompt token ids. Raises ValueError
+        naming the field and the limit."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -126,6 +127,7 @@ class LLMEngine:
         req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seeds=seeds)
         self._groups[request_id] = _Group(text, ids, params, {0: self._detokenizer(ids, params)})
         self.scheduler.add_request(req)
+        return ids
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         vocab = self.model_config.vocab_size

@@ -1,0 +1,228 @@
+"""AsyncLLM: the engine behind the servers, driven by ONE background thread.
+
+Where the threads meet:
+
+    caller (any asyncio loop)                     engine thread (owns LLMEngine)
+    ------------------------                      ------------------------------
+    generate(): put ("add", ...) on commands ---> between steps: engine.add_request
+                await the add's Future   <------- result or ValueError (validation)
+                await its asyncio.Queue  <------- after each step: RequestOutput deltas,
+                                                  via loop.call_soon_threadsafe
+    abort() / client cancel: ("abort", id) -----> engine.abort before the next step: the
+                                                  pages are free within one step
+    shutdown(): ("stop",) ---------------------->  loop ends; in-flight calls get an error
+
+The engine is never touched outside its thread, so it needs no locks. If a step raises,
+the engine is dead: every in-flight and later call gets EngineDeadError and `healthy` turns
+False (servers report NOT_SERVING / 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine import LLMEngine
+from jaxserve.metrics import EngineMetrics
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a step failed, or shutdown); no request can be served."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    num_samples: int
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None,
+                 model_name: str | None = None):
+        self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
+        self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
+        self.metrics = EngineMetrics(self.model_name)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: str | None = None, **overrides: Any) -> "AsyncLLM":
+        return cls(EngineConfig.load(config, **overrides))
+
+    # -- what servers read ------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and not self._stopped and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutput deltas (new text and token ids of one sample each) until the
+        request finishes. Raises ValueError for an invalid request before the first delta.
+        Leaving the loop early (break, cancellation, client gone) aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        params = params if params is not None else SamplingParams()
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), params.n)
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("add", request_id, prompt, params, stream, added))
+        await asyncio.wrap_future(added)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (thread-safe, non-blocking); its stream ends with finish_reason 'abort'."""
+        if not self._stopped:
+            self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread; in-flight requests end with EngineDeadError."""
+        if not self._stopped:
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+
+    def _send(self, command: tuple) -> None:
+        if self._error is not None or self._stopped:
+            raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
+        self._commands.put(command)
+        if self._stopped:  # the loop ended while we queued: nobody will answer this command
+            self._fail_pending(EngineDeadError("the engine shut down"))
+
+    # -- engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block=idle):
+                    break
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._dispatch(outputs)
+                    self.metrics.refresh(self.engine.stats())
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine: report it to everyone
+            log.exception("engine step failed; the engine is stopped")
+            self._error = e
+        finally:
+            self._stopped = True
+            error = EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "the engine shut down")
+            for stream in self._streams.values():
+                stream.put(error)
+            self._streams.clear()
+            self._fail_pending(error)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Runs queued add/abort commands; waits for one when idle. False on stop."""
+        while True:
+            try:
+                command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                if block:
+                    self.metrics.refresh(self.engine.stats())
+                    continue
+                return True
+            block = False
+            if command[0] == "stop":
+                return False
+            if command[0] == "add":
+                self._add(*command[1:])
+            elif command[0] == "abort":
+                self._abort(command[1])
+
+    def _add(self, request_id, prompt, params, stream: _Stream, added: concurrent.futures.Future) -> None:
+        try:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            prompt_ids = self.engine.add_request(request_id, prompt, params)
+        except Exception as e:  # noqa: BLE001 - validation errors go back to the caller
+            self.metrics.requests.labels(status="rejected", model_name=self.model_name).inc()
+            added.set_exception(e)
+            return
+        self._streams[request_id] = stream
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        added.set_result(None)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if not self.engine.abort(request_id) or stream is None:
+            return
+        self.metrics.request_finished("abort", stream.arrival)
+        outputs = [CompletionOutput(k, "", [], None, "abort") for k in range(stream.num_samples)]
+        stream.put(RequestOutput(request_id, None, [], outputs, True))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self.metrics.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
+            if stream.first_token is None:
+                stream.first_token = now
+                self.metrics.ttft.observe(now - stream.arrival)
+            elif stream.last_token is not None:
+                self.metrics.tpot.observe(now - stream.last_token)
+            stream.last_token = now
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                self.metrics.request_finished(out.outputs[0].finish_reason or "stop", stream.arrival)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                command[-1].set_exception(error)
