@@ -15,6 +15,11 @@ Where the threads meet:
 The engine is never touched outside its thread, so it needs no locks. If a step raises,
 the engine is dead: every in-flight and later call gets EngineDeadError and `healthy` turns
 False (servers report NOT_SERVING / 503).
+
+Multi-host: every process runs an AsyncLLM over the same global-mesh engine. Before each
+step, process 0 (the only one that serves) broadcasts the commands it applies (adds with
+their prompt and SamplingParams, aborts, stop) and the followers apply the same ones, so
+every process runs identical steps (see jaxserve/distributed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -30,6 +36,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from jaxserve.config import EngineConfig
+from jaxserve.data_parallel import make_engine
 from jaxserve.engine import LLMEngine
 from jaxserve.metrics import EngineMetrics
 from jaxserve.outputs import CompletionOutput, RequestOutput
@@ -56,15 +63,19 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None,
+    def __init__(self, config: EngineConfig | None = None, *, engine: "LLMEngine | None" = None,
                  model_name: str | None = None):
-        self.engine = engine if engine is not None else LLMEngine(config or EngineConfig())
+        self.engine = engine if engine is not None else make_engine(config or EngineConfig())
         self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
         self.metrics = EngineMetrics(self.model_name)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._error: BaseException | None = None
         self._stopped = False
+        import jax
+
+        self.multihost = jax.process_count() > 1
+        self.is_leader = jax.process_index() == 0
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -125,6 +136,10 @@ class AsyncLLM:
         if not self._stopped:
             self._commands.put(("abort", request_id))
 
+    def wait(self) -> None:
+        """Blocks until the engine thread ends (a multi-host follower's whole job)."""
+        self._thread.join()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stops the engine thread; in-flight requests end with EngineDeadError."""
         if not self._stopped:
@@ -162,31 +177,44 @@ class AsyncLLM:
             self._fail_pending(error)
 
     def _apply_commands(self, block: bool) -> bool:
-        """Runs queued add/abort commands; waits for one when idle. False on stop."""
-        while True:
-            try:
-                command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-            except queue.Empty:
-                if block:
-                    self.metrics.refresh(self.engine.stats())
-                    continue
-                return True
-            block = False
+        """Runs queued add/abort commands (waiting for one when idle); False on stop."""
+        for command in self._next_commands(block):
             if command[0] == "stop":
                 return False
             if command[0] == "add":
                 self._add(*command[1:])
             elif command[0] == "abort":
                 self._abort(command[1])
+        return True
 
-    def _add(self, request_id, prompt, params, stream: _Stream, added: concurrent.futures.Future) -> None:
+    def _next_commands(self, block: bool) -> list[tuple]:
+        commands: list[tuple] = []
+        while True:
+            try:
+                wait = block and not commands and not (self.multihost and not self.is_leader)
+                commands.append(self._commands.get(timeout=0.5) if wait else self._commands.get_nowait())
+            except queue.Empty:
+                if block and not commands and not self.multihost:
+                    self.metrics.refresh(self.engine.stats())
+                    continue
+                break
+        if not self.multihost:
+            return commands
+        wire = json.loads(_broadcast_bytes(json.dumps([_to_wire(c) for c in commands]).encode()
+                                           if self.is_leader else b""))
+        return commands if self.is_leader else [_from_wire(w) for w in wire]
+
+    def _add(self, request_id, prompt, params, stream: _Stream | None, added: concurrent.futures.Future | None) -> None:
         try:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             prompt_ids = self.engine.add_request(request_id, prompt, params)
         except Exception as e:  # noqa: BLE001 - validation errors go back to the caller
             self.metrics.requests.labels(status="rejected", model_name=self.model_name).inc()
-            added.set_exception(e)
+            if added is not None:
+                added.set_exception(e)
+            return
+        if stream is None:  # a multi-host follower: the leader streams the outputs
             return
         self._streams[request_id] = stream
         self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -226,3 +254,29 @@ class AsyncLLM:
                 return
             if command[0] == "add":
                 command[-1].set_exception(error)
+
+
+def _to_wire(command: tuple) -> list:
+    if command[0] == "add":
+        _, request_id, prompt, params, _, _ = command
+        return ["add", request_id, prompt, dataclasses.asdict(params)]
+    return list(command)
+
+
+def _from_wire(wire: list) -> tuple:
+    if wire[0] == "add":
+        return ("add", wire[1], wire[2], SamplingParams(**wire[3]), None, None)
+    return tuple(wire)
+
+
+def _broadcast_bytes(payload: bytes) -> bytes:
+    """Process 0's bytes on every process (two small collectives: length, then data)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    buf = np.zeros(max(n, 1), np.uint8)
+    if payload:
+        buf[:n] = np.frombuffer(payload, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n])
+

@@ -44,9 +44,15 @@ class EngineConfig:
     seq_buckets: tuple[int, ...] | None = None  # None: 1, 2, 4, ... max_num_seqs
     attention_backend: str = "auto"
     enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # the mesh's `model` axis: devices one replica spans
+    data_parallel_size: int = 1  # the mesh's `data` axis: independent engine replicas
+    # Logical axis -> mesh axis ('model' or None); None: jaxserve.sharding.DEFAULT_RULES.
+    sharding_rules: tuple[tuple[str, str | None], ...] | None = None
     seed: int = 0
     max_logprobs: int = 20
+    # Persistent XLA compilation cache: "auto" = <cache dir>/xla, "" = off. Restarts with the
+    # same model and buckets then load the step programs instead of compiling them again.
+    compilation_cache_dir: str = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -55,7 +61,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "page_size", "num_pages",
-                     "kv_cache_memory_bytes", "tensor_parallel_size"):
+                     "kv_cache_memory_bytes", "tensor_parallel_size", "data_parallel_size"):
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -71,9 +77,13 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} is not supported yet "
-                             "(multi-chip meshes are a later milestone); use 1")
+        if self.sharding_rules is not None:
+            from jaxserve.sharding import MeshConfig
+
+            rules = self.sharding_rules
+            rules = tuple((str(k), v) for k, v in (rules.items() if isinstance(rules, Mapping) else rules))
+            object.__setattr__(self, "sharding_rules", rules)
+            MeshConfig(rules=rules)  # refuses bad rules now, with the reason
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(
@@ -94,12 +104,28 @@ class EngineConfig:
             raise ValueError(f"{name} must be a list of positive integers, got {given!r}")
         return tuple(b for b in buckets if b < hi) + (hi,)
 
+    @property
+    def mesh(self):
+        """The MeshConfig: data x model devices and the logical-axis rules."""
+        from jaxserve.sharding import DEFAULT_RULES, MeshConfig
+
+        return MeshConfig(data=self.data_parallel_size, model=self.tensor_parallel_size,
+                          rules=self.sharding_rules or DEFAULT_RULES)
+
     @classmethod
     def load(cls, config: str | os.PathLike | Mapping[str, Any] | None = None, **overrides: Any) -> "EngineConfig":
-        """Defaults < YAML file (or mapping) < keyword overrides."""
+        """Defaults < YAML file (or mapping) < keyword overrides. A `mesh=` override
+        ("data=2,model=4") sets data_parallel_size and tensor_parallel_size."""
         values: dict[str, Any] = {}
         if config is not None:
             values.update(read_yaml(config) if not isinstance(config, Mapping) else config)
+        mesh = overrides.pop("mesh", None)
+        if mesh:
+            from jaxserve.sharding import parse_mesh
+
+            shape = parse_mesh(mesh)
+            values["data_parallel_size"] = shape.get("data", 1)
+            values["tensor_parallel_size"] = shape.get("model", 1)
         values.update({k: v for k, v in overrides.items() if v is not None or k == "model"} if overrides else {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -112,14 +138,31 @@ class EngineConfig:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a preset; its `engine:` section when it has one (mesh presets have more sections)."""
+    """Reads a preset: its `engine:` section (or the whole file when it has none), plus the
+    `mesh:` section of mesh presets (shape -> data/tensor parallel sizes, rules)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    section = data.get("engine", data)
+    section = data.get("engine", data if "mesh" not in data else {})
     if not isinstance(section, dict):
         raise ValueError(f"the engine section of {path} must be a mapping")
-    return dict(section)
+    values = dict(section)
+    mesh = data.get("mesh")
+    if mesh is not None:
+        if not isinstance(mesh, dict):
+            raise ValueError(f"the mesh section of {path} must be a mapping")
+        unknown = sorted(set(mesh) - {"shape", "rules"})
+        if unknown:
+            raise ValueError(f"unknown keys in the mesh section of {path}: {', '.join(unknown)}")
+        shape = dict(mesh.get("shape") or {})
+        bad = sorted(set(shape) - {"data", "model"})
+        if bad:
+            raise ValueError(f"unknown mesh axes {bad} in {path}; the mesh axes are data, model")
+        values.setdefault("data_parallel_size", int(shape.get("data", 1)))
+        values.setdefault("tensor_parallel_size", int(shape.get("model", 1)))
+        if mesh.get("rules") is not None:
+            values.setdefault("sharding_rules", tuple(dict(mesh["rules"]).items()))
+    return values

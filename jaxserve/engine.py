@@ -29,8 +29,10 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.sampler import SamplingRow
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler, SchedulerOutput
+from jaxserve.sharding import Placement
+from models.config import ModelConfig
 from models.decoder import init_kv_caches
-from models.loader import load_model, resolve_dtype
+from models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,37 @@ class _Group:
         return self.num_finished == self.params.n
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache, unless it is off or already configured."""
+    if not path or jax.config.jax_compilation_cache_dir:
+        return
+    if path == "auto":
+        from jaxserve.demo_model import cache_dir
+
+        path = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    log.info("persistent XLA compilation cache: %s", path)
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, devices: list | None = None):
+        """devices: the tensor_parallel_size devices of this engine (default: all visible;
+        a data-parallel engine hands each replica its own slice)."""
         self.config = config
+        enable_compilation_cache(config.compilation_cache_dir)
         model_path = config.model
         if model_path is None:
             from jaxserve.demo_model import ensure_demo_model
 
             model_path = str(ensure_demo_model())
-        loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend)
+        mc = ModelConfig.from_hf(read_hf_config(resolve_model_dir(model_path)))
+        mesh_cfg = dataclasses.replace(config.mesh, data=1)
+        devices = mesh_cfg.validate_for(mc, devices)
+        self.placement = placement = Placement(mesh_cfg.replica_meshes(devices)[0], mesh_cfg.rule_table, mc)
+        loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
+                            sharding_fn=placement.sharding, mesh=placement.mesh,
+                            kv_heads_sharded=placement.kv_heads_sharded)
         self.model_config = mc = loaded.config
         self.model_path = model_path
         self.dtype = loaded.dtype
@@ -73,30 +97,33 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = config.num_pages or self._pages_from_budget(kv_dtype, max_pages_per_seq)
+        num_pages = config.num_pages or self._pages_from_budget(kv_dtype, max_pages_per_seq, devices[0])
         self.kv = KVCacheManager(num_pages, config.page_size, max_pages_per_seq,
                                  enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        log.info("KV cache: %d pages x %d tokens (%s), %d layers", num_pages, config.page_size,
-                 np.dtype(kv_dtype).name, mc.num_layers)
+        log.info("KV cache: %d pages x %d tokens (%s), %d layers, %s over %d device(s)", num_pages, config.page_size,
+                 np.dtype(kv_dtype).name, mc.num_layers,
+                 "split by kv head" if placement.kv_heads_sharded and placement.size > 1 else "replicated",
+                 placement.size)
         self.runner = ModelRunner(
-            loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype),
+            loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets, block_table_fn=self.kv.get_block_table,
-            max_logprobs=config.max_logprobs)
+            max_logprobs=config.max_logprobs, placement=placement)
         self.runner.warm_up()
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
         self.num_computed_tokens = 0  # tokens run through the model since start (all steps)
 
-    def _pages_from_budget(self, kv_dtype, max_pages_per_seq: int) -> int:
+    def _pages_from_budget(self, kv_dtype, max_pages_per_seq: int, device) -> int:
         mc, cfg = self.model_config, self.config
-        page_bytes = mc.num_layers * cfg.page_size * 2 * mc.num_kv_heads * mc.head_dim * np.dtype(kv_dtype).itemsize
+        kv_heads_per_device = mc.num_kv_heads // self.placement.size if self.placement.kv_heads_sharded else mc.num_kv_heads
+        page_bytes = mc.num_layers * cfg.page_size * 2 * kv_heads_per_device * mc.head_dim * np.dtype(kv_dtype).itemsize
         budget = cfg.kv_cache_memory_bytes
         if budget is None:
-            stats = jax.devices()[0].memory_stats() or {}
+            stats = device.memory_stats() or {}
             if "bytes_limit" in stats:
                 budget = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * cfg.memory_fraction)
             else:
@@ -193,6 +220,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished(self) -> int:
+        """User requests accepted and not finished yet."""
+        return len(self._groups)
 
     # -- one step --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine import LLMEngine
+from jaxserve.data_parallel import make_engine
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -30,7 +30,7 @@ class LLM:
     def __init__(self, model: str | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None,
                  **overrides: Any):
         self.config = EngineConfig.load(config, model=model, **overrides)
-        self.engine = LLMEngine(self.config)
+        self.engine = make_engine(self.config)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

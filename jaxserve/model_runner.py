@@ -67,7 +67,8 @@ def _step(graphdef, state, kv_caches, inputs: StepInputs, smd: SamplingMetadata,
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches: list[jax.Array], *, page_size: int, max_model_len: int,
-                 token_buckets: tuple[int, ...], seq_buckets: tuple[int, ...], block_table_fn, max_logprobs: int):
+                 token_buckets: tuple[int, ...], seq_buckets: tuple[int, ...], block_table_fn, max_logprobs: int,
+                 placement=None):
         self.graphdef, self.state = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
@@ -77,8 +78,13 @@ class ModelRunner:
         self.seq_buckets = seq_buckets
         self.block_table_fn = block_table_fn  # request_id -> list of page ids
         self.max_logprobs = max_logprobs
-        # A per-runner jit: its cache size is this engine's compile count.
-        self._step = jax.jit(functools.partial(_step, self.graphdef),
+        # A per-runner jit: its cache size is this engine's compile count. Parameters and KV
+        # pages are committed to their shardings; the KV pages keep theirs (donated, in
+        # place) and what comes back to the host is replicated.
+        out_shardings = None
+        if placement is not None:
+            out_shardings = ([placement.kv_sharding] * len(kv_caches), placement.replicated)
+        self._step = jax.jit(functools.partial(_step, self.graphdef), out_shardings=out_shardings,
                              static_argnames=("apply_penalties", "num_logprobs"), donate_argnums=(1,))
 
     @property

@@ -14,6 +14,8 @@ P pages, B page size.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,6 +23,7 @@ from flax import nnx
 import pallas_kernels
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
+from models.sharded_attention import sharded_ragged_paged_attention
 from models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 
@@ -51,7 +54,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs,
+                 mesh=None, kv_heads_sharded: bool = False):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)  # [D, N, H]
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
@@ -69,6 +73,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.sliding_window = cfg.sliding_windows[layer]
         self.attention_backend = attention_backend
+        # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
+        self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
+                           and pallas_kernels.resolve_backend(attention_backend) != "reference" else None)
+        self.kv_heads_sharded = kv_heads_sharded
 
     def __call__(self, x, cos, sin, kv_pages, md: AttentionMetadata):
         """x [T, D]; cos, sin [T, H]; kv_pages [P, B, 2K, H] -> (out [T, D], kv_pages')."""
@@ -82,10 +90,13 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         kv_pages = pallas_kernels.write_kv(kv_pages, k, v, md.slot_mapping, backend=self.attention_backend)
-        o = pallas_kernels.ragged_paged_attention(
-            q, kv_pages, md.kv_lens, md.block_tables, md.cu_q_lens, md.num_seqs,
-            sm_scale=cfg.sm_scale, sliding_window=self.sliding_window, backend=self.attention_backend,
-        )  # [T, N, H]
+        attend = pallas_kernels.ragged_paged_attention
+        if self.shard_mesh is not None:
+            attend = functools.partial(sharded_ragged_paged_attention, self.shard_mesh, self.kv_heads_sharded,
+                                       num_kv_heads=cfg.num_kv_heads)
+        o = attend(q, kv_pages, md.kv_lens, md.block_tables, md.cu_q_lens, md.num_seqs,
+                   sm_scale=cfg.sm_scale, sliding_window=self.sliding_window,
+                   backend=self.attention_backend)  # [T, N, H]
         out = jnp.einsum("tnh,nhd->td", o.astype(x.dtype), self.o_proj[...])
         if cfg.o_proj_bias:
             out = out + self.o_bias[...]
@@ -114,9 +125,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(cfg, layer, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
         self.residual_multiplier = cfg.residual_multiplier
@@ -133,13 +144,16 @@ class CausalLM(nnx.Module):
     """Decoder-only LM: embed, N decoder layers over paged KV, final norm, LM head."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, attention_backend: str = "auto",
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, mesh=None, kv_heads_sharded: bool = False):
+        """mesh / kv_heads_sharded: the tensor-parallel ('model',) mesh the parameters live on,
+        needed only to run a Pallas attention kernel per device."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List([
-            DecoderLayer(cfg, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+            DecoderLayer(cfg, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs, mesh=mesh,
+                         kv_heads_sharded=kv_heads_sharded)
             for i in range(cfg.num_layers)
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)

@@ -90,12 +90,17 @@ def load_model(
     dtype: str = "float32",
     attention_backend: str = "auto",
     sharding_fn: ShardingFn | None = None,
+    mesh=None,
+    kv_heads_sharded: bool = False,
 ) -> LoadedModel:
-    """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory."""
+    """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory.
+    With `sharding_fn`, each tensor goes straight to its shards; `mesh` and
+    `kv_heads_sharded` tell the model how to run a Pallas attention kernel on that mesh."""
     model_dir = resolve_model_dir(model)
     cfg = ModelConfig.from_hf(read_hf_config(model_dir))
     jdtype = resolve_dtype(dtype, cfg)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend))
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh,
+                                               kv_heads_sharded=kv_heads_sharded))
     graphdef, state = nnx.split(abstract)
     if (model_dir / ORBAX_MARKER).is_file():
         from models.orbax_checkpoint import restore_state

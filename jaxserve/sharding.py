@@ -1,0 +1,167 @@
+"""Meshes and the logical-axis rules that place parameters and KV pages on them.
+
+A MeshConfig names the mesh axes (`data`, `model`) and their sizes, and one rules table
+maps the model's logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`) to
+mesh axes. `data` > 1 means data parallelism: one engine replica per slice of `model`
+devices (see jaxserve/data_parallel.py); inside a replica, `model` is tensor parallelism.
+
+Refused at start, with what to change: a mesh whose size is not the device count, a model
+axis that does not divide the attention heads, rules naming unknown axes, and rules that put
+two logical axes of one array on the same mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "model")
+LOGICAL_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+DEFAULT_RULES = (("embed", None), ("heads", "model"), ("kv_heads", "model"), ("head_dim", None),
+                 ("mlp", "model"), ("vocab", "model"))
+# The logical axes of every array the engine shards (parameters and KV pages), to check
+# that no rule set maps two axes of one array onto one mesh axis.
+ARRAY_AXES = (("vocab", "embed"), ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
+              ("heads", "head_dim", "embed"), ("heads", "head_dim"), ("kv_heads", "head_dim"),
+              ("embed", "mlp"), ("mlp", "embed"), ("embed", "vocab"), ("kv_heads", "head_dim"))
+
+
+class MeshError(ValueError):
+    """A mesh or rules table that cannot work, with what to change."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,model=4' -> {'data': 2, 'model': 4}."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, size = part.partition("=")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise MeshError(f"--mesh must look like data=D,model=M with positive sizes, got {text!r}")
+        shape[name] = int(size)
+    return shape
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    model: int = 1
+    rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+
+    def __post_init__(self) -> None:
+        for name in ("data", "model"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MeshError(f"mesh axis {name!r} must be a positive integer, got {value!r}")
+        rules = tuple((str(k), v) for k, v in (self.rules.items() if isinstance(self.rules, Mapping) else self.rules))
+        object.__setattr__(self, "rules", rules)
+        seen = set()
+        for logical, mesh_axis in rules:
+            if logical not in LOGICAL_AXES:
+                raise MeshError(f"sharding rule for unknown logical axis {logical!r}; known: {', '.join(LOGICAL_AXES)}")
+            if logical in seen:
+                raise MeshError(f"sharding rules name logical axis {logical!r} twice")
+            seen.add(logical)
+            if mesh_axis is not None and mesh_axis != "model":
+                raise MeshError(f"rule {logical!r} -> {mesh_axis!r}: parameters can only be split over the 'model' "
+                                "axis ('data' holds independent replicas); use model or null")
+        table = dict(rules)
+        for axes in ARRAY_AXES:
+            targets = [table.get(a) for a in axes if table.get(a) is not None]
+            if len(targets) != len(set(targets)):
+                both = [a for a in axes if table.get(a) is not None]
+                raise MeshError(f"sharding rules put logical axes {both} of one array on the same mesh axis "
+                                f"{targets[0]!r}; map at most one of them to it")
+
+    @property
+    def num_devices(self) -> int:
+        return self.data * self.model
+
+    @property
+    def rule_table(self) -> dict[str, str | None]:
+        return dict(self.rules)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, *, tensor_parallel_size: int | None = None,
+                  mesh: str | None = None) -> "MeshConfig":
+        """From a preset's `mesh:` section, then the CLI overrides (--mesh wins over -tp)."""
+        d = dict(d or {})
+        shape = dict(d.get("shape") or {})
+        rules = d.get("rules", DEFAULT_RULES)
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise MeshError(f"unknown mesh axes {unknown}; the mesh axes are {', '.join(MESH_AXES)}")
+        if tensor_parallel_size:
+            shape["model"] = tensor_parallel_size
+        if mesh:
+            shape.update(parse_mesh(mesh))
+        return cls(data=int(shape.get("data", 1)), model=int(shape.get("model", 1)), rules=rules)
+
+    def validate_for(self, cfg: ModelConfig, devices: Sequence[Any] | None = None) -> list[Any]:
+        """Checks the mesh against the model and the devices; returns the devices it uses
+        (the first data x model; using fewer than are visible is allowed and logged)."""
+        devices = list(jax.devices() if devices is None else devices)
+        if self.num_devices > len(devices):
+            raise MeshError(f"mesh data={self.data} x model={self.model} needs {self.num_devices} devices, "
+                            f"but {len(devices)} are visible; pick sizes whose product is at most {len(devices)}")
+        if cfg.num_heads % self.model:
+            raise MeshError(f"the model axis ({self.model}) must divide num_attention_heads ({cfg.num_heads}); "
+                            f"use a model size among {[m for m in range(1, cfg.num_heads + 1) if cfg.num_heads % m == 0]}")
+        if self.num_devices < len(devices):
+            log.info("mesh data=%d x model=%d uses %d of the %d visible devices", self.data, self.model,
+                     self.num_devices, len(devices))
+        return devices[: self.num_devices]
+
+    def replica_meshes(self, devices: Sequence[Any] | None = None) -> list[Mesh]:
+        """One ('model',) mesh per data replica, each over `model` consecutive devices."""
+        devices = list(jax.devices() if devices is None else devices)
+        grid = np.asarray(devices, dtype=object).reshape(self.data, self.model)
+        return [Mesh(grid[d], ("model",)) for d in range(self.data)]
+
+
+class Placement:
+    """Maps logical axes of arrays to NamedShardings on one replica's ('model',) mesh."""
+
+    def __init__(self, mesh: Mesh, rules: Mapping[str, str | None], cfg: ModelConfig):
+        self.mesh = mesh
+        self.size = mesh.shape["model"]
+        self.rules = dict(rules)
+        self.dims = {"embed": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+                     "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size}
+        self.replicated_axes = sorted(a for a, m in self.rules.items()
+                                      if m is not None and self.dims[a] % self.size)
+        for axis in self.replicated_axes:
+            log.warning("logical axis %r (size %d) does not split over the model axis (%d): replicated",
+                        axis, self.dims[axis], self.size)
+
+    def mesh_axis(self, logical: str | None) -> str | None:
+        if logical is None or logical in self.replicated_axes:
+            return None
+        return self.rules.get(logical)
+
+    def spec(self, logical_axes: Sequence[str | None]) -> PartitionSpec:
+        return PartitionSpec(*(self.mesh_axis(a) for a in logical_axes))
+
+    def sharding(self, logical_axes: Sequence[str | None]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def kv_sharding(self) -> NamedSharding:
+        """KV pages [P, page, 2 * kv_heads, head_dim]: split over kv heads when they divide."""
+        return self.sharding((None, None, "kv_heads", None))
+
+    @property
+    def kv_heads_sharded(self) -> bool:
+        return self.mesh_axis("kv_heads") is not None

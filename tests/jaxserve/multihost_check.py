@@ -1,0 +1,67 @@
+"""One process of a multi-process (fake multi-host) run on CPU: `jax.distributed.initialize`
+over 127.0.0.1, CPU collectives, one engine whose model mesh spans every process; each
+process runs the same scheduler on the same requests. Prints the outputs as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def main(coordinator: str, num_processes: int, process_id: int, model_dir: str, config: str, mode: str) -> None:
+    from jaxserve.distributed import initialize
+
+    initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    import jax
+
+    from jaxserve import LLM, SamplingParams
+
+    rng = random.Random(0)
+    work = [([rng.randrange(6, 1000) for _ in range(rng.choice([1, 5, 17, 40]))], rng.randrange(2, 10))
+            for _ in range(8)]
+    llm = LLM(model_dir, config=config, tensor_parallel_size=jax.device_count(), token_buckets=[128],
+              seq_buckets=[16])
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
+    if mode == "offline":  # every process makes the same call
+        tokens = [o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], params, use_tqdm=False)]
+    else:  # serving: only process 0 takes requests; the others follow its broadcast commands
+        tokens = serve(llm, work, params)
+    q = llm.engine.runner.state["layers"][0]["self_attn"]["q_proj"].get_value()
+    print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                                  "devices": jax.device_count(), "q_devices": len(q.sharding.device_set),
+                                  "tokens": tokens}), flush=True)
+
+
+def serve(llm, work, params):
+    import asyncio
+
+    import jax
+
+    from jaxserve import AsyncLLM
+    from jaxserve.llm import merge_delta
+
+    engine = AsyncLLM(engine=llm.engine)
+    if jax.process_index() != 0:
+        engine.wait()
+        return None
+
+    async def one(prompt, p):
+        acc = None
+        async for delta in engine.generate(prompt, p):
+            acc = merge_delta(acc, delta)
+        return acc.outputs[0].token_ids
+
+    async def run_all():
+        return await asyncio.gather(*(one(prompt, p) for (prompt, _), p in zip(work, params)))
+
+    tokens = asyncio.run(run_all())
+    engine.shutdown()
+    return tokens
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])

@@ -1,0 +1,115 @@
+"""Multi-device meshes on CPU: tensor and data parallelism with 8 fake devices, two
+processes with jax.distributed, mesh validation, and the mesh presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_fixtures import write_engine_test_model
+from jaxserve.config import EngineConfig
+from jaxserve.sharding import MeshConfig, MeshError, parse_mesh
+from models.config import ModelConfig
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+CPU = str(ROOT / "configs" / "cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def model8(tmp_path_factory):
+    """The engine test model with 8 query heads over 2 kv heads (so model=8 divides the heads
+    and kv heads replicate from model=4 up)."""
+    path = tmp_path_factory.mktemp("model8")
+    write_engine_test_model(path, num_heads=8)
+    return path
+
+
+def run_script(args: list[str], timeout: int = 600) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, proc.stderr[-3000:]
+    return results
+
+
+def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8):
+    meshes = ["model=1", "model=2", "model=4", "model=8", "data=2,model=4"]
+    (result,) = run_script([str(HERE / "mesh_check.py"), str(model8), CPU, *meshes])
+    assert result["devices"] == 8
+    runs = result["meshes"]
+    for mesh in meshes:
+        assert runs[mesh]["tokens"] == runs["model=1"]["tokens"], mesh
+        assert runs[mesh]["free_pages"] == runs[mesh]["total_pages"]
+        model = parse_mesh(mesh)["model"]
+        assert runs[mesh]["q_spec"] == "P(None, 'model', None)"
+        assert runs[mesh]["q_shard"] == [64, 8 // model, 8]  # [embed, heads on this device, head_dim]
+    assert runs["model=2"]["kv_spec"] == "P(None, None, 'model', None)"  # 2 kv heads split over 2
+    assert runs["model=8"]["kv_spec"] == "P(None, None, None, None)"  # 2 kv heads over 8: replicated
+    assert runs["data=2,model=4"]["replicas"] == 2
+    assert runs["data=2,model=4"]["replica_devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(model_dir: Path, n: int, mode: str) -> list[dict]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_check.py"), f"127.0.0.1:{port}", str(n), str(i),
+                               str(model_dir), CPU, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(n)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    return sorted(results, key=lambda r: r["process"])
+
+
+def test_two_processes_serve_like_one(model8):
+    (single,) = run_processes(model8, 1, "offline")
+    leader, follower = run_processes(model8, 2, "serve")
+    assert leader["processes"] == 2 and leader["devices"] == 2 and leader["q_devices"] == 2
+    assert leader["tokens"] == single["tokens"]
+    assert follower["tokens"] is None  # only process 0 serves
+
+
+def test_invalid_meshes_are_refused_with_what_to_change():
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    devices = [object()] * 6
+    with pytest.raises(MeshError, match="needs 8 devices, but 6 are visible"):
+        MeshConfig(data=2, model=4).validate_for(cfg, devices)
+    with pytest.raises(MeshError, match=r"model axis \(3\) must divide num_attention_heads \(4\).*\[1, 2, 4\]"):
+        MeshConfig(model=3).validate_for(cfg, devices)
+    with pytest.raises(MeshError, match=r"\['embed', 'mlp'\] of one array on the same mesh axis"):
+        MeshConfig(rules={"embed": "model", "mlp": "model"})
+    with pytest.raises(MeshError, match="unknown logical axis 'experts'"):
+        MeshConfig(rules={"experts": "model"})
+    with pytest.raises(MeshError, match="only be split over the 'model' axis"):
+        MeshConfig(rules={"heads": "data"})
+    with pytest.raises(MeshError, match="data=D,model=M"):
+        parse_mesh("pipeline=2")
+    with pytest.raises(MeshError, match="positive sizes"):
+        EngineConfig.load(CPU, mesh="data=0,model=1")
+    with pytest.raises(ValueError, match="data_parallel_size must be a positive integer"):
+        EngineConfig.load(CPU, data_parallel_size=0)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_presets_load_with_valid_meshes(preset):
+    cfg = EngineConfig.load(ROOT / "configs" / preset)
+    mesh = cfg.mesh
+    assert mesh.num_devices >= 1 and dict(mesh.rules)["heads"] in ("model", None)
+    over = EngineConfig.load(ROOT / "configs" / preset, mesh="data=1,model=2")
+    assert (over.data_parallel_size, over.tensor_parallel_size) == (1, 2)
