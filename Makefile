@@ -2,8 +2,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# Until the gRPC/HTTP server lands, `make serve` runs a greedy generation on the demo model.
-SERVE_ARGS ?= generate --prompt "The capital of France is" --max-tokens 32
+# `make serve`: the gRPC server on 127.0.0.1:50051 with the demo model and the CPU preset
+# (few buckets: starts in well under a minute). On a TPU/GPU VM pass a model and its preset:
+#   SERVE_ARGS="serve meta-llama/Llama-3.2-1B --config configs/... --host 0.0.0.0" make serve
+SERVE_ARGS ?= serve --config configs/cpu.yaml --host 127.0.0.1 --grpc-port 50051
 PYTEST_ARGS ?=
 
 .PHONY: serve test clean-venv

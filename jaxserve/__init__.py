@@ -5,10 +5,13 @@
 
 from typing import Any
 
-__all__ = ["AsyncLLM", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput",
+           "SamplingParams"]
 
 _EXPORTS = {
+    "AsyncClient": "jaxserve.client",
     "AsyncLLM": "jaxserve.async_llm",
+    "Client": "jaxserve.client",
     "CompletionOutput": "jaxserve.outputs",
     "EngineConfig": "jaxserve.config",
     "LLM": "jaxserve.llm",

@@ -1,6 +1,8 @@
 """The `jaxserve` command line.
 
     jaxserve generate [MODEL] --prompt TEXT ...   greedy completion of prompts
+                      [--server HOST:PORT]        ... by a running server, over gRPC
+    jaxserve serve [MODEL] [--config YAML]        gRPC server (see `jaxserve serve --help`)
     jaxserve demo-model DIR                       write the built-in demo model (random weights)
     jaxserve convert SRC DST                      HF model -> jaxserve Orbax checkpoint
 
@@ -28,6 +30,8 @@ def _model_path(model: str | None) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
     from transformers import AutoTokenizer
 
     from models.loader import load_model
@@ -51,6 +55,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(tokenizer.decode(out, skip_special_tokens=True))
         log.info("%d tokens in %.2f s (first call includes compilation)", len(out), elapsed)
     return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`generate --server HOST:PORT`: greedy completion by a running `jaxserve serve`, streamed."""
+    import os
+
+    import grpc
+
+    from jaxserve.client import Client
+    from jaxserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    with Client(args.server, api_key=os.environ.get("JAXSERVE_API_KEY") or None) as client:
+        try:
+            for text in args.prompt:
+                print(f"--- prompt: {text!r}")
+                for delta in client.generate_stream(text, params):
+                    print(delta.outputs[0].text, end="", flush=True)
+                print()
+        except grpc.RpcError as e:
+            print(f"error: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve`: the gRPC server over one engine until SIGTERM / SIGINT (see jaxserve.server)."""
+    import os
+
+    from jaxserve.config import EngineConfig
+    from jaxserve.demo_model import cache_dir
+    from jaxserve.server import grpc_frontend, serve
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # later starts skip compilation
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    try:
+        config = EngineConfig.load(args.config, model=args.model, max_model_len=args.max_model_len,
+                                   dtype=args.dtype)
+        frontend = grpc_frontend(host=args.host, port=args.grpc_port,
+                                 api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key, max_concurrent=args.max_concurrent)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return serve(config, [frontend], grace=args.grace_period, model_name=args.served_model_name)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -81,7 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--server", metavar="HOST:PORT",
+                     help="generate on a running `jaxserve serve` over gRPC (API key from $JAXSERVE_API_KEY)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over gRPC until SIGTERM / SIGINT (which drain)")
+    srv.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
+    srv.add_argument("--config", help="engine preset YAML, e.g. configs/cpu.yaml")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    srv.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged)")
+    srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
+    srv.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
+    srv.add_argument("--tls-key", help="PEM private key")
+    srv.add_argument("--max-concurrent", type=int, help="generation calls in flight; beyond: RESOURCE_EXHAUSTED")
+    srv.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
+    srv.add_argument("--served-model-name", help="model name reported to clients")
+    srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the config's")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
     demo.add_argument("dir")

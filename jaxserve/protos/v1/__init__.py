@@ -1,0 +1,1 @@
+"""jaxserve.v1: the versioned gRPC API (see generate.proto)."""
