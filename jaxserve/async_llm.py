@@ -116,9 +116,9 @@ class AsyncLLM:
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), params.n)
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("add", request_id, prompt, params, stream, added))
-        await asyncio.wrap_future(added)
         finished = False
         try:
+            await asyncio.wrap_future(added)  # inside the try: a cancel while adding still aborts
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

@@ -81,28 +81,36 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """`serve`: the gRPC server over one engine until SIGTERM / SIGINT (see jaxserve.server)."""
+    """`serve`: gRPC and OpenAI-compatible HTTP over one engine until SIGTERM / SIGINT."""
     import os
 
     from jaxserve.config import EngineConfig
-    from jaxserve.demo_model import cache_dir
-    from jaxserve.server import grpc_frontend, serve
+    from jaxserve.distributed import initialize
+    from jaxserve.server import grpc_frontend, http_frontend, serve
 
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # later starts skip compilation
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
     try:
         config = EngineConfig.load(args.config, model=args.model, max_model_len=args.max_model_len,
-                                   dtype=args.dtype)
-        frontend = grpc_frontend(host=args.host, port=args.grpc_port,
-                                 api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
-                                 tls_cert=args.tls_cert, tls_key=args.tls_key, max_concurrent=args.max_concurrent)
+                                   dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh)
+        frontends = []
+        if args.grpc_port >= 0:
+            frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
+                                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                           max_concurrent=args.max_concurrent))
+        if args.http_port >= 0:
+            frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
+                                           max_concurrent=args.max_concurrent, chat_template=args.chat_template,
+                                           tool_parser=args.tool_call_parser,
+                                           **({"served_model_name": args.served_model_name}
+                                              if args.served_model_name else {})))
+        if not frontends:
+            raise ValueError("--grpc-port and --http-port are both disabled (-1); enable at least one")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return serve(config, [frontend], grace=args.grace_period, model_name=args.served_model_name)
+        return serve(config, frontends, grace=args.grace_period, model_name=args.served_model_name)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -140,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate on a running `jaxserve serve` over gRPC (API key from $JAXSERVE_API_KEY)")
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve a model over gRPC until SIGTERM / SIGINT (which drain)")
+    srv = sub.add_parser("serve", help="serve a model over gRPC and HTTP until SIGTERM / SIGINT (which drain)")
     srv.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
     srv.add_argument("--config", help="engine preset YAML, e.g. configs/cpu.yaml")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    srv.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged)")
+    srv.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged); -1: no gRPC")
+    srv.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP; 0: any free port; -1: off")
+    srv.add_argument("--chat-template", help="Jinja chat template file overriding the tokenizer's")
+    srv.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], help="parse tool calls in chat")
     srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
     srv.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
     srv.add_argument("--tls-key", help="PEM private key")
@@ -153,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="model name reported to clients")
     srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the config's")
+    srv.add_argument("--tensor-parallel-size", "-tp", type=int, help="devices per replica (the mesh's model axis)")
+    srv.add_argument("--mesh", help="data=D,model=M: data-parallel replicas x tensor-parallel devices")
+    srv.add_argument("--coordinator-address", help="multi-host: process 0's HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
+    srv.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
+    srv.add_argument("--process-id", type=int, help="multi-host: this process (or $JAX_PROCESS_ID)")
     srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")

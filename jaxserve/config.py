@@ -120,13 +120,13 @@ class EngineConfig:
         if config is not None:
             values.update(read_yaml(config) if not isinstance(config, Mapping) else config)
         mesh = overrides.pop("mesh", None)
-        if mesh:
+        values.update({k: v for k, v in overrides.items() if v is not None})  # None: keep the preset's
+        if mesh:  # --mesh wins over --tensor-parallel-size
             from jaxserve.sharding import parse_mesh
 
             shape = parse_mesh(mesh)
             values["data_parallel_size"] = shape.get("data", 1)
             values["tensor_parallel_size"] = shape.get("model", 1)
-        values.update({k: v for k, v in overrides.items() if v is not None or k == "model"} if overrides else {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -53,6 +53,14 @@ def grpc_frontend(**options) -> FrontendFactory:
     return lambda engine: GrpcFrontend(engine, grpc_options)
 
 
+def http_frontend(*, host: str, port: int, **options) -> FrontendFactory:
+    """A factory for the OpenAI-compatible HTTP front end; options are build_app's keywords
+    (served_model_name, api_key, max_concurrent, chat_template, tool_parser)."""
+    from jaxserve.openai import HttpFrontend
+
+    return lambda engine: HttpFrontend(engine, host=host, port=port, **options)
+
+
 async def warm_up(engine: AsyncLLM) -> None:
     """Runs one short greedy request through the whole path; raises if the engine fails."""
     before = engine.stats()["compile_count"]
@@ -109,10 +117,16 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
 
 def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: float = DEFAULT_GRACE_S,
           model_name: str | None = None) -> int:
-    """Builds the engine, serves every front end over it until SIGTERM / SIGINT, drains, returns 0."""
+    """Builds the engine, serves every front end over it until SIGTERM / SIGINT, drains, returns 0.
+    In a multi-host run only process 0 serves; the others follow its engine commands until
+    it shuts down (jaxserve.distributed)."""
     if not frontends:
         raise ValueError("frontends must name at least one front end")
     engine = AsyncLLM(config, model_name=model_name)
+    if not engine.is_leader:
+        log.info("multi-host follower: running the engine for process 0, which serves")
+        engine.wait()
+        return 0
     try:
         return asyncio.run(run(engine, [make(engine) for make in frontends], grace=grace))
     finally:

@@ -72,7 +72,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     write_engine_test_model(tmp / "model")
     server = ServeProcess([str(tmp / "model"), "--config", "configs/cpu.yaml", "--grpc-port", "0",
-                           "--grace-period", "60"], _env(tmp))
+                           "--http-port", "0", "--grace-period", "60"], _env(tmp))
     try:
         address = server.wait_for_port(STARTUP_TIMEOUT_S)
         with Client(address, timeout=60) as client:
@@ -88,6 +88,23 @@ def test_generate_with_server_flag(served, capsys):
     with Client(address) as client:
         want = client.generate("Hello world", SamplingParams(max_tokens=6, temperature=0.0)).outputs[0].text
     assert capsys.readouterr().out == f"--- prompt: 'Hello world'\n{want}\n"
+
+
+def test_http_and_grpc_share_one_engine(served):
+    import re
+
+    import httpx
+
+    server, address = served
+    ports = [m.group(1) for line in server.lines if (m := re.search(r"HTTP API on http://[\d.]+:(\d+)/v1", line))]
+    assert ports, "".join(server.lines[-20:])
+    body = {"model": "ignored-by-check", "prompt": "Hello world", "max_tokens": 6, "temperature": 0.0}
+    models = httpx.get(f"http://127.0.0.1:{ports[0]}/v1/models", timeout=30).json()
+    body["model"] = models["data"][0]["id"]
+    http_text = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/completions", json=body, timeout=60).json()
+    with Client(address) as client:
+        grpc_text = client.generate("Hello world", SamplingParams(max_tokens=6, temperature=0.0)).outputs[0].text
+    assert http_text["choices"][0]["text"] == grpc_text
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(served):
