@@ -2,10 +2,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# `make serve`: the gRPC server on 127.0.0.1:50051 with the demo model and the CPU preset
+# `make serve`: gRPC on 127.0.0.1:50051 and the OpenAI HTTP API on 127.0.0.1:8000, demo model, CPU preset
 # (few buckets: starts in well under a minute). On a TPU/GPU VM pass a model and its preset:
 #   SERVE_ARGS="serve meta-llama/Llama-3.2-1B --config configs/... --host 0.0.0.0" make serve
-SERVE_ARGS ?= serve --config configs/cpu.yaml --host 127.0.0.1 --grpc-port 50051
+SERVE_ARGS ?= serve --config configs/cpu.yaml --host 127.0.0.1 --grpc-port 50051 --http-port 8000
 PYTEST_ARGS ?=
 
 .PHONY: serve test clean-venv

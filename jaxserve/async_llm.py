@@ -56,7 +56,7 @@ class _Stream:
     arrival: float
     num_samples: int
     first_token: float | None = None
-    last_token: float | None = None
+    last_token: dict[int, float] = dataclasses.field(default_factory=dict)  # per sample index
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -198,6 +198,9 @@ class AsyncLLM:
                     self.metrics.refresh(self.engine.stats())
                     continue
                 break
+        # An add whose caller went away while it was queued is dropped here, before any
+        # follower hears of it; the rest can no longer be cancelled.
+        commands = [c for c in commands if c[0] != "add" or c[-1].set_running_or_notify_cancel()]
         if not self.multihost:
             return commands
         wire = json.loads(_broadcast_bytes(json.dumps([_to_wire(c) for c in commands]).encode()
@@ -238,9 +241,11 @@ class AsyncLLM:
             if stream.first_token is None:
                 stream.first_token = now
                 self.metrics.ttft.observe(now - stream.arrival)
-            elif stream.last_token is not None:
-                self.metrics.tpot.observe(now - stream.last_token)
-            stream.last_token = now
+            for c in out.outputs:
+                last = stream.last_token.get(c.index)
+                if last is not None:
+                    self.metrics.tpot.observe(now - last)
+                stream.last_token[c.index] = now
             stream.put(out)
             if out.finished:
                 del self._streams[out.request_id]
@@ -252,7 +257,7 @@ class AsyncLLM:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
+            if command[0] == "add" and command[-1].set_running_or_notify_cancel():
                 command[-1].set_exception(error)
 
 

@@ -40,10 +40,17 @@ class EngineMetrics:
         self.waiting = gauge("jaxserve_num_requests_waiting", "Sequences waiting")
         self.kv_pages_used = gauge("jaxserve_kv_cache_pages_used", "KV pages in use")
         self.kv_pages_total = gauge("jaxserve_kv_cache_pages_total", "KV pages in the pool")
-        self.preemptions = gauge("jaxserve_num_preemptions", "Preemptions since start")
-        self.prefix_hits = gauge("jaxserve_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache")
-        self.prefix_queries = gauge("jaxserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
         self.compile_count = gauge("jaxserve_compile_count", "XLA compilations of the engine step")
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, ["model_name"], registry=r).labels(**labels)
+
+        # Engine totals, exported as counters (rate() works); refresh() adds what is new.
+        self.preemptions = counter("jaxserve_preemptions", "Requests preempted (pages freed, recomputed later)")
+        self.prefix_hits = counter("jaxserve_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache")
+        self.prefix_queries = counter("jaxserve_prefix_cache_query_tokens",
+                                      "Prompt tokens looked up in the prefix cache")
+        self._totals = {"num_preemptions": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_query_tokens": 0}
 
     def request_finished(self, status: str, arrival: float) -> None:
         self.requests.labels(status=status, **self._labels).inc()
@@ -54,10 +61,13 @@ class EngineMetrics:
         self.waiting.set(stats["num_waiting"])
         self.kv_pages_used.set(stats["num_total_pages"] - stats["num_free_pages"])
         self.kv_pages_total.set(stats["num_total_pages"])
-        self.preemptions.set(stats["num_preemptions"])
-        self.prefix_hits.set(stats["prefix_cache_hit_tokens"])
-        self.prefix_queries.set(stats["prefix_cache_query_tokens"])
         self.compile_count.set(stats["compile_count"])
+        for key, counter in (("num_preemptions", self.preemptions), ("prefix_cache_hit_tokens", self.prefix_hits),
+                             ("prefix_cache_query_tokens", self.prefix_queries)):
+            new = stats[key] - self._totals[key]
+            if new > 0:
+                counter.inc(new)
+                self._totals[key] = stats[key]
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

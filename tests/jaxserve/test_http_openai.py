@@ -231,7 +231,8 @@ def test_metrics_move_as_requests_are_served(engine, server, client):
     frontend = server[1]
     before = scrape(frontend)
     for name in ("jaxserve_num_requests_running", "jaxserve_num_requests_waiting", "jaxserve_kv_cache_pages_used",
-                 "jaxserve_num_preemptions", "jaxserve_prefix_cache_hit_tokens", "jaxserve_compile_count"):
+                 "jaxserve_preemptions_total", "jaxserve_prefix_cache_hit_tokens_total",
+                 "jaxserve_prefix_cache_query_tokens_total", "jaxserve_compile_count"):
         assert (name, ()) in before, name
     assert before[("jaxserve_kv_cache_pages_total", ())] == engine.stats()["num_total_pages"] > 0
     client.completions.create(model=MODEL, prompt=PROMPTS[0] + " again", max_tokens=7, temperature=0.0,
@@ -247,7 +248,7 @@ def test_metrics_move_as_requests_are_served(engine, server, client):
     assert moved("jaxserve_time_to_first_token_seconds_count") == 1
     assert moved("jaxserve_time_per_output_token_seconds_count") == 6
     assert moved("jaxserve_e2e_request_latency_seconds_count") == 1
-    assert after[("jaxserve_prefix_cache_hit_tokens", ())] >= before[("jaxserve_prefix_cache_hit_tokens", ())]
+    assert moved("jaxserve_prefix_cache_query_tokens_total") >= 4  # the prompt was looked up
 
 
 def test_disconnecting_10_of_40_streams(want, engine, server):

@@ -113,3 +113,12 @@ def test_presets_load_with_valid_meshes(preset):
     assert mesh.num_devices >= 1 and dict(mesh.rules)["heads"] in ("model", None)
     over = EngineConfig.load(ROOT / "configs" / preset, mesh="data=1,model=2")
     assert (over.data_parallel_size, over.tensor_parallel_size) == (1, 2)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_pallas_kernels_through_shard_map_equal_reference(backend):
+    """Kernels are opaque to XLA's partitioner: under a mesh they run per device through
+    shard_map, with kv heads split over the devices or replicated and sliced."""
+    (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend])
+    assert set(errors) == {"model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
+    assert max(errors.values()) < 2e-5, errors

@@ -1,0 +1,46 @@
+"""Run in a subprocess with 4 fake CPU devices: the Pallas kernels (interpret mode) through
+shard_map on a ('model',) mesh equal the unsharded reference, for kv heads split over the
+devices and for replicated kv heads. Prints the max errors as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "pallas_kernels"))
+from rpa_batch import make_batch  # noqa: E402
+
+from models.sharded_attention import sharded_ragged_paged_attention  # noqa: E402
+from pallas_kernels import ragged_paged_attention  # noqa: E402
+
+
+def main(backend: str) -> None:
+    errors = {}
+    seqs = [(1, 9), (5, 5), (3, 14)]
+    for model, hkv in ((2, 2), (4, 2), (4, 1)):  # kv split 1 per device; kv replicated (2 and 1 kv heads)
+        mesh = Mesh(np.asarray(jax.devices()[:model]), ("model",))
+        batch = make_batch(seqs, page_size=4, num_q_heads=8, num_kv_heads=hkv, head_dim=16, max_seqs=5,
+                           num_tokens=12, max_pages_per_seq=5, seed=model + hkv)
+        opts = dict(sm_scale=0.25, sliding_window=None, soft_cap=None)
+        want = np.asarray(ragged_paged_attention(*batch.args, backend="reference", **opts))
+        kv_sharded = hkv % model == 0
+        q = jax.device_put(batch.q, NamedSharding(mesh, P(None, "model", None)))
+        kv = jax.device_put(batch.kv_pages, NamedSharding(mesh, P(None, None, "model" if kv_sharded else None, None)))
+        got = sharded_ragged_paged_attention(mesh, kv_sharded, q, kv, *batch.args[2:], num_kv_heads=hkv,
+                                             backend=backend, **opts)
+        n = batch.num_valid_rows
+        errors[f"model={model},kv_heads={hkv}"] = float(np.abs(np.asarray(got)[:n] - want[:n]).max())
+    print("RESULT " + json.dumps(errors))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
