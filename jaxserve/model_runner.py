@@ -77,7 +77,9 @@ class ModelRunner:
         self.token_buckets = token_buckets
         self.seq_buckets = seq_buckets
         self.block_table_fn = block_table_fn  # request_id -> list of page ids
-        self.max_logprobs = max_logprobs
+        # Top logprobs computed every step (a static shape). At least 1, so that a request
+        # with logprobs=0 still gets its sampled token's logprob.
+        self.num_logprobs = max(1, max_logprobs)
         # A per-runner jit: its cache size is this engine's compile count. Parameters and KV
         # pages are committed to their shardings; the KV pages keep theirs (donated, in
         # place) and what comes back to the host is replicated.
@@ -105,7 +107,7 @@ class ModelRunner:
                 inputs = self._empty_inputs(t, s)
                 smd = self._sampling_md([], s, penalties)
                 self.kv_caches, out = self._step(self.state, self.kv_caches, inputs, smd,
-                                                 apply_penalties=penalties, num_logprobs=self.max_logprobs)
+                                                 apply_penalties=penalties, num_logprobs=self.num_logprobs)
         jax.block_until_ready(out.token_ids)
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
@@ -157,7 +159,7 @@ class ModelRunner:
         penalties = any(r.params.needs_penalties for r in rows)
         smd = self._sampling_md(rows, s, penalties)
         self.kv_caches, result = self._step(self.state, self.kv_caches, inputs, smd,
-                                            apply_penalties=penalties, num_logprobs=self.max_logprobs)
+                                            apply_penalties=penalties, num_logprobs=self.num_logprobs)
         n = len(rows)
         tokens = np.asarray(result.token_ids)[:n]
         if not want_logprobs:
