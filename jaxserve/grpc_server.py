@@ -98,10 +98,10 @@ def model_info(engine: AsyncLLM) -> pb.ModelInfo:
     return pb.ModelInfo(
         model=engine.model_name, model_path=str(core.model_path), max_model_len=core.max_model_len, dtype=dtype,
         kv_cache_dtype=dtype if cfg.kv_cache_dtype == "auto" else cfg.kv_cache_dtype,
-        mesh={"data": 1, "model": cfg.tensor_parallel_size}, platform=jax.devices()[0].platform,
+        mesh={"data": cfg.data_parallel_size, "model": cfg.tensor_parallel_size}, platform=jax.devices()[0].platform,
         num_devices=jax.device_count(), token_buckets=cfg.token_buckets, seq_buckets=cfg.seq_buckets,
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens, page_size=cfg.page_size,
-        num_pages=core.kv.num_total_pages, vocab_size=core.model_config.vocab_size,
+        num_pages=core.stats()["num_total_pages"], vocab_size=core.model_config.vocab_size,
         eos_token_ids=sorted(core.eos_token_ids), max_logprobs=cfg.max_logprobs)
 
 
