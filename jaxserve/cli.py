@@ -2,9 +2,10 @@
 
     jaxserve generate [MODEL] --prompt TEXT ...   greedy completion of prompts
                       [--server HOST:PORT]        ... by a running server, over gRPC
-    jaxserve serve [MODEL] [--config YAML]        gRPC server (see `jaxserve serve --help`)
+    jaxserve serve [MODEL] [--config YAML]        gRPC + OpenAI HTTP server (`jaxserve serve --help`)
     jaxserve demo-model DIR                       write the built-in demo model (random weights)
     jaxserve convert SRC DST                      HF model -> jaxserve Orbax checkpoint
+    jaxserve bench --server HOST:PORT             serving benchmark (throughput, TTFT, TPOT)
 
 MODEL is a local HF directory, a hub id (downloaded when online) or a converted checkpoint;
 without one, the built-in demo model is used (created once in the cache directory).
@@ -116,6 +117,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`bench`: a serving benchmark against a running `jaxserve serve` (see jaxserve.bench)."""
+    import asyncio
+    import json
+    import os
+
+    from jaxserve import bench
+
+    try:
+        workload = bench.Workload(args.num_requests, bench.parse_range(args.prompt_len),
+                                  bench.parse_range(args.output_len), args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = asyncio.run(bench.run(args.server, workload, request_rate=args.request_rate,
+                                    max_concurrency=args.max_concurrency,
+                                    api_key=os.environ.get("JAXSERVE_API_KEY") or None))
+    print(bench.format_table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, write_demo_model
 
@@ -170,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
     srv.add_argument("--process-id", type=int, help="multi-host: this process (or $JAX_PROCESS_ID)")
     srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="serving benchmark against a running `jaxserve serve` (gRPC)")
+    bench.add_argument("--server", required=True, metavar="HOST:PORT")
+    bench.add_argument("--num-requests", type=int, default=128)
+    bench.add_argument("--prompt-len", default="32-512", help="MIN-MAX prompt tokens")
+    bench.add_argument("--output-len", default="32-256", help="MIN-MAX output tokens")
+    bench.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf: all at once")
+    bench.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", help="also write the summary to this file")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
     demo.add_argument("dir")

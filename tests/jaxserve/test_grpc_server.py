@@ -506,3 +506,22 @@ def test_run_serves_a_list_of_frontends_and_drains(loop, engine):
 
 async def _make_event() -> asyncio.Event:
     return asyncio.Event()
+
+
+def test_bench_cli_measures_a_running_server(engine, server, tmp_path, capsys, monkeypatch):
+    """`jaxserve bench` drives the real server and reports what it served."""
+    import json
+
+    from jaxserve.cli import main as cli_main
+
+    monkeypatch.setenv("JAXSERVE_API_KEY", KEY)
+    generated_before = engine.metrics.generation_tokens._value.get()
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--server", f"127.0.0.1:{server.port}", "--num-requests", "6", "--prompt-len", "3-20",
+                     "--output-len", "2-6", "--max-concurrency", "4", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["requests"] == 6
+    assert summary["output_tokens"] == engine.metrics.generation_tokens._value.get() - generated_before
+    assert 12 <= summary["output_tokens"] <= 36 and summary["ttft_p50_ms"] > 0
+    assert "| TTFT |" in capsys.readouterr().out
+    wait_engine_idle(engine)
