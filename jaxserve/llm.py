@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from jaxserve.chat import render_chat
 from jaxserve.config import EngineConfig
 from jaxserve.data_parallel import make_engine
 from jaxserve.outputs import CompletionOutput, RequestOutput
@@ -38,6 +39,17 @@ class LLM:
 
     def stats(self) -> dict[str, int | float]:
         return self.engine.stats()
+
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates replies to one conversation ([{"role": ..., "content": ...}, ...]) or a
+        list of them, each rendered by the tokenizer's chat template (or `chat_template`)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(self.engine.tokenizer, c, chat_template=chat_template,
+                               add_generation_prompt=add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import Response
 
+from jaxserve.chat import ChatTemplateError, render_chat
 from jaxserve.llm import merge_delta
 from jaxserve.openai.errors import bad_request
 from jaxserve.openai.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
@@ -109,20 +109,18 @@ class OpenAIServingChat(OpenAIServing):
     def render(self, messages: list[ChatMessage], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """The templated prompt's token ids."""
-        if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request("this model has no chat template: start the server with --chat-template FILE, "
-                              "or use /v1/completions", param="messages", code="chat_template_missing")
         reserved = sorted(set(template_kwargs or ()) & _RESERVED_TEMPLATE_KWARGS)
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template: start the server with --chat-template FILE, "
+                              "or use /v1/completions", param="messages", code="chat_template_missing")
         conversation = [self._message(m) for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, tools=tools, chat_template=self.chat_template,
-                add_generation_prompt=add_generation_prompt, tokenize=False, **(template_kwargs or {}))
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
-            raise bad_request(f"messages could not be rendered by the chat template: {e}", param="messages") from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return render_chat(self.tokenizer, conversation, chat_template=self.chat_template, tools=tools,
+                               add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
+        except ChatTemplateError as e:
+            raise bad_request(str(e), param="messages") from None
 
     @staticmethod
     def _message(m: ChatMessage) -> dict[str, Any]:

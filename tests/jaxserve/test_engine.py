@@ -193,3 +193,21 @@ def test_stop_conditions_and_logprobs(llm, model_dir):
         assert entry[token].rank == 1  # greedy: the sampled token is the top one
         for t, v in entry.items():
             assert abs(v.logprob - row[t]) < 1e-4
+
+
+def test_chat_renders_the_template_and_generates(llm, model_dir):
+    _, _, tok = model_dir
+    messages = [{"role": "user", "content": "Hi there"}]
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    out = llm.chat(messages, params, use_tqdm=False)[0]
+    want_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)
+    assert out.prompt_token_ids == want_ids and want_ids[0] == tok.bos_token_id and want_ids.count(want_ids[0]) == 1
+    assert out.outputs[0].token_ids == run(llm, [(want_ids, 5)])[0]
+    two = llm.chat([messages, messages + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]],
+                   params, use_tqdm=False)
+    assert len(two) == 2 and two[0].outputs[0].token_ids == out.outputs[0].token_ids
+    from jaxserve.chat import ChatTemplateError
+
+    with pytest.raises(ChatTemplateError, match="could not be rendered"):
+        llm.chat(messages, params, chat_template="{{ raise_exception('nope') }}", use_tqdm=False)
