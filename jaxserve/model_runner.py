@@ -123,27 +123,31 @@ class ModelRunner:
                                           bias_len=MAX_BIAS_ENTRIES)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        """Host-side padded inputs for one step."""
+        """Host-side padded inputs for one step (vectorised over sequences)."""
         t = pick_bucket(self.token_buckets, out.num_tokens)
         s = pick_bucket(self.seq_buckets, max(len(out.seqs), out.num_sample_rows))
         inputs = self._empty_inputs(t, s)
-        md = inputs.md
-        offset = 0
-        rows = []
-        for i, seq in enumerate(out.seqs):
-            req, n = seq.request, seq.num_new_tokens
-            pages = np.asarray(self.block_table_fn(req.request_id), np.int32)
-            pos = np.arange(seq.start, seq.start + n)
-            inputs.input_ids[offset:offset + n] = req.token_ids[seq.start:seq.start + n]
-            inputs.positions[offset:offset + n] = pos
-            md.slot_mapping[offset:offset + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+        md, n_seqs, total = inputs.md, len(out.seqs), out.num_tokens
+        starts = np.fromiter((q.start for q in out.seqs), np.int32, n_seqs)
+        lens = np.fromiter((q.num_new_tokens for q in out.seqs), np.int32, n_seqs)
+        cu = np.cumsum(lens, dtype=np.int32)
+        md.cu_q_lens[1:n_seqs + 1] = cu
+        md.cu_q_lens[n_seqs + 1:] = total
+        md.num_seqs[0] = n_seqs
+        md.kv_lens[:n_seqs] = starts + lens
+        ids: list[int] = []
+        for i, q in enumerate(out.seqs):
+            ids += q.request.token_ids[q.start:q.start + q.num_new_tokens]
+            pages = self.block_table_fn(q.request.request_id)
             md.block_tables[i, :len(pages)] = pages
-            md.kv_lens[i] = seq.start + n
-            offset += n
-            md.cu_q_lens[i + 1] = offset
-            rows += [offset - 1] * seq.num_samples
-        md.cu_q_lens[len(out.seqs) + 1:] = offset
-        md.num_seqs[0] = len(out.seqs)
+        inputs.input_ids[:total] = ids
+        seq_of_token = np.repeat(np.arange(n_seqs), lens)  # [total]
+        pos = np.arange(total, dtype=np.int32) - np.repeat(cu - lens - starts, lens)
+        inputs.positions[:total] = pos
+        md.slot_mapping[:total] = (md.block_tables[seq_of_token, pos // self.page_size] * self.page_size
+                                   + pos % self.page_size)
+        samples = np.fromiter((q.num_samples for q in out.seqs), np.int32, n_seqs)
+        rows = np.repeat(cu - 1, samples)
         inputs.logits_indices[:len(rows)] = rows
         for i, (src, dst) in enumerate(out.copies):
             inputs.copy_src[i], inputs.copy_dst[i] = src, dst

@@ -69,12 +69,12 @@ class SamplingMetadata:
     @staticmethod
     def required_penalty_len(rows: Sequence[SamplingRow]) -> int:
         """Smallest L that fits every row's penalty tokens (>= 1)."""
-        return max([1] + [len(t) for r in rows for t in _penalty_tokens(r)])
+        return max([1] + [len(t) for r in rows if r.params.needs_penalties for t in _penalty_tokens(r)])
 
     @staticmethod
     def required_bias_len(rows: Sequence[SamplingRow]) -> int:
         """Smallest B that fits every row's merged logit bias (>= 1)."""
-        return max([1] + [len(_merged_bias(r)) for r in rows])
+        return max([1] + [len(_merged_bias(r)) for r in rows if r.params.logit_bias or r.extra_bias])
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], *, num_rows_padded: int,
@@ -93,19 +93,32 @@ class SamplingMetadata:
             raise ValueError(f"penalty_len must be >= {need_l}, got {penalty_len}")
         if bias_len < need_b:
             raise ValueError(f"bias_len must be >= {need_b}, got {bias_len}")
-        f32 = lambda v: np.full((s,), v, np.float32)  # noqa: E731
+        n = len(rows)
+
+        def column(values, pad, dtype) -> np.ndarray:
+            out = np.full((s,), pad, dtype)
+            out[:n] = np.fromiter(values, dtype, n)
+            return out
+
+        params = [r.params for r in rows]
         a = dict(
-            temperature=f32(0.0), top_k=np.zeros(s, np.int32), top_p=f32(1.0),
-            min_p=f32(0.0), repetition_penalty=f32(1.0), presence_penalty=f32(0.0),
-            frequency_penalty=f32(0.0), seeds=np.zeros(s, np.int32),
-            steps=np.zeros(s, np.int32),
+            temperature=column((0.0 if p.is_greedy else p.temperature for p in params), 0.0, np.float32),
+            top_k=column((p.top_k for p in params), 0, np.int32),
+            top_p=column((p.top_p for p in params), 1.0, np.float32),
+            min_p=column((p.min_p for p in params), 0.0, np.float32),
+            repetition_penalty=column((p.repetition_penalty for p in params), 1.0, np.float32),
+            presence_penalty=column((p.presence_penalty for p in params), 0.0, np.float32),
+            frequency_penalty=column((p.frequency_penalty for p in params), 0.0, np.float32),
+            seeds=column((r.seed % SEED_MODULUS for r in rows), 0, np.int32),
+            steps=column((r.step for r in rows), 0, np.int32),
             prompt_token_ids=np.full((s, penalty_len), -1, np.int32),
             output_token_ids=np.full((s, penalty_len), -1, np.int32),
             bias_token_ids=np.full((s, bias_len), -1, np.int32),
             bias_values=np.zeros((s, bias_len), np.float32),
         )
-        for i, row in enumerate(rows):
-            _fill_row(a, i, row)
+        for i, row in enumerate(rows):  # only rows with penalties or a bias have lists to copy
+            if row.params.needs_penalties or row.params.logit_bias or row.extra_bias:
+                _fill_lists(a, i, row)
         return cls(**a)
 
 
@@ -124,17 +137,7 @@ def _merged_bias(row: SamplingRow) -> dict[int, float]:
     return bias
 
 
-def _fill_row(a: dict[str, np.ndarray], i: int, row: SamplingRow) -> None:
-    p = row.params
-    a["temperature"][i] = 0.0 if p.is_greedy else p.temperature
-    a["top_k"][i] = p.top_k
-    a["top_p"][i] = p.top_p
-    a["min_p"][i] = p.min_p
-    a["repetition_penalty"][i] = p.repetition_penalty
-    a["presence_penalty"][i] = p.presence_penalty
-    a["frequency_penalty"][i] = p.frequency_penalty
-    a["seeds"][i] = row.seed % SEED_MODULUS
-    a["steps"][i] = row.step
+def _fill_lists(a: dict[str, np.ndarray], i: int, row: SamplingRow) -> None:
     prompt, output = _penalty_tokens(row)
     a["prompt_token_ids"][i, : len(prompt)] = prompt
     a["output_token_ids"][i, : len(output)] = output
