@@ -72,6 +72,7 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._error: BaseException | None = None
         self._stopped = False
+        self._idle = threading.Event()
         import jax
 
         self.multihost = jax.process_count() > 1
@@ -136,6 +137,11 @@ class AsyncLLM:
         if not self._stopped:
             self._commands.put(("abort", request_id))
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until the engine thread has no work and sleeps until the next command; only
+        then may another thread use the LLMEngine directly (tests that share one engine)."""
+        return self._idle.wait(timeout)
+
     def wait(self) -> None:
         """Blocks until the engine thread ends (a multi-host follower's whole job)."""
         self._thread.join()
@@ -191,8 +197,13 @@ class AsyncLLM:
         commands: list[tuple] = []
         while True:
             try:
-                wait = block and not commands and not (self.multihost and not self.is_leader)
-                commands.append(self._commands.get(timeout=0.5) if wait else self._commands.get_nowait())
+                if block and not commands and not (self.multihost and not self.is_leader):
+                    self._idle.set()  # blocked here, only a command wakes the engine thread
+                    command = self._commands.get(timeout=0.5)
+                    self._idle.clear()
+                else:
+                    command = self._commands.get_nowait()
+                commands.append(command)
             except queue.Empty:
                 if block and not commands and not self.multihost:
                     self.metrics.refresh(self.engine.stats())

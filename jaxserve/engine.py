@@ -115,6 +115,7 @@ class LLMEngine:
         self.runner.warm_up()
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
+        self._pending: list[Request] = []  # got a token in the last step; output not processed yet
         self.num_computed_tokens = 0  # tokens run through the model since start (all steps)
 
     def _pages_from_budget(self, kv_dtype, max_pages_per_seq: int, device) -> int:
@@ -219,7 +220,8 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to schedule, or sampled tokens whose outputs are not returned yet."""
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     @property
     def num_unfinished(self) -> int:
@@ -229,12 +231,21 @@ class LLMEngine:
     # -- one step --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One engine step. Output processing (detokenization, stop strings, RequestOutputs)
+        of the previous step's tokens runs while this step computes on the device, so a
+        token's delta is returned by the step after the one that sampled it. A request ended
+        by a stop string found that late has computed one token too many; it is dropped."""
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        rows = self._sampling_rows(out)
-        want_logprobs = any(r.params.logprobs is not None for r in rows)
-        tokens, logprobs = self.runner.execute(out, rows, want_logprobs)
+        handle = None
+        if not out.is_empty:
+            rows = self._sampling_rows(out)
+            want_logprobs = any(r.params.logprobs is not None for r in rows)
+            handle = self.runner.dispatch(out, rows)
+        pending, self._pending = self._pending, []
+        outputs = [self._output(req) for req in pending if req.parent_id in self._groups]
+        if handle is None:
+            return outputs
+        tokens, logprobs = self.runner.collect(handle, want_logprobs)
         self.num_computed_tokens += out.num_tokens
         sampled = []
         for i, row in enumerate(rows):
@@ -243,8 +254,8 @@ class LLMEngine:
                 k = row.params.logprobs
                 lp = (float(logprobs[0][i]), logprobs[1][i, :k].tolist(), logprobs[2][i, :k].tolist())
             sampled.append((int(tokens[i]), lp))
-        touched = self.scheduler.update(out, sampled, self._make_child)
-        return [self._output(req) for req in touched]
+        self._pending = self.scheduler.update(out, sampled, self._make_child)
+        return outputs
 
     def _sampling_rows(self, out: SchedulerOutput) -> list[SamplingRow]:
         rows = []

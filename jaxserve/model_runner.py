@@ -153,9 +153,9 @@ class ModelRunner:
             inputs.copy_src[i], inputs.copy_dst[i] = src, dst
         return inputs
 
-    def execute(self, out: SchedulerOutput, rows: list[SamplingRow], want_logprobs: bool) -> tuple[np.ndarray, tuple | None]:
-        """Runs one step. Returns (token ids int32[num rows], logprobs or None) where logprobs
-        is (sampled f32[R], top ids i32[R, K], top logprobs f32[R, K])."""
+    def dispatch(self, out: SchedulerOutput, rows: list[SamplingRow]):
+        """Starts one step on the device and returns at once (JAX dispatch is asynchronous);
+        `collect` waits for its tokens. The host can do other work in between."""
         if len(out.copies) > len(out.seqs):
             raise AssertionError(f"{len(out.copies)} copy-on-write pages for {len(out.seqs)} sequences")
         inputs = self.prepare(out)
@@ -164,9 +164,19 @@ class ModelRunner:
         smd = self._sampling_md(rows, s, penalties)
         self.kv_caches, result = self._step(self.state, self.kv_caches, inputs, smd,
                                             apply_penalties=penalties, num_logprobs=self.num_logprobs)
-        n = len(rows)
+        return result, len(rows)
+
+    @staticmethod
+    def collect(handle, want_logprobs: bool) -> tuple[np.ndarray, tuple | None]:
+        """(token ids int32[num rows], logprobs or None) of a dispatched step, where logprobs
+        is (sampled f32[R], top ids i32[R, K], top logprobs f32[R, K])."""
+        result, n = handle
         tokens = np.asarray(result.token_ids)[:n]
         if not want_logprobs:
             return tokens, None
         return tokens, (np.asarray(result.sampled_logprobs)[:n], np.asarray(result.top_logprob_ids)[:n],
                         np.asarray(result.top_logprobs)[:n])
+
+    def execute(self, out: SchedulerOutput, rows: list[SamplingRow], want_logprobs: bool) -> tuple[np.ndarray, tuple | None]:
+        """Runs one step and waits for it (dispatch + collect)."""
+        return self.collect(self.dispatch(out, rows), want_logprobs)

@@ -150,6 +150,10 @@ class Scheduler:
         rows = iter(sampled)
         for s in out.seqs:
             req = s.request
+            if req.is_finished:  # ended (stop string, abort) while this step was computing:
+                for _ in range(s.num_samples):  # its sampled tokens are dropped
+                    next(rows)
+                continue
             req.num_computed_tokens = s.start + s.num_new_tokens
             self.kv.cache_full_pages(req.request_id, req.token_ids, req.num_computed_tokens)
             if s.num_samples == 0:

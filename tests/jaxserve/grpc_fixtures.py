@@ -41,6 +41,8 @@ class LoopThread:
 def wait_engine_idle(engine: AsyncLLM, timeout: float = 20.0) -> dict:
     """Waits until no request is left and every page is free again; returns the stats."""
     deadline = time.monotonic() + timeout
+    if hasattr(engine, "wait_idle"):
+        engine.wait_idle(timeout)
     while True:
         stats = engine.stats()
         idle = (engine.num_in_flight == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0

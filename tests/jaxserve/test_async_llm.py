@@ -42,12 +42,13 @@ PROMPTS = ["Hello world", "The capital of France is", "One, two, three", [5, 6, 
 
 def test_concurrent_streams_equal_llm_generate(llm, engine):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    # First, while the AsyncLLM thread is idle: two threads must never step one engine.
+    expected = LLMGenerate(llm, PROMPTS, params)
 
     async def main():
         return await asyncio.gather(*(collect(engine, p, params) for p in PROMPTS))
 
     streamed = asyncio.run(main())
-    expected = LLMGenerate(llm, PROMPTS, params)
     assert [(o.outputs[0].text, o.outputs[0].token_ids) for o in streamed] == expected
     assert engine.metrics.generation_tokens._value.get() >= 12 * len(PROMPTS)
 

@@ -211,3 +211,24 @@ def test_chat_renders_the_template_and_generates(llm, model_dir):
 
     with pytest.raises(ChatTemplateError, match="could not be rendered"):
         llm.chat(messages, params, chat_template="{{ raise_exception('nope') }}", use_tqdm=False)
+
+
+def test_stop_string_ending_mid_batch_leaves_the_others_exact(llm, model_dir):
+    """A stop string is found while the next step already runs: the request's extra token is
+    dropped and every other request of the batch is unaffected."""
+    _, _, tok = model_dir
+    work = mixed_workload(12, seed=3)
+    solo = [run(llm, [w])[0] for w in work]
+    target = max(range(len(work)), key=lambda i: len(solo[i]))
+    text = tok.decode(solo[target], skip_special_tokens=True)
+    stop = text[len(text) // 3:][:2]
+    params = [SamplingParams(max_tokens=m, **GREEDY, **({"stop": [stop]} if i == target else {}))
+              for i, (_, m) in enumerate(work)]
+    outs = llm.generate([p for p, _ in work], params, use_tqdm=False)
+    for i, o in enumerate(outs):
+        if i != target:
+            assert o.outputs[0].token_ids == solo[i]
+    hit = outs[target].outputs[0]
+    assert hit.finish_reason == "stop" and hit.stop_reason == stop and hit.text == text[:text.index(stop)]
+    assert solo[target][:len(hit.token_ids)] == hit.token_ids and len(hit.token_ids) < len(solo[target])
+    assert llm.stats()["num_running"] == 0
