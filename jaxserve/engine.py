@@ -73,20 +73,9 @@ class LLMEngine:
         a data-parallel engine hands each replica its own slice)."""
         self.config = config
         enable_compilation_cache(config.compilation_cache_dir)
-        model_path = config.model
-        if model_path is None:
-            from jaxserve.demo_model import ensure_demo_model
-
-            model_path = str(ensure_demo_model())
-        mc = ModelConfig.from_hf(read_hf_config(resolve_model_dir(model_path)))
-        mesh_cfg = dataclasses.replace(config.mesh, data=1)
-        devices = mesh_cfg.validate_for(mc, devices)
-        self.placement = placement = Placement(mesh_cfg.replica_meshes(devices)[0], mesh_cfg.rule_table, mc)
-        loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
-                            sharding_fn=placement.sharding, mesh=placement.mesh,
-                            kv_heads_sharded=placement.kv_heads_sharded)
+        loaded, devices = self._load(config, devices)
+        placement = self.placement
         self.model_config = mc = loaded.config
-        self.model_path = model_path
         self.dtype = loaded.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or loaded.model_dir)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -117,6 +106,23 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._pending: list[Request] = []  # got a token in the last step; output not processed yet
         self.num_computed_tokens = 0  # tokens run through the model since start (all steps)
+
+    def _load(self, config: EngineConfig, devices: list | None):
+        """Checks the mesh against the model, then loads the weights into their shards."""
+        model_path = config.model
+        if model_path is None:
+            from jaxserve.demo_model import ensure_demo_model
+
+            model_path = str(ensure_demo_model())
+        mc = ModelConfig.from_hf(read_hf_config(resolve_model_dir(model_path)))
+        mesh_cfg = dataclasses.replace(config.mesh, data=1)
+        devices = mesh_cfg.validate_for(mc, devices)
+        self.placement = placement = Placement(mesh_cfg.replica_meshes(devices)[0], mesh_cfg.rule_table, mc)
+        self.model_path = model_path
+        loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
+                            sharding_fn=placement.sharding, mesh=placement.mesh,
+                            kv_heads_sharded=placement.kv_heads_sharded)
+        return loaded, devices
 
     def _pages_from_budget(self, kv_dtype, max_pages_per_seq: int, device) -> int:
         mc, cfg = self.model_config, self.config
