@@ -68,10 +68,14 @@ class DataParallelEngine:
         return sum(r.num_computed_tokens for r in self.replicas)
 
     def step(self) -> list[RequestOutput]:
+        """Dispatches every busy replica's step before waiting for any, so the replicas
+        compute at the same time on their own devices."""
+        busy = [r for r in self.replicas if r.has_unfinished_requests()]
         outputs: list[RequestOutput] = []
-        for replica in self.replicas:
-            if replica.has_unfinished_requests():
-                outputs += replica.step()
+        for replica in busy:
+            outputs += replica.begin_step()
+        for replica in busy:
+            replica.finish_step()
         for out in outputs:
             if out.finished:
                 self._owner.pop(out.request_id, None)

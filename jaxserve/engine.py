@@ -105,6 +105,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
         self._pending: list[Request] = []  # got a token in the last step; output not processed yet
+        self._in_flight: tuple | None = None  # a dispatched step awaiting finish_step
         self.num_computed_tokens = 0  # tokens run through the model since start (all steps)
 
     def _load(self, config: EngineConfig, devices: list | None):
@@ -241,16 +242,29 @@ class LLMEngine:
         of the previous step's tokens runs while this step computes on the device, so a
         token's delta is returned by the step after the one that sampled it. A request ended
         by a stop string found that late has computed one token too many; it is dropped."""
+        outputs = self.begin_step()
+        self.finish_step()
+        return outputs
+
+    def begin_step(self) -> list[RequestOutput]:
+        """Schedules and dispatches a step (without waiting for it), then returns the outputs
+        of the previous step's tokens. `finish_step` must follow before the next begin_step;
+        a data-parallel engine begins every replica's step before finishing any."""
         out = self.scheduler.schedule()
-        handle = None
+        self._in_flight = None
         if not out.is_empty:
             rows = self._sampling_rows(out)
             want_logprobs = any(r.params.logprobs is not None for r in rows)
-            handle = self.runner.dispatch(out, rows)
+            self._in_flight = (out, rows, want_logprobs, self.runner.dispatch(out, rows))
         pending, self._pending = self._pending, []
-        outputs = [self._output(req) for req in pending if req.parent_id in self._groups]
-        if handle is None:
-            return outputs
+        return [self._output(req) for req in pending if req.parent_id in self._groups]
+
+    def finish_step(self) -> None:
+        """Waits for the dispatched step's tokens and applies them (stop checks, forks)."""
+        if self._in_flight is None:
+            return
+        out, rows, want_logprobs, handle = self._in_flight
+        self._in_flight = None
         tokens, logprobs = self.runner.collect(handle, want_logprobs)
         self.num_computed_tokens += out.num_tokens
         sampled = []
@@ -261,7 +275,6 @@ class LLMEngine:
                 lp = (float(logprobs[0][i]), logprobs[1][i, :k].tolist(), logprobs[2][i, :k].tolist())
             sampled.append((int(tokens[i]), lp))
         self._pending = self.scheduler.update(out, sampled, self._make_child)
-        return outputs
 
     def _sampling_rows(self, out: SchedulerOutput) -> list[SamplingRow]:
         rows = []

@@ -176,7 +176,3 @@ class ModelRunner:
             return tokens, None
         return tokens, (np.asarray(result.sampled_logprobs)[:n], np.asarray(result.top_logprob_ids)[:n],
                         np.asarray(result.top_logprobs)[:n])
-
-    def execute(self, out: SchedulerOutput, rows: list[SamplingRow], want_logprobs: bool) -> tuple[np.ndarray, tuple | None]:
-        """Runs one step and waits for it (dispatch + collect)."""
-        return self.collect(self.dispatch(out, rows), want_logprobs)
