@@ -68,6 +68,7 @@ class AsyncLLM:
         self.engine = engine if engine is not None else make_engine(config or EngineConfig())
         self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
         self.metrics = EngineMetrics(self.model_name)
+        self.metrics.refresh(self.engine.stats())  # gauges are right before the first step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._error: BaseException | None = None
