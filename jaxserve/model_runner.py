@@ -102,6 +102,10 @@ class ModelRunner:
         pairs = self.shapes()
         log.info("warm-up: compiling %d step shapes x 2 (penalties off/on): token buckets %s, seq buckets %s",
                  len(pairs), list(self.token_buckets), list(self.seq_buckets))
+        if jax.default_backend() == "cpu" and len(pairs) > 8:
+            log.warning("%d programs to compile on CPU will take minutes; configs/cpu.yaml has a small bucket "
+                        "set (LLM(model, config='configs/cpu.yaml'), jaxserve serve --config configs/cpu.yaml)",
+                        2 * len(pairs))
         for t, s in pairs:
             for penalties in (False, True):
                 inputs = self._empty_inputs(t, s)
