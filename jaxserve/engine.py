@@ -280,10 +280,15 @@ class LLMEngine:
         rows = []
         for s in out.seqs:
             req = s.request
+            # Token lists only feed the penalties: copying them every step for every row would
+            # cost O(context) host time per sequence for nothing.
+            penalized = req.params.needs_penalties
+            prompt_ids = req.prompt_token_ids if penalized else ()
+            output_ids = req.output_token_ids if penalized else ()
             for k in range(s.num_samples):
                 seed = req.seeds[k] if s.num_samples > 1 else req.seed
-                rows.append(SamplingRow(req.params, seed, req.num_output_tokens, req.prompt_token_ids,
-                                        req.output_token_ids, req.banned_tokens()))
+                rows.append(SamplingRow(req.params, seed, req.num_output_tokens, prompt_ids, output_ids,
+                                        req.banned_tokens()))
         return rows
 
     def _output(self, req: Request) -> RequestOutput:
