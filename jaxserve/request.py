@@ -49,11 +49,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_prompt_tokens = 0  # prefix-cache hit at first admission
-        self.num_preemptions = 0
         self.logprobs: list[tuple[float, list[int], list[float]]] = []  # per output token
         self.stop_reason: int | str | None = None
         self.arrival = time.monotonic() if arrival is None else arrival
-        self.first_token_time: float | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -88,8 +86,6 @@ class Request:
         self.token_ids.append(token)
         if logprobs is not None:
             self.logprobs.append(logprobs)
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """Stop conditions decided by token ids (stop strings are the detokenizer's)."""

@@ -35,7 +35,6 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]  # batch order: the flat token batch is their tokens, in this order
     num_tokens: int  # total tokens computed this step
     copies: list[tuple[int, int]]  # copy-on-write (src_page, dst_page), run before KV writes
-    preempted: list[str]  # request ids preempted while scheduling this step
 
     @property
     def num_sample_rows(self) -> int:
@@ -77,8 +76,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
-        preempted: list[str] = []
-        scheduled: set[str] = set()
+        preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -89,19 +87,18 @@ class Scheduler:
             while self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, n_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                preempted = True
                 if victim is req:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # it preempted itself: everything after it is gone too
             seqs.append(self._scheduled(req, n_new))
-            scheduled.add(req.request_id)
             budget -= n_new
             i += 1
         if not preempted:
             budget = self._admit_waiting(seqs, budget)
         copies = self.kv.take_pending_copies()
-        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, copies, preempted)
+        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, copies)
 
     def _admit_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         used_slots = sum(self._slots(r) for r in self.running)
@@ -134,7 +131,6 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
