@@ -1,6 +1,10 @@
 """jaxserve: LLM inference and serving in JAX.
 
     from jaxserve import LLM, SamplingParams
+
+Layers, each importing only those below it: entrypoints/ -> engine/ -> worker/, core/ ->
+models -> pallas_kernels. The modules at this level (config, sharding, sampling_params,
+outputs, demo_model, protos) are shared value types and settings that every layer reads.
 """
 
 from typing import Any
@@ -9,13 +13,13 @@ __all__ = ["AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "EngineConfi
            "SamplingParams"]
 
 _EXPORTS = {
-    "AsyncClient": "jaxserve.client",
-    "AsyncLLM": "jaxserve.async_llm",
-    "Client": "jaxserve.client",
+    "AsyncClient": "jaxserve.entrypoints.client",
+    "AsyncLLM": "jaxserve.engine.async_llm",
+    "Client": "jaxserve.entrypoints.client",
     "CompletionOutput": "jaxserve.outputs",
     "EngineConfig": "jaxserve.config",
-    "LLM": "jaxserve.llm",
-    "LLMEngine": "jaxserve.engine",
+    "LLM": "jaxserve.engine.llm",
+    "LLMEngine": "jaxserve.engine.llm_engine",
     "RequestOutput": "jaxserve.outputs",
     "SamplingParams": "jaxserve.sampling_params",
 }

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from jaxserve.async_llm import AsyncLLM
-from jaxserve.grpc_server import GrpcFrontend
+from jaxserve.engine.async_llm import AsyncLLM
+from jaxserve.entrypoints.grpc.server import GrpcFrontend
 
 
 class LoopThread:

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from jaxserve.metrics import EngineMetrics
-from jaxserve.openai import HttpFrontend
+from jaxserve.engine.metrics import EngineMetrics
+from jaxserve.entrypoints.openai import HttpFrontend
 from jaxserve.outputs import CompletionOutput, RequestOutput
 
 CPU = str(Path(__file__).parents[2] / "configs" / "cpu.yaml")

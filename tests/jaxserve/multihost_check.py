@@ -13,7 +13,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def main(coordinator: str, num_processes: int, process_id: int, model_dir: str, config: str, mode: str) -> None:
-    from jaxserve.distributed import initialize
+    from jaxserve.entrypoints.distributed import initialize
 
     initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     import jax
@@ -42,7 +42,7 @@ def serve(llm, work, params):
     import jax
 
     from jaxserve import AsyncLLM
-    from jaxserve.llm import merge_delta
+    from jaxserve.engine.llm import merge_delta
 
     engine = AsyncLLM(engine=llm.engine)
     if jax.process_index() != 0:

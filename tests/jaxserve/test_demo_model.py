@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from jaxserve import cli
+from jaxserve.entrypoints import cli
 from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, ensure_demo_model, write_demo_model
 from models.loader import load_model
 

@@ -1,0 +1,192 @@
+"""Continuous-batching scheduler: which tokens of which requests run in the next step.
+
+Each step has one token budget (max_num_batched_tokens) and a cap on sequences
+(max_num_seqs). RUNNING requests go first, in admission order: one decode token each, or
+the next chunk of an unfinished (chunked) prefill. Then WAITING requests are admitted FCFS
+with as much of their prompt as the budget allows (chunked prefill), after a prefix-cache
+lookup. When pages run out, the newest running request is preempted: its pages are freed
+and it goes back to the front of the queue, to be recomputed later (its generated tokens
+are kept, so the output does not change).
+
+A request is sampled in the step that computes its last known token. For n > 1, sample 0
+prefills the prompt, the step samples n first tokens from its last logits, and `update`
+forks samples 1..n-1, which share the prompt's pages copy-on-write.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    request: Request
+    start: int  # first token index computed this step (== num_computed_tokens before it)
+    num_new_tokens: int  # tokens computed this step
+    num_samples: int  # 0: a prefill chunk that does not reach the end; 1; or n (fork group)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]  # batch order: the flat token batch is their tokens, in this order
+    num_tokens: int  # total tokens computed this step
+    copies: list[tuple[int, int]]  # copy-on-write (src_page, dst_page), run before KV writes
+
+    @property
+    def num_sample_rows(self) -> int:
+        return sum(s.num_samples for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue -----------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _slots(self, request: Request) -> int:
+        """Sequence slots a request holds: an unforked n > 1 group reserves all n."""
+        return request.params.n if request.forks_pending else 1
+
+    # -- one step --------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n_new <= 0:  # a forked child waiting for nothing: cannot happen, but never spin
+                i += 1
+                continue
+            while self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, n_new) is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            seqs.append(self._scheduled(req, n_new))
+            budget -= n_new
+            i += 1
+        if not preempted:
+            budget = self._admit_waiting(seqs, budget)
+        copies = self.kv.take_pending_copies()
+        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, copies)
+
+    def _admit_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
+        used_slots = sum(self._slots(r) for r in self.running)
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if used_slots + self._slots(req) > self.max_num_seqs:
+                break
+            pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids)
+            n_new = min(req.num_tokens - n_hit, budget)
+            if self.kv.allocate_slots(req.request_id, req.token_ids, n_hit, n_new, pages) is None:
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_prompt_tokens = n_hit
+            req.num_computed_tokens = n_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            used_slots += self._slots(req)
+            seqs.append(self._scheduled(req, n_new))
+            budget -= n_new
+        return budget
+
+    def _scheduled(self, req: Request, n_new: int) -> ScheduledSeq:
+        reaches_end = req.num_computed_tokens + n_new == req.num_tokens
+        samples = (req.params.n if req.forks_pending else 1) if reaches_end else 0
+        return ScheduledSeq(req, req.num_computed_tokens, n_new, samples)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the step ---------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled: list[tuple[int, tuple | None]],
+               make_child) -> list[Request]:
+        """Applies a step's results. `sampled` holds (token, logprobs) per sample row, in row
+        order; `make_child(parent, sample_index)` builds a forked Request. Returns the
+        requests that got a new token this step (children included); finished ones are
+        already released."""
+        touched: list[Request] = []
+        rows = iter(sampled)
+        for s in out.seqs:
+            req = s.request
+            if req.is_finished:  # ended (stop string, abort) while this step was computing:
+                for _ in range(s.num_samples):  # its sampled tokens are dropped
+                    next(rows)
+                continue
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.kv.cache_full_pages(req.request_id, req.token_ids, req.num_computed_tokens)
+            if s.num_samples == 0:
+                continue
+            group = [req] + [self._fork(req, k, make_child) for k in range(1, s.num_samples)]
+            for member in group:
+                token, logprobs = next(rows)
+                member.append_token(token, logprobs)
+                status = member.check_stop(self.max_model_len)
+                if status is not None:
+                    self.finish(member, status)
+                touched.append(member)
+        return touched
+
+    def _fork(self, parent: Request, k: int, make_child) -> Request:
+        child = make_child(parent, k)
+        self.kv.fork(parent.request_id, child.request_id)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.requests[child.request_id] = child
+        self.running.append(child)
+        return child
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Ends a request (stop, length or abort) and frees its pages; idempotent."""
+        if req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        req.status = status
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req

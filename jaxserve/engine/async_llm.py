@@ -1,0 +1,299 @@
+"""AsyncLLM: the engine behind the servers, driven by ONE background thread.
+
+Where the threads meet:
+
+    caller (any asyncio loop)                     engine thread (owns LLMEngine)
+    ------------------------                      ------------------------------
+    generate(): put ("add", ...) on commands ---> between steps: engine.add_request
+                await the add's Future   <------- result or ValueError (validation)
+                await its asyncio.Queue  <------- after each step: RequestOutput deltas,
+                                                  via loop.call_soon_threadsafe
+    abort() / client cancel: ("abort", id) -----> engine.abort before the next step: the
+                                                  pages are free within one step
+    shutdown(): ("stop",) ---------------------->  loop ends; in-flight calls get an error
+
+The engine is never touched outside its thread, so it needs no locks. If a step raises,
+the engine is dead: every in-flight and later call gets EngineDeadError and `healthy` turns
+False (servers report NOT_SERVING / 503).
+
+Multi-host: every process runs an AsyncLLM over the same global-mesh engine. Before each
+step, process 0 (the only one that serves) broadcasts the commands it applies (adds with
+their prompt and SamplingParams, aborts, stop) and the followers apply the same ones, so
+every process runs identical steps (see jaxserve/distributed.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.data_parallel import make_engine
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.metrics import EngineMetrics
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a step failed, or shutdown); no request can be served."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    num_samples: int
+    first_token: float | None = None
+    last_token: dict[int, float] = dataclasses.field(default_factory=dict)  # per sample index
+
+    def put(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig | None = None, *, engine: "LLMEngine | None" = None,
+                 model_name: str | None = None):
+        self.engine = engine if engine is not None else make_engine(config or EngineConfig())
+        self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
+        self.metrics = EngineMetrics(self.model_name)
+        self.metrics.refresh(self.engine.stats())  # gauges are right before the first step
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._idle = threading.Event()
+        import jax
+
+        self.multihost = jax.process_count() > 1
+        self.is_leader = jax.process_index() == 0
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: str | None = None, **overrides: Any) -> "AsyncLLM":
+        return cls(EngineConfig.load(config, **overrides))
+
+    # -- what servers read ------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and not self._stopped and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Streams RequestOutput deltas (new text and token ids of one sample each) until the
+        request finishes. Raises ValueError for an invalid request before the first delta.
+        Leaving the loop early (break, cancellation, client gone) aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        params = params if params is not None else SamplingParams()
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), params.n)
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("add", request_id, prompt, params, stream, added))
+        finished = False
+        try:
+            await asyncio.wrap_future(added)  # inside the try: a cancel while adding still aborts
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (thread-safe, non-blocking); its stream ends with finish_reason 'abort'."""
+        if not self._stopped:
+            self._commands.put(("abort", request_id))
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until the engine thread has no work and sleeps until the next command; only
+        then may another thread use the LLMEngine directly (tests that share one engine)."""
+        return self._idle.wait(timeout)
+
+    def wait(self) -> None:
+        """Blocks until the engine thread ends (a multi-host follower's whole job)."""
+        self._thread.join()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread; in-flight requests end with EngineDeadError."""
+        if not self._stopped:
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+
+    def _send(self, command: tuple) -> None:
+        if self._error is not None or self._stopped:
+            raise EngineDeadError(f"the engine is not running: {self._error or 'shut down'}")
+        self._commands.put(command)
+        if self._stopped:  # the loop ended while we queued: nobody will answer this command
+            self._fail_pending(EngineDeadError("the engine shut down"))
+
+    # -- engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block=idle):
+                    break
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._dispatch(outputs)
+                    self.metrics.refresh(self.engine.stats())
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine: report it to everyone
+            log.exception("engine step failed; the engine is stopped")
+            self._error = e
+        finally:
+            self._stopped = True
+            error = EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "the engine shut down")
+            for stream in self._streams.values():
+                stream.put(error)
+            self._streams.clear()
+            self._fail_pending(error)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Runs queued add/abort commands (waiting for one when idle); False on stop."""
+        for command in self._next_commands(block):
+            if command[0] == "stop":
+                return False
+            if command[0] == "add":
+                self._add(*command[1:])
+            elif command[0] == "abort":
+                self._abort(command[1])
+        return True
+
+    def _next_commands(self, block: bool) -> list[tuple]:
+        commands: list[tuple] = []
+        while True:
+            try:
+                if block and not commands and not (self.multihost and not self.is_leader):
+                    self._idle.set()  # blocked here, only a command wakes the engine thread
+                    command = self._commands.get(timeout=0.5)
+                    self._idle.clear()
+                else:
+                    command = self._commands.get_nowait()
+                commands.append(command)
+            except queue.Empty:
+                if block and not commands and not self.multihost:
+                    self.metrics.refresh(self.engine.stats())
+                    continue
+                break
+        # An add whose caller went away while it was queued is dropped here, before any
+        # follower hears of it; the rest can no longer be cancelled.
+        commands = [c for c in commands if c[0] != "add" or c[-1].set_running_or_notify_cancel()]
+        if not self.multihost:
+            return commands
+        wire = json.loads(_broadcast_bytes(json.dumps([_to_wire(c) for c in commands]).encode()
+                                           if self.is_leader else b""))
+        return commands if self.is_leader else [_from_wire(w) for w in wire]
+
+    def _add(self, request_id, prompt, params, stream: _Stream | None, added: concurrent.futures.Future | None) -> None:
+        try:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            prompt_ids = self.engine.add_request(request_id, prompt, params)
+        except Exception as e:  # noqa: BLE001 - validation errors go back to the caller
+            self.metrics.requests.labels(status="rejected", model_name=self.model_name).inc()
+            if added is not None:
+                added.set_exception(e)
+            return
+        if stream is None:  # a multi-host follower: the leader streams the outputs
+            return
+        self._streams[request_id] = stream
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        added.set_result(None)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if not self.engine.abort(request_id) or stream is None:
+            return
+        self.metrics.request_finished("abort", stream.arrival)
+        outputs = [CompletionOutput(k, "", [], None, "abort") for k in range(stream.num_samples)]
+        stream.put(RequestOutput(request_id, None, [], outputs, True))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            self.metrics.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
+            if stream.first_token is None:
+                stream.first_token = now
+                self.metrics.ttft.observe(now - stream.arrival)
+            for c in out.outputs:
+                last = stream.last_token.get(c.index)
+                if last is not None:
+                    self.metrics.tpot.observe(now - last)
+                stream.last_token[c.index] = now
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                self.metrics.request_finished(out.outputs[0].finish_reason or "stop", stream.arrival)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add" and command[-1].set_running_or_notify_cancel():
+                command[-1].set_exception(error)
+
+
+def _to_wire(command: tuple) -> list:
+    if command[0] == "add":
+        _, request_id, prompt, params, _, _ = command
+        return ["add", request_id, prompt, dataclasses.asdict(params)]
+    return list(command)
+
+
+def _from_wire(wire: list) -> tuple:
+    if wire[0] == "add":
+        return ("add", wire[1], wire[2], SamplingParams(**wire[3]), None, None)
+    return tuple(wire)
+
+
+def _broadcast_bytes(payload: bytes) -> bytes:
+    """Process 0's bytes on every process (two small collectives: length, then data)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    buf = np.zeros(max(n, 1), np.uint8)
+    if payload:
+        buf[:n] = np.frombuffer(payload, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n])
+

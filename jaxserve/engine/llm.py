@@ -1,0 +1,122 @@
+"""LLM: the offline Python API (vLLM-style).
+
+    llm = LLM(model="path/or/hub-id", config="configs/cpu.yaml", max_model_len=512)
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=64, temperature=0.0))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from jaxserve.engine.chat import render_chat
+from jaxserve.config import EngineConfig
+from jaxserve.engine.data_parallel import make_engine
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+def _is_token_ids(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None,
+                 **overrides: Any):
+        self.config = EngineConfig.load(config, model=model, **overrides)
+        self.engine = make_engine(self.config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def stats(self) -> dict[str, int | float]:
+        return self.engine.stats()
+
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates replies to one conversation ([{"role": ..., "content": ...}, ...]) or a
+        list of them, each rendered by the tokenizer's chat template (or `chat_template`)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(self.engine.tokenizer, c, chat_template=chat_template,
+                               add_generation_prompt=add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt (a string or a list of token ids); outputs in input order.
+        Either every request is accepted or none is (the first invalid one raises ValueError)."""
+        if isinstance(prompts, str) or _is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), p)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        done: set[str] = set()
+        bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm)
+        start, generated = time.perf_counter(), 0
+        try:
+            while len(done) < len(ids):
+                deltas = self.engine.step()
+                if not deltas and not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"the engine went idle with {len(ids) - len(done)} requests unfinished")
+                for delta in deltas:
+                    generated += sum(len(c.token_ids) for c in delta.outputs)
+                    results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
+                    if delta.finished:
+                        done.add(delta.request_id)
+                        bar.update(1)
+                bar.set_postfix(tok_per_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+
+def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Accumulates streaming deltas into a cumulative RequestOutput (samples ordered by index)."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False,
+                            delta.num_cached_tokens)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        cur = by_index.get(c.index)
+        if cur is None:
+            cur = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+        cur.text += c.text
+        cur.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + c.logprobs
+        cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+    acc.outputs = [by_index[k] for k in sorted(by_index)]
+    acc.finished = delta.finished
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    return acc

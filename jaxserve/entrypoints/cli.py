@@ -1,0 +1,237 @@
+"""The `jaxserve` command line.
+
+    jaxserve generate [MODEL] --prompt TEXT ...   greedy completion of prompts
+                      [--server HOST:PORT]        ... by a running server, over gRPC
+    jaxserve serve [MODEL] [--config YAML]        gRPC + OpenAI HTTP server (`jaxserve serve --help`)
+    jaxserve demo-model DIR                       write the built-in demo model (random weights)
+    jaxserve convert SRC DST                      HF model -> jaxserve Orbax checkpoint
+    jaxserve bench --server HOST:PORT             serving benchmark (throughput, TTFT, TPOT)
+
+MODEL is a local HF directory, a hub id (downloaded when online) or a converted checkpoint;
+without one, the built-in demo model is used (created once in the cache directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+log = logging.getLogger("jaxserve")
+
+
+def _model_path(model: str | None) -> str:
+    if model:
+        return model
+    from jaxserve.demo_model import ensure_demo_model
+
+    return str(ensure_demo_model())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return _generate_remote(args)
+    from transformers import AutoTokenizer
+
+    from models.loader import load_model
+    from models.single_sequence import SingleSequenceRunner
+
+    path = _model_path(args.model)
+    log.info("loading model %s (dtype %s)", path, args.dtype)
+    loaded = load_model(path, dtype=args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(loaded.model_dir)
+    max_len = min(loaded.config.max_position_embeddings, args.max_model_len)
+    runner = SingleSequenceRunner(loaded.model, max_len=max_len)
+    for text in args.prompt:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) + args.max_tokens > max_len:
+            raise SystemExit(f"error: prompt of {len(ids)} tokens + max_tokens {args.max_tokens} "
+                             f"exceeds max_model_len {max_len}")
+        start = time.perf_counter()
+        out = runner.greedy(ids, args.max_tokens, stop_ids=set(loaded.config.eos_token_ids))
+        elapsed = time.perf_counter() - start
+        print(f"--- prompt: {text!r}")
+        print(tokenizer.decode(out, skip_special_tokens=True))
+        log.info("%d tokens in %.2f s (first call includes compilation)", len(out), elapsed)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`generate --server HOST:PORT`: greedy completion by a running `jaxserve serve`, streamed."""
+    import os
+
+    import grpc
+
+    from jaxserve.entrypoints.client import Client
+    from jaxserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    with Client(args.server, api_key=os.environ.get("JAXSERVE_API_KEY") or None) as client:
+        try:
+            for text in args.prompt:
+                print(f"--- prompt: {text!r}")
+                for delta in client.generate_stream(text, params):
+                    print(delta.outputs[0].text, end="", flush=True)
+                print()
+        except grpc.RpcError as e:
+            print(f"error: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`serve`: gRPC and OpenAI-compatible HTTP over one engine until SIGTERM / SIGINT."""
+    import os
+
+    from jaxserve.config import EngineConfig
+    from jaxserve.entrypoints.distributed import initialize
+    from jaxserve.entrypoints.server import grpc_frontend, http_frontend, serve
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
+    try:
+        config = EngineConfig.load(args.config, model=args.model, max_model_len=args.max_model_len,
+                                   dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh)
+        frontends = []
+        if args.grpc_port >= 0:
+            frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
+                                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                           max_concurrent=args.max_concurrent))
+        if args.http_port >= 0:
+            frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
+                                           max_concurrent=args.max_concurrent, chat_template=args.chat_template,
+                                           tool_parser=args.tool_call_parser,
+                                           **({"served_model_name": args.served_model_name}
+                                              if args.served_model_name else {})))
+        if not frontends:
+            raise ValueError("--grpc-port and --http-port are both disabled (-1); enable at least one")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return serve(config, frontends, grace=args.grace_period, model_name=args.served_model_name)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`bench`: a serving benchmark against a running `jaxserve serve` (see jaxserve.entrypoints.bench)."""
+    import asyncio
+    import json
+    import os
+
+    from jaxserve.entrypoints import bench
+
+    try:
+        workload = bench.Workload(args.num_requests, bench.parse_range(args.prompt_len),
+                                  bench.parse_range(args.output_len), args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = asyncio.run(bench.run(args.server, workload, request_rate=args.request_rate,
+                                    max_concurrency=args.max_concurrency,
+                                    api_key=os.environ.get("JAXSERVE_API_KEY") or None))
+    print(bench.format_table(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, write_demo_model
+
+    path = write_demo_model(args.dir, seed=args.seed)
+    print(f"wrote the demo model to {path}")
+    print(f"note: {RANDOM_WEIGHTS_WARNING}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from models.orbax_checkpoint import convert
+
+    dst = convert(args.src, args.dst, dtype=args.dtype)
+    print(f"wrote a jaxserve Orbax checkpoint to {dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference and serving in JAX")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="greedy completion of one or more prompts")
+    gen.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--server", metavar="HOST:PORT",
+                     help="generate on a running `jaxserve serve` over gRPC (API key from $JAXSERVE_API_KEY)")
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over gRPC and HTTP until SIGTERM / SIGINT (which drain)")
+    srv.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
+    srv.add_argument("--config", help="engine preset YAML, e.g. configs/cpu.yaml")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    srv.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged); -1: no gRPC")
+    srv.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP; 0: any free port; -1: off")
+    srv.add_argument("--chat-template", help="Jinja chat template file overriding the tokenizer's")
+    srv.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], help="parse tool calls in chat")
+    srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
+    srv.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
+    srv.add_argument("--tls-key", help="PEM private key")
+    srv.add_argument("--max-concurrent", type=int, help="generation calls in flight; beyond: RESOURCE_EXHAUSTED")
+    srv.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
+    srv.add_argument("--served-model-name", help="model name reported to clients")
+    srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the config's")
+    srv.add_argument("--tensor-parallel-size", "-tp", type=int, help="devices per replica (the mesh's model axis)")
+    srv.add_argument("--mesh", help="data=D,model=M: data-parallel replicas x tensor-parallel devices")
+    srv.add_argument("--coordinator-address", help="multi-host: process 0's HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
+    srv.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
+    srv.add_argument("--process-id", type=int, help="multi-host: this process (or $JAX_PROCESS_ID)")
+    srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="serving benchmark against a running `jaxserve serve` (gRPC)")
+    bench.add_argument("--server", required=True, metavar="HOST:PORT")
+    bench.add_argument("--num-requests", type=int, default=128)
+    bench.add_argument("--prompt-len", default="32-512", help="MIN-MAX prompt tokens")
+    bench.add_argument("--output-len", default="32-256", help="MIN-MAX output tokens")
+    bench.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf: all at once")
+    bench.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", help="also write the summary to this file")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
+    demo.add_argument("dir")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_model)
+
+    conv = sub.add_parser("convert", help="convert a HF model to a jaxserve Orbax checkpoint")
+    conv.add_argument("src", help="HF directory or hub id")
+    conv.add_argument("dst", help="new directory for the checkpoint")
+    conv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    from models.config import ModelLoadError
+
+    try:
+        return args.func(args)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The FastAPI app of the OpenAI-compatible front end.
+
+Every request first passes the Gate, a plain ASGI middleware, in this order:
+
+    1. path normalised (`//v1//completions/`, `/x/../v1/completions` -> `/v1/completions`),
+       so that routing and auth see the same path and no variant slips past either
+    2. draining -> 503 (except /metrics)
+    3. api_key set -> every path except /health and /metrics needs `Authorization: Bearer
+       KEY` (hmac.compare_digest), unknown paths included -> 401
+    4. generation routes over max_concurrent in flight -> 429; the count is held until the
+       response (stream included) has been sent, which is also what drain waits for
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
+GET /health, GET /metrics, POST /tokenize, POST /detokenize.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import posixpath
+import re
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jaxserve.entrypoints.openai.errors import OpenAIError, bad_request
+from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
+from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxserve.entrypoints.openai.serving_engine import ServingState
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def normalize_path(path: str) -> str:
+    """Collapses repeated slashes, resolves `.` and `..`, drops a trailing slash."""
+    return posixpath.normpath(re.sub(r"/+", "/", "/" + path))
+
+
+class Gate:
+    """Path normalisation, draining, auth and the concurrency cap (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, state: ServingState):
+        self.app, self.state = app, state
+        self._key = state.api_key.encode() if state.api_key is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no websocket routes: nothing to serve, authenticated or not
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
+            await self.app(scope, receive, send)
+            return
+        path = normalize_path(scope["path"])
+        scope = dict(scope, path=path, raw_path=path.encode())
+        error = self._refuse(scope, path)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        if path not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+    def _refuse(self, scope: Scope, path: str) -> OpenAIError | None:
+        state = self.state
+        if state.draining and path != "/metrics":
+            return OpenAIError(503, "the server is shutting down", type="server_error", code="draining")
+        if self._key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
+            return OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+        if path in GENERATION_PATHS and state.max_concurrent is not None and state.in_flight >= state.max_concurrent:
+            return OpenAIError(429, f"too many concurrent requests (the limit is {state.max_concurrent}); retry later",
+                               type="rate_limit_error", code="rate_limit_exceeded")
+        return None
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        return hmac.compare_digest(given, self._key)
+
+
+def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None, max_concurrent: int | None = None,
+              chat_template: str | None = None, tool_parser: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
+    Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing)."""
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1 or None, got {max_concurrent}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (use None for no auth)")
+    state = ServingState(served_model_name, api_key=api_key, max_concurrent=max_concurrent)
+    completions = OpenAIServingCompletion(engine, state)
+    chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser)
+    app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.jaxserve = state
+    app.state.engine = engine
+    _add_error_handlers(app)
+    _add_routes(app, engine, state, completions, chat)
+    app.add_middleware(Gate, state=state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return OpenAIError(e.status_code, str(e.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error in a request")
+        return OpenAIError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return bad_request(str(e.errors()[0].get("msg", e))).response()
+
+
+def _add_routes(app: FastAPI, engine: Any, state: ServingState, completions: OpenAIServingCompletion,
+                chat: OpenAIServingChat) -> None:
+    created = int(time.time())
+    model_card = {"id": state.served_model_name, "object": "model", "created": created, "owned_by": "jaxserve",
+                  "root": state.served_model_name, "max_model_len": engine.max_model_len}
+
+    @app.post("/v1/completions")
+    async def create_completion(request: Request) -> Response:
+        return _json(await completions.create(request))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        return _json(await chat.create(request))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict:
+        if model != state.served_model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return model_card
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining or not engine.healthy:
+            return JSONResponse({"status": "draining" if state.draining else "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = completions.parse(await request.body(), TokenizeRequest)
+        if body.messages is not None:
+            ids = chat.render(body.messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = completions.parse(await request.body(), DetokenizeRequest)
+        vocab = len(engine.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"tokens must be in [0, {vocab}), got {bad[0]}", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+
+def _json(result: Response | dict) -> Response:
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+__all__ = ["Gate", "build_app", "normalize_path"]

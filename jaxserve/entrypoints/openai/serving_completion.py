@@ -1,0 +1,145 @@
+"""POST /v1/completions: one or many prompts (strings or token ids), n samples each.
+
+Choice i * n + k is sample k of prompt i, as OpenAI numbers them. `logprobs` uses the
+legacy completions shape (tokens / token_logprobs / top_logprobs / text_offset).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from jaxserve.engine.llm import merge_delta
+from jaxserve.entrypoints.openai.errors import bad_request
+from jaxserve.entrypoints.openai.protocol import CompletionRequest
+from jaxserve.entrypoints.openai.serving_engine import (SSE_DONE, EngineRequests, OpenAIServing, sse, stream_response,
+                                            unless_disconnected)
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+MAX_PROMPTS = 256  # prompts in one request
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    aliases = {"prompt_token_ids": "prompt"}
+
+    async def create(self, request: Request) -> Response:
+        body = self.parse(await request.body(), CompletionRequest)
+        self._check_supported(body)
+        prompts = self._prompts(body)
+        params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+        response_id = self.new_id("cmpl")
+        requests = await self.start(body, prompts, params, response_id)
+        if body.stream:
+            return stream_response(requests, lambda: self._events(body, requests, response_id))
+        return await unless_disconnected(request, requests, lambda: self._collect(body, requests, response_id))
+
+    @staticmethod
+    def _check_supported(body: CompletionRequest) -> None:
+        if body.suffix is not None:
+            raise bad_request("suffix is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != body.n:
+            raise bad_request(f"best_of must equal n ({body.n}) or be omitted: best_of sampling is not "
+                              f"supported, got {body.best_of}", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo with logprobs needs prompt logprobs, which are not supported", param="echo")
+
+    @staticmethod
+    def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+        p = body.prompt
+        if isinstance(p, str):
+            prompts: list = [p]
+        elif p and isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise bad_request("prompt must not be empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise bad_request(f"prompt must hold at most {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
+        return prompts
+
+    # -- non-streaming ----------------------------------------------------------------
+
+    async def _collect(self, body: CompletionRequest, requests: EngineRequests, response_id: str) -> dict:
+        acc: dict[int, RequestOutput] = {}
+        async for i, delta in requests:
+            acc[i] = merge_delta(acc.get(i), delta)
+        choices, completion_tokens = [], 0
+        for i in range(len(requests.prompts)):
+            out = acc[i]
+            prefix = self._prompt_text(out) if body.echo else ""
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, _ = self._logprobs(c, body.logprobs, 0)
+                choices.append(self._choice(i * body.n + c.index, prefix + c.text, logprobs, c))
+        prompt_tokens = sum(len(acc[i].prompt_token_ids) for i in acc)
+        return {"id": response_id, "object": "text_completion", "created": self.created(), "model": self.model_name,
+                "choices": choices, "usage": self.usage(prompt_tokens, completion_tokens)}
+
+    # -- streaming --------------------------------------------------------------------
+
+    async def _events(self, body: CompletionRequest, requests: EngineRequests, response_id: str) -> AsyncIterator[str]:
+        created = self.created()
+        options = body.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options.continuous_usage_stats
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        offsets: dict[int, int] = defaultdict(int)
+        echoed: set[int] = set()
+        async for i, delta in requests:
+            prompt_tokens[i] = len(delta.prompt_token_ids)
+            for c in delta.outputs:
+                index = i * body.n + c.index
+                completion_tokens += len(c.token_ids)
+                text = c.text
+                if body.echo and index not in echoed:
+                    echoed.add(index)
+                    text = self._prompt_text(delta) + text
+                logprobs = None
+                if body.logprobs is not None and c.logprobs:
+                    logprobs, offsets[index] = self._logprobs(c, body.logprobs, offsets[index])
+                if not text and logprobs is None and c.finish_reason is None:
+                    continue  # a token the detokenizer holds back (partial character, stop prefix)
+                chunk: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
+                                         "model": self.model_name, "choices": [self._choice(index, text, logprobs, c)]}
+                if include_usage:
+                    chunk["usage"] = (self.usage(sum(prompt_tokens.values()), completion_tokens)
+                                      if continuous else None)
+                yield sse(chunk)
+        if include_usage:
+            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
+                       "choices": [], "usage": self.usage(sum(prompt_tokens.values()), completion_tokens)})
+        yield SSE_DONE
+
+    # -- pieces -----------------------------------------------------------------------
+
+    @staticmethod
+    def _choice(index: int, text: str, logprobs: dict | None, c: CompletionOutput) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason}
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+
+    def _logprobs(self, c: CompletionOutput, k: int, offset: int) -> tuple[dict[str, list], int]:
+        """The legacy completions logprobs of c's tokens; text offsets start at `offset`."""
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for token_id, entry in zip(c.token_ids, c.logprobs or []):
+            text = self.token_text(token_id)
+            tokens.append(text)
+            sampled: Logprob | None = entry.get(token_id)
+            token_logprobs.append(sampled.logprob if sampled is not None else None)
+            ranked = {self.token_text(t): lp for t, lp in self.top_logprobs(entry, k)}
+            if sampled is not None:
+                ranked.setdefault(text, sampled.logprob)
+            top.append(ranked)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}, offset

@@ -1,0 +1,269 @@
+"""What /v1/completions and /v1/chat/completions share: body parsing, SamplingParams,
+engine requests for one or many prompts, logprob formatting, SSE, client disconnects.
+
+A request's life (both endpoints):
+
+    body bytes --pydantic--> request model --SamplingParams--> EngineRequests.start()
+        start(): one AsyncLLM.generate per prompt, pumped by a task into one queue; waits
+        until each prompt has produced its first delta, so that an engine ValueError
+        (prompt too long, max_tokens too large) is still a 400, not a broken stream
+    non-streaming: collect the deltas, unless the client goes away (then: abort)
+    streaming: an SSE generator; when the client goes away Starlette cancels it and its
+        `finally` closes the EngineRequests: pump tasks cancelled, engine requests aborted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from jaxserve.engine.async_llm import EngineDeadError
+from jaxserve.entrypoints.openai.errors import (OpenAIError, engine_dead, from_validation_error, from_value_error,
+                                   model_not_found)
+from jaxserve.outputs import Logprob, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+_DONE = object()
+DISCONNECT_POLL_S = 0.25
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it
+
+
+@dataclasses.dataclass
+class ServingState:
+    """Mutable state of one HTTP front end, shared by the middleware and the handlers."""
+
+    served_model_name: str
+    api_key: str | None = None
+    max_concurrent: int | None = None
+    draining: bool = False  # True: every request but /metrics gets 503
+    in_flight: int = 0  # generation requests being served (the max_concurrent count)
+    request_ids: set[str] = dataclasses.field(default_factory=set)  # engine requests in flight
+
+
+class EngineRequests:
+    """One engine request per prompt (all with the same params), merged into one stream of
+    (prompt_index, delta)."""
+
+    def __init__(self, engine: Any, state: ServingState, prompts: list[str | list[int]],
+                 params: SamplingParams, base_id: str):
+        self.engine, self.state, self.params = engine, state, params
+        self.prompts = prompts
+        self.ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._buffered: list[tuple[int, Any]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        """Submits every prompt; returns once each has produced its first delta. Raises the
+        engine's ValueError (or EngineDeadError) after aborting all of them."""
+        self.state.request_ids.update(self.ids)
+        self._tasks = [asyncio.create_task(self._pump(i, rid, p))
+                       for i, (rid, p) in enumerate(zip(self.ids, self.prompts))]
+        waiting = set(range(len(self.prompts)))
+        try:
+            while waiting:
+                i, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self._buffered.append((i, item))
+                waiting.discard(i)
+        except BaseException:
+            self.close()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        open_ = len(self.prompts)
+        buffered, self._buffered = self._buffered, []
+        for i, item in buffered:
+            if item is _DONE:
+                open_ -= 1
+            else:
+                yield i, item
+        while open_:
+            i, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is _DONE:
+                open_ -= 1
+            else:
+                yield i, item
+
+    def close(self) -> None:
+        """Cancels the pumps and aborts every engine request (synchronous: safe to call from
+        a `finally` inside a cancelled task)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for rid in self.ids:
+            if rid in self.state.request_ids:
+                self.engine.abort(rid)
+        self.state.request_ids.difference_update(self.ids)
+
+    async def _pump(self, i: int, rid: str, prompt: str | list[int]) -> None:
+        finished = False
+        try:
+            async for delta in self.engine.generate(prompt, self.params, rid):
+                finished = delta.finished
+                self._queue.put_nowait((i, delta))
+        except Exception as e:  # noqa: BLE001 - ValueError / EngineDeadError go to the reader
+            self._queue.put_nowait((i, e))
+        finally:
+            if not finished:  # also covers a cancel while the add was still in flight
+                self.engine.abort(rid)
+            self.state.request_ids.discard(rid)
+            self._queue.put_nowait((i, _DONE))
+
+
+class OpenAIServing:
+    """Base of the two generation endpoints."""
+
+    request_model: type[BaseModel]
+    aliases: dict[str, str] = {}  # engine / SamplingParams field -> request field
+
+    def __init__(self, engine: Any, state: ServingState):
+        self.engine, self.state = engine, state
+        self.tokenizer = engine.tokenizer
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.state.served_model_name
+
+    # -- input ------------------------------------------------------------------------
+
+    def parse(self, raw: bytes, model: type[M]) -> M:
+        try:
+            body = model.model_validate_json(raw)
+        except ValidationError as e:
+            raise from_validation_error(e, model.model_fields) from None
+        model_name = getattr(body, "model", None)
+        if model_name is not None and model_name != self.model_name:
+            raise model_not_found(model_name)
+        return body
+
+    def value_error(self, e: ValueError, body: BaseModel) -> OpenAIError:
+        return from_value_error(e, type(body).model_fields, self.aliases_for(body))
+
+    def aliases_for(self, body: BaseModel) -> dict[str, str]:
+        return self.aliases
+
+    def sampling_params(self, body: Any, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        kwargs: dict[str, Any] = dict(
+            n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids,
+            skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=logprobs, logit_bias=body.logit_bias_ids())
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty"):
+            if getattr(body, name) is not None:
+                kwargs[name] = getattr(body, name)
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            raise self.value_error(e, body) from None
+
+    async def start(self, body: BaseModel, prompts: list, params: SamplingParams, base_id: str) -> EngineRequests:
+        requests = EngineRequests(self.engine, self.state, prompts, params, base_id)
+        try:
+            await requests.start()
+        except ValueError as e:
+            raise self.value_error(e, body) from None
+        except EngineDeadError as e:
+            raise engine_dead(e) from None
+        return requests
+
+    # -- output -----------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def top_logprobs(self, entry: dict[int, Logprob], k: int) -> list[tuple[int, float]]:
+        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
+                        if lp.rank is not None and lp.rank <= k)
+        return [(tid, lp) for _, tid, lp in ranked]
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def created() -> int:
+        return int(time.time())
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def error_event(e: Exception) -> str:
+    """An error in the middle of a stream (the status line has gone already)."""
+    if isinstance(e, EngineDeadError):
+        e = engine_dead(e)
+    elif not isinstance(e, OpenAIError):
+        log.exception("error while streaming a response")
+        e = OpenAIError(500, f"internal error: {type(e).__name__}", type="server_error")
+    return sse(e.body())
+
+
+def stream_response(requests: EngineRequests, events: Callable[[], AsyncIterator[str]]) -> StreamingResponse:
+    """An SSE response over `events`; the engine requests are closed however it ends."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events():
+                yield event
+        except Exception as e:  # noqa: BLE001 - the client gets an error event, then [DONE]
+            yield error_event(e)
+            yield SSE_DONE
+        finally:
+            requests.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def unless_disconnected(request: Request, requests: EngineRequests,
+                              work: Callable[[], Awaitable[T]]) -> T | Response:
+    """Runs `work`; if the client disconnects first, aborts the engine requests."""
+    task = asyncio.ensure_future(work())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except EngineDeadError as e:
+        raise engine_dead(e) from None
+    finally:
+        if not task.done():
+            task.cancel()
+        requests.close()

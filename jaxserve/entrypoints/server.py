@@ -1,0 +1,133 @@
+"""The serving process: one AsyncLLM, any number of front ends (gRPC, HTTP) over it.
+
+    serve(config, [grpc_frontend(...), ...])
+      AsyncLLM(config)        load the model, compile every bucket (LLMEngine warm-up)
+      frontend.start()        each binds its port; health says NOT_SERVING
+      warm_up(engine)         one short request end to end (tokenizer, step, detokenizer)
+      frontend.set_serving()  health says SERVING
+      ... SIGTERM / SIGINT ...
+      frontend.stop(grace)    all at once: health NOT_SERVING, new calls refused, calls in
+                              flight get `grace` seconds to finish, then are cancelled
+      engine.shutdown()       exit status 0
+
+A front end is anything with the three coroutines of `Frontend`; it receives the shared
+AsyncLLM from its factory, so adding one is a single entry in the list given to `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable, Protocol, Sequence
+
+from jaxserve.engine.async_llm import AsyncLLM
+from jaxserve.config import EngineConfig
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 30.0
+
+
+class Frontend(Protocol):
+    """A front end over the shared AsyncLLM. It may also have `async set_serving(bool)`
+    (called with True after warm-up: report ready on its health endpoint), a `name` and an
+    `address` (for the log)."""
+
+    async def start(self) -> None:
+        """Binds and starts accepting calls; not yet reporting ready."""
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new calls, lets calls in flight finish within `grace` seconds, closes."""
+
+
+FrontendFactory = Callable[[AsyncLLM], Frontend]
+
+
+def grpc_frontend(**options) -> FrontendFactory:
+    """A factory for the gRPC front end; options are GrpcOptions fields (host, port, api_key, ...)."""
+    from jaxserve.entrypoints.grpc.server import GrpcFrontend, GrpcOptions
+
+    grpc_options = GrpcOptions(**options)  # validated now, before the model loads
+    return lambda engine: GrpcFrontend(engine, grpc_options)
+
+
+def http_frontend(*, host: str, port: int, **options) -> FrontendFactory:
+    """A factory for the OpenAI-compatible HTTP front end; options are build_app's keywords
+    (served_model_name, api_key, max_concurrent, chat_template, tool_parser)."""
+    from jaxserve.entrypoints.openai import HttpFrontend
+
+    return lambda engine: HttpFrontend(engine, host=host, port=port, **options)
+
+
+async def warm_up(engine: AsyncLLM) -> None:
+    """Runs one short greedy request through the whole path; raises if the engine fails."""
+    before = engine.stats()["compile_count"]
+    async for _ in engine.generate("warm-up", SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                                   "jaxserve-warm-up"):
+        pass
+    after = engine.stats()["compile_count"]
+    if after != before:  # the engine's warm-up should have compiled every shape already
+        log.warning("the warm-up request compiled %d new programs", after - before)
+    log.info("warm-up done: %d compiled programs", after)
+
+
+async def run(engine: AsyncLLM, frontends: Sequence[Frontend], *, grace: float = DEFAULT_GRACE_S,
+              stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
+    """Serves until `stop` is set (or SIGTERM / SIGINT arrives), then drains. Returns 0."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, sig, stop)
+    started: list[Frontend] = []
+    try:
+        for frontend in frontends:
+            await frontend.start()
+            started.append(frontend)
+        await warm_up(engine)
+        for frontend in frontends:
+            if hasattr(frontend, "set_serving"):
+                await frontend.set_serving(True)
+        log.info("SERVING %s on %s", engine.model_name, ", ".join(map(_describe, frontends)))
+        await stop.wait()
+        log.info("draining: %d requests in flight, grace period %.0f s", engine.num_in_flight, grace)
+    finally:
+        await asyncio.gather(*(f.stop(grace) for f in started))
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def _describe(frontend: Frontend) -> str:
+    name = getattr(frontend, "name", type(frontend).__name__)
+    address = getattr(frontend, "address", None)
+    if address is None and hasattr(frontend, "port"):
+        address = f"{getattr(frontend, 'host', '')}:{frontend.port}"
+    return f"{name} {address}" if address else name
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("received %s", sig.name)
+    stop.set()
+
+
+def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: float = DEFAULT_GRACE_S,
+          model_name: str | None = None) -> int:
+    """Builds the engine, serves every front end over it until SIGTERM / SIGINT, drains, returns 0.
+    In a multi-host run only process 0 serves; the others follow its engine commands until
+    it shuts down (jaxserve.entrypoints.distributed)."""
+    if not frontends:
+        raise ValueError("frontends must name at least one front end")
+    engine = AsyncLLM(config, model_name=model_name)
+    if not engine.is_leader:
+        log.info("multi-host follower: running the engine for process 0, which serves")
+        engine.wait()
+        return 0
+    try:
+        return asyncio.run(run(engine, [make(engine) for make in frontends], grace=grace))
+    finally:
+        engine.shutdown()
