@@ -171,6 +171,13 @@ class CausalLM(nnx.Module):
         """kv_caches: per layer [P, B, 2K, H]; input_ids, positions int32[T];
         logits_indices int32[R] selects the rows to project to the vocabulary (all when None).
         Returns (updated kv_caches, logits float32[R or T, V])."""
+        kv_caches, h = self.forward(kv_caches, input_ids, positions, md, logits_indices)
+        return kv_caches, self.compute_logits(h)
+
+    def forward(self, kv_caches: list[jax.Array], input_ids: jax.Array, positions: jax.Array,
+                md: AttentionMetadata, rows: jax.Array | None = None) -> tuple[list[jax.Array], jax.Array]:
+        """The decoder body without the LM head: (updated kv_caches, final-normed hidden states
+        [R, D] of the flat-batch rows `rows` int32[R], or [T, D] when rows is None)."""
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)  # [T, D]
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
@@ -181,9 +188,9 @@ class CausalLM(nnx.Module):
         for layer, kv_pages in zip(self.layers, kv_caches, strict=True):
             x, kv_pages = layer(x, cos, sin, kv_pages, md)
             new_caches.append(kv_pages)
-        if logits_indices is not None:
-            x = jnp.take(x, logits_indices, axis=0)
-        return new_caches, self.compute_logits(self.norm(x))
+        if rows is not None:
+            x = jnp.take(x, rows, axis=0)
+        return new_caches, self.norm(x)
 
     def compute_logits(self, h: jax.Array) -> jax.Array:
         """h [R, D] (after the final norm) -> float32 logits [R, V]."""
@@ -199,6 +206,12 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[in
     """Shape of one layer's page array: [num_pages, page_size, 2 * kv_heads, head_dim]
     (K of kv head h at index 2h, V at 2h + 1)."""
     return (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+
+
+def copy_pages(kv_caches: list[jax.Array], src: jax.Array, dst: jax.Array) -> list[jax.Array]:
+    """Copy-on-write for every layer: pages[dst[i]] = pages[src[i]] (src, dst int32[C]; a
+    padding pair copies the null page 0 onto itself)."""
+    return [kv.at[dst].set(kv[src]) for kv in kv_caches]
 
 
 def init_kv_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> list[jax.Array]:
