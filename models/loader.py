@@ -24,16 +24,15 @@ from flax import nnx
 from models.config import ModelConfig, ModelLoadError
 from models.decoder import CausalLM
 from models.hf_weights import IGNORED_SUFFIXES, weight_specs
+from models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
+from models.orbax_state import restore_state
+
+__all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
+           "resolve_model_dir"]
 
 log = logging.getLogger(__name__)
 
-# Maps a parameter's logical axis names to where it should live (None: default device).
-ShardingFn = Callable[[tuple[str | None, ...]], "jax.sharding.Sharding | None"]
-
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ORBAX_DIR = "orbax"
-ORBAX_MARKER = "jaxserve_checkpoint.json"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,37 +50,6 @@ def resolve_dtype(name: str, cfg: ModelConfig | None = None):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join([*DTYPES, 'auto'])}, got {name!r}")
     return DTYPES[name]
-
-
-def resolve_model_dir(model: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id downloaded through huggingface_hub."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(f"model {str(model)!r} is a file; expected a model directory or a hub id")
-    name = str(model)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model {name!r} is not a local directory and not a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated repo: say which and why
-        raise ModelLoadError(
-            f"model {name!r} is not a local directory and could not be downloaded from the hub: "
-            f"{type(e).__name__}: {e}"
-        ) from None
-
-
-def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_model(
@@ -102,9 +70,7 @@ def load_model(
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh,
                                                kv_heads_sharded=kv_heads_sharded))
     graphdef, state = nnx.split(abstract)
-    if (model_dir / ORBAX_MARKER).is_file():
-        from models.orbax_checkpoint import restore_state
-
+    if is_orbax_checkpoint(model_dir):
         state = restore_state(model_dir / ORBAX_DIR, state, sharding_fn)
     else:
         state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn)

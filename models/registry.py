@@ -1,16 +1,65 @@
 """Registry of supported architectures, keyed by HF `model_type` and `architectures`.
 
 Every supported model runs on the one shared decoder (`models.decoder.CausalLM`); an adapter
-turns its HF config into a `ModelConfig` with the right flags.
+turns its HF config into the keyword arguments of a `ModelConfig` with the right flags
+(`ModelConfig.from_hf` builds and validates it). Both config forms are read: transformers 4
+(`torch_dtype`, top-level `rope_theta`, `rope_scaling`) and transformers 5 (`dtype`, nested
+`rope_parameters`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from models.config import ModelConfig, ModelConfigError, checkpoint_dtype, eos_ids, read_rope
+from models.errors import ModelConfigError
+from models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
 
-Adapter = Callable[[Mapping[str, Any]], ModelConfig]
+# HF config.json -> keyword arguments of ModelConfig.
+Adapter = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def read_rope(hf: Mapping[str, Any]) -> RopeConfig:
+    """Reads RoPE settings from transformers 5 `rope_parameters` or 4.x `rope_theta` + `rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    if "full_attention" in params and isinstance(params["full_attention"], Mapping):
+        params = dict(params["full_attention"])  # per-layer-type form; all our models share one
+    legacy = dict(hf.get("rope_scaling") or {})
+    merged = {**legacy, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": str(rope_type)}
+    if rope_type == "dynamic":
+        raise ModelConfigError(
+            "rope type 'dynamic' (dynamic NTK) changes with sequence length and is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type != "default":
+        kwargs["factor"] = float(merged.get("factor", 1.0) or 1.0)
+    for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+        if merged.get(key) is not None:
+            kwargs[key] = float(merged[key])
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if merged.get(key) is not None:
+            kwargs[key] = float(merged[key])
+    if merged.get("original_max_position_embeddings") is not None:
+        kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    if merged.get("truncate") is not None:
+        kwargs["truncate"] = bool(merged["truncate"])
+    return RopeConfig(**kwargs)
+
+
+def eos_ids(hf: Mapping[str, Any]) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(int(e) for e in eos)
+
+
+def checkpoint_dtype(hf: Mapping[str, Any]) -> str | None:
+    dtype = hf.get("dtype", hf.get("torch_dtype"))
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _common(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
@@ -58,37 +107,37 @@ def _layer_windows(hf: Mapping[str, Any], num_layers: int) -> tuple[int | None, 
     return tuple(int(window) if i >= first else None for i in range(num_layers))
 
 
-def llama(hf: Mapping[str, Any]) -> ModelConfig:
+def llama(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = _common(hf, "llama")
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(**kw, attention_bias=bias, o_proj_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+    return dict(kw, attention_bias=bias, o_proj_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
 
 
-def mistral(hf: Mapping[str, Any]) -> ModelConfig:
+def mistral(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = _common(hf, "mistral")
     window = hf.get("sliding_window")
     kw["sliding_windows"] = (int(window) if window else None,) * kw["num_layers"]
-    return ModelConfig(**kw)
+    return kw
 
 
-def qwen2(hf: Mapping[str, Any]) -> ModelConfig:
+def qwen2(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = _common(hf, "qwen2")
     kw["sliding_windows"] = _layer_windows(hf, kw["num_layers"])
-    return ModelConfig(**kw, attention_bias=True, o_proj_bias=False)
+    return dict(kw, attention_bias=True, o_proj_bias=False)
 
 
-def qwen3(hf: Mapping[str, Any]) -> ModelConfig:
+def qwen3(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = _common(hf, "qwen3")
     kw["sliding_windows"] = _layer_windows(hf, kw["num_layers"])
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(**kw, attention_bias=bias, o_proj_bias=bias, qk_norm=True)
+    return dict(kw, attention_bias=bias, o_proj_bias=bias, qk_norm=True)
 
 
-def granite(hf: Mapping[str, Any]) -> ModelConfig:
+def granite(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = _common(hf, "granite")
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
-        **kw,
+    return dict(
+        kw,
         attention_bias=bias,
         o_proj_bias=bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -132,3 +181,8 @@ def adapter_for(hf: Mapping[str, Any]) -> Adapter:
         f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
         f"supported model types: {', '.join(supported_model_types())}"
     )
+
+
+def config_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The ModelConfig keyword arguments for a parsed HF `config.json` of any supported model."""
+    return adapter_for(hf)(hf)

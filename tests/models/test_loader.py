@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models.config import ModelConfig, ModelConfigError, ModelLoadError, read_rope
+from models.config import ModelConfig, ModelConfigError, ModelLoadError
 from models.loader import load_model
 from models.orbax_checkpoint import convert
-from models.registry import supported_model_types
+from models.registry import read_rope, supported_model_types
 from models.single_sequence import SingleSequenceRunner
 
 IDS = [5, 17, 3, 44, 90, 12, 7]
