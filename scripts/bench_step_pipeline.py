@@ -24,11 +24,14 @@ trained demo tokenizer; float32, reference attention), written once to --model-d
    per step). Device time per step is measured by replaying the engine's compiled step
    function (DEVICE_STEP["callable"]) back to back with the arguments captured from one
    steady-state step (host arrays moved to the device first, the donated KV state threaded
-   from each call's output into the next call) K times, blocking only at the end: no host
-   work between launches, so that is what the device needs per step. The difference is
-   the time per step the device sits waiting for the host (or the host-device round trip).
-   On CPU the "device" is the same cores as the host, so this is a lower bound of what the
-   engine's loop costs beyond the computation itself.
+   from each call's output into the next call) K (--replay) times, blocking only at the
+   end: no host work between launches, so that is what the device needs per step. The
+   window runs in --replay-blocks blocks with one replay run after each (the engine gets
+   its state back and goes on), so that both see the same machine load; the device time is
+   the median of those runs. The difference is the time per step the device sits waiting
+   for the host (host work not overlapped with the device, and the round trip). On CPU the
+   "device" is the same cores as the host: host work that overlaps a step slows that step
+   down, so there the gap understates what the host costs.
 
 3. (--presets) Compile count and warm-up seconds for configs/gpu-h200-1.yaml and
    configs/tpu-v6e-8.yaml, each loaded with the tiny model, float32, reference attention,
@@ -289,10 +292,11 @@ def run_pipeline(args, model_dir: str) -> tuple[str, dict]:
         for name in names:
             timers.install(phase, name, engine)
     captured = {}
-    window_index = [None]
+    window_index = [None]  # the window step being run (None: ramp)
+    capture_at = [None]  # the window step whose arguments are captured for the replay
 
-    def capture(a, k, out):  # keeps the args of the middle window step and the last output
-        if window_index[0] == args.steps // 2 and "args" not in captured:
+    def capture(a, k, out):  # keeps the args of one window step and the last output
+        if window_index[0] is not None and window_index[0] == capture_at[0] and "args" not in captured:
             # Host arrays copied now: an engine may reuse its input buffers in place.
             host_copy = functools.partial(jax.tree.map, lambda x: np.array(x) if isinstance(x, np.ndarray) else x)
             captured["args"], captured["kwargs"] = [host_copy(x) for x in a], host_copy(k)
@@ -326,26 +330,41 @@ def run_pipeline(args, model_dir: str) -> tuple[str, dict]:
     ramp_s = time.perf_counter() - t_ramp
     la1 = loadavg()
     per_step, per_calls, walls = [], [], []
-    window_start = time.perf_counter()
-    for i in range(args.steps):
-        window_index[0] = i
-        t0 = time.perf_counter()
-        step_fn()
-        walls.append(time.perf_counter() - t0)
-        s, c = timers.take_step()
-        per_step.append(s)
-        per_calls.append(c)
-    window_s = time.perf_counter() - window_start
+    # The window runs in --replay-blocks blocks; after each block the captured step is
+    # replayed (interleaved, so that both see the same machine load), then the engine gets
+    # its state back and goes on. Without a settable state the replay runs once at the end.
+    can_interleave = get_value(DEVICE_STEP["state_attr"], engine) is not None
+    blocks = max(1, min(args.replay_blocks, args.steps)) if can_interleave else 1
+    bounds = [round(b * args.steps / blocks) for b in range(blocks + 1)]
+    capture_at[0] = bounds[1] // 2  # the middle of the first block
+    replayer, replay_runs, replay_error = None, [], None
+    window_s = 0.0
+    for b in range(blocks):
+        t_block = time.perf_counter()
+        for i in range(bounds[b], bounds[b + 1]):
+            window_index[0] = i
+            t0 = time.perf_counter()
+            step_fn()
+            walls.append(time.perf_counter() - t0)
+            s, c = timers.take_step()
+            per_step.append(s)
+            per_calls.append(c)
+        window_s += time.perf_counter() - t_block
+        if replay_error is None and (can_interleave or b == blocks - 1):
+            try:
+                if replayer is None:
+                    replayer = Replayer(engine, captured)
+                replay_runs += [replayer.run(args.replay) for _ in range(1 if can_interleave else 3)]
+            except Exception as e:  # report, do not lose the other parts
+                replay_error = f"{type(e).__name__}: {e}"
     still_steady = steady()
     timers.uninstall()
     compiles_run = engine.stats()["compile_count"] - compiles0
-
-    # -- device replay
-    replay = {}
-    if "args" in captured and "last_out" in captured:
-        replay = replay_device_step(engine, captured, args.replay)
+    if replay_error is not None or not replay_runs:
+        replay = dict(error=replay_error or "no replay ran")
     else:
-        replay["error"] = f"{DEVICE_STEP['callable']} was not called in the window"
+        replay = dict(device_ms=statistics.median(replay_runs), runs_ms=replay_runs, k=args.replay,
+                      repeats=len(replay_runs), compiles=replayer.compiles(), interleaved=can_interleave)
     la2 = loadavg()
 
     rows = []
@@ -404,7 +423,8 @@ def run_pipeline(args, model_dir: str) -> tuple[str, dict]:
             "|---|---|",
             f"| wall per step, steady loop (mean / p50) | {wall_mean:.2f} / {wall_p50:.2f} |",
             f"| device per step: `{DEVICE_STEP['callable']}` replayed {replay['k']}x back to back "
-            f"(median of {replay['repeats']} runs) | {dev:.2f} |",
+            f"(median of {replay['repeats']} runs{', interleaved with the window blocks' if replay['interleaved'] else ''}) "
+            f"| {dev:.2f} |",
             f"| **idle gap = wall - device (mean / p50)** | **{gap_mean:.2f} / {gap_p50:.2f}** "
             f"({100 * gap_mean / wall_mean:.0f}% of the step) |",
             "",
@@ -420,50 +440,57 @@ def run_pipeline(args, model_dir: str) -> tuple[str, dict]:
     return "\n".join(lines), result
 
 
-def replay_device_step(engine, captured, k: int) -> dict:
-    import jax
+class Replayer:
+    """Replays the captured step: DEVICE_STEP["callable"] with the captured arguments moved
+    to the device once, the donated state threaded from call to call, no host work between
+    launches; blocks only after the last call. Hands the engine its state back after a run."""
 
-    try:
+    def __init__(self, engine, captured):
+        import jax
+
+        if "args" not in captured or "last_out" not in captured:
+            raise RuntimeError(f"{DEVICE_STEP['callable']} was not called in the window")
+        self.jax, self.engine = jax, engine
         owner, attr = _resolve(DEVICE_STEP["callable"], engine)
         fn = getattr(owner, attr)
-        fn = getattr(fn, "_fn", fn)  # unwrapped already; be safe
-        di, do = DEVICE_STEP["donated_arg"], DEVICE_STEP["donated_out"]
-        jax.block_until_ready(captured["last_out"])
-        state = captured["last_out"][do]
-        before = engine.stats()["compile_count"]
+        self.fn = fn._fn if isinstance(fn, _Forwarding) else fn  # the unwrapped callable
+        self.di, self.do = DEVICE_STEP["donated_arg"], DEVICE_STEP["donated_out"]
+        self.compiles0 = engine.stats()["compile_count"]
 
         def to_device(x):
             return jax.device_put(x) if isinstance(x, np.ndarray) else x
 
-        a = [None if i == di else jax.tree.map(to_device, x) for i, x in enumerate(captured["args"])]
-        static = jax.tree.map(to_device, captured["kwargs"]) if captured["kwargs"] else {}
+        self.args = [None if i == self.di else jax.tree.map(to_device, x) for i, x in enumerate(captured["args"])]
+        self.kwargs = jax.tree.map(to_device, captured["kwargs"]) if captured["kwargs"] else {}
+        self.warm = 3  # first run: any compile or first-call cost stays out of the timing
 
-        def call(st):
-            a[di] = st
-            return fn(*a, **static)
+    def _call(self, state):
+        self.args[self.di] = state
+        return self.fn(*self.args, **self.kwargs)
 
+    def run(self, k: int) -> float:
+        """ms per step over k back-to-back calls."""
+        jax = self.jax
+        owner, attr = _resolve(DEVICE_STEP["state_attr"], self.engine)
+        state = getattr(owner, attr)
+        jax.block_until_ready(state)
         out = None
-        for _ in range(3):  # warm: any compile or first-call cost stays out of the timing
-            out = call(state)
-            state = out[do]
+        for _ in range(self.warm):
+            out = self._call(state)
+            state = out[self.do]
+        self.warm = 1
         jax.block_until_ready(out)
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(k):
-                out = call(state)
-                state = out[do]
-            jax.block_until_ready(out)
-            runs.append(1e3 * (time.perf_counter() - t0) / k)
-        try:  # the engine's state was donated to the replay: hand it the latest buffers
-            s_owner, s_attr = _resolve(DEVICE_STEP["state_attr"], engine)
-            setattr(s_owner, s_attr, state)
-        except (AttributeError, ImportError):
-            pass
-        return dict(device_ms=statistics.median(runs), runs_ms=runs, k=k, repeats=len(runs),
-                    compiles=engine.stats()["compile_count"] - before)
-    except Exception as e:  # report, do not lose parts 1 and 3
-        return dict(error=f"{type(e).__name__}: {e}")
+        t0 = time.perf_counter()
+        for _ in range(k):
+            out = self._call(state)
+            state = out[self.do]
+        jax.block_until_ready(out)
+        dt = (time.perf_counter() - t0) / k
+        setattr(owner, attr, state)  # the engine's state was donated to the replay
+        return 1e3 * dt
+
+    def compiles(self) -> int:
+        return self.engine.stats()["compile_count"] - self.compiles0
 
 
 # -- part 3: compile counts of the presets ------------------------------------------------
@@ -511,6 +538,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=200, help="raised if the window needs more")
     parser.add_argument("--replay", type=int, default=50, help="back-to-back device step calls per replay run")
+    parser.add_argument("--replay-blocks", type=int, default=5,
+                        help="window blocks, each followed by one replay run")
     parser.add_argument("--presets", action="store_true", help="also compile the GPU/TPU presets (minutes)")
     parser.add_argument("--preset-max-model-len", type=int, default=2048)
     parser.add_argument("--preset-num-pages", type=int, default=64)
