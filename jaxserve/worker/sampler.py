@@ -1,56 +1,51 @@
-"""On-device sampling: logits [S, V] -> token ids [S] (+ optional logprobs).
+"""On-device sampling: logits [S, V] -> token ids [S] plus top-K logprobs, fixed shapes.
 
-Runs inside the engine's single jitted step, so everything here has fixed shapes. One row
-per sequence sampled this step; S is the padded row count, V the vocabulary.
+The sampler is its own jitted program per row bucket S (V = vocabulary, K = num_logprobs,
+static). Its metadata is built on the device from the persistent slot state; the penalty
+state lives per slot (N slots >= S rows) and each row names the slot it reads.
 
-Flow of `sample` (same order as vLLM):
+Flow of `sample` (same order as vLLM); every stage that costs [S, V] work beyond a single
+elementwise pass sits behind a `lax.cond` that is false unless some row asked for it:
 
-    raw logits (f32) --log_softmax--> logprobs (returned when num_logprobs > 0)
-      -> + logit bias (OpenAI logit_bias; the engine also bans EOS with -inf here)
-      -> penalties (repetition over prompt+output, presence/frequency over output)
-      -> greedy rows: argmax
-         other rows: / temperature -> top-k -> top-p -> min-p -> categorical(row key)
+    raw logits (f32[S, V])
+      -> + logit bias            scatter-add of [S, B] entries (the engine bans EOS with -inf)
+      -> penalties               cond(any row penalised): gather prompt_mask / output_counts
+                                 [N, V] -> [S, V] by row_slots; repetition over prompt+output,
+                                 presence / frequency over output counts
+      -> cond(all rows greedy):  argmax only
+         else: greedy rows argmax; other rows / temperature
+               -> top-k, top-p   cond(any sampled row uses them): threshold search, no sort
+               -> min-p          cond(any sampled row uses it)
+               -> categorical(row key)
+    logprobs                     cond(any row wants them): log_softmax(raw) and top-K;
+                                 zeros otherwise (shapes never change)
 
-A row's PRNG key is fold_in(key(seed), step), derived on device, so a seeded request gets
-the same tokens whatever else is in the batch. The sort that top-k / top-p need runs under
-`lax.cond` only when some sampled row uses them, and the whole random path is skipped when
-every row is greedy.
+top-k / top-p find their cut-off by bisection over the monotone uint32 bit pattern of the
+f32 logits: 32 passes of a count (top-k) or masked probability sum (top-p) over V per row,
+no sort. The kept set is a function of the values alone (ties at a cut-off are all kept).
 
-The host side builds `SamplingMetadata` as numpy arrays with `SamplingMetadata.from_rows`.
+A row's PRNG key is fold_in(fold_in(key(seed), sample_index), step): its tokens depend only
+on (seed, sample_index, step), never on the batch around it, and sample k of seed s differs
+from sample 0 of seed s + k.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
 
-from jaxserve.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+from jaxserve.sampling_params import GREEDY_TEMPERATURE_EPS
 
 SEED_MODULUS = 2**31  # host seeds are reduced mod this to fit int32
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingRow:
-    """Host description of one sequence to sample this step."""
-
-    params: SamplingParams
-    seed: int  # the request's seed, or a random one the engine drew for it
-    step: int  # tokens generated so far by this sequence
-    prompt_token_ids: Sequence[int]  # used only for the repetition penalty
-    output_token_ids: Sequence[int]  # used only for penalties
-    # Extra additive bias merged with params.logit_bias (summed on equal ids); the engine
-    # uses it with -inf to ban EOS / stop tokens until min_tokens is reached.
-    extra_bias: dict[int, float] | None = None
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
-    """Per-row sampling inputs; S = padded rows, L = penalty bucket, B = bias bucket."""
+    """Per padded row; S rows, B bias entries per row. Padding rows: greedy, neutral."""
 
     temperature: jax.Array  # f32[S]; < GREEDY_TEMPERATURE_EPS -> greedy
     top_k: jax.Array  # i32[S]; 0 -> off
@@ -60,156 +55,119 @@ class SamplingMetadata:
     presence_penalty: jax.Array  # f32[S]; 0 -> off
     frequency_penalty: jax.Array  # f32[S]; 0 -> off
     seeds: jax.Array  # i32[S]
-    steps: jax.Array  # i32[S]; row key = fold_in(key(seed), step)
-    prompt_token_ids: jax.Array  # i32[S, L], -1 padded; only for repetition penalty
-    output_token_ids: jax.Array  # i32[S, L], -1 padded; only for penalties
+    sample_index: jax.Array  # i32[S]; which of the request's n samples this row is
+    steps: jax.Array  # i32[S]; tokens this sample generated before this one
     bias_token_ids: jax.Array  # i32[S, B], -1 padded
-    bias_values: jax.Array  # f32[S, B]; added to logits (may be -inf)
-
-    @staticmethod
-    def required_penalty_len(rows: Sequence[SamplingRow]) -> int:
-        """Smallest L that fits every row's penalty tokens (>= 1)."""
-        return max([1] + [len(t) for r in rows if r.params.needs_penalties for t in _penalty_tokens(r)])
-
-    @staticmethod
-    def required_bias_len(rows: Sequence[SamplingRow]) -> int:
-        """Smallest B that fits every row's merged logit bias (>= 1)."""
-        return max([1] + [len(_merged_bias(r)) for r in rows if r.params.logit_bias or r.extra_bias])
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[SamplingRow], *, num_rows_padded: int,
-                  penalty_len: int, bias_len: int) -> SamplingMetadata:
-        """Build numpy metadata; rows past len(rows) are padding (greedy, no penalties).
-
-        Token lists are filled only for rows whose params need them (prompt tokens only
-        for repetition_penalty != 1), so L=1 is enough for a batch without penalties.
-        Raises ValueError when rows do not fit num_rows_padded / penalty_len / bias_len.
-        """
-        s = num_rows_padded
-        if len(rows) > s:
-            raise ValueError(f"num_rows_padded must be >= {len(rows)} rows, got {s}")
-        need_l, need_b = cls.required_penalty_len(rows), cls.required_bias_len(rows)
-        if penalty_len < need_l:
-            raise ValueError(f"penalty_len must be >= {need_l}, got {penalty_len}")
-        if bias_len < need_b:
-            raise ValueError(f"bias_len must be >= {need_b}, got {bias_len}")
-        n = len(rows)
-
-        def column(values, pad, dtype) -> np.ndarray:
-            out = np.full((s,), pad, dtype)
-            out[:n] = np.fromiter(values, dtype, n)
-            return out
-
-        params = [r.params for r in rows]
-        a = dict(
-            temperature=column((0.0 if p.is_greedy else p.temperature for p in params), 0.0, np.float32),
-            top_k=column((p.top_k for p in params), 0, np.int32),
-            top_p=column((p.top_p for p in params), 1.0, np.float32),
-            min_p=column((p.min_p for p in params), 0.0, np.float32),
-            repetition_penalty=column((p.repetition_penalty for p in params), 1.0, np.float32),
-            presence_penalty=column((p.presence_penalty for p in params), 0.0, np.float32),
-            frequency_penalty=column((p.frequency_penalty for p in params), 0.0, np.float32),
-            seeds=column((r.seed % SEED_MODULUS for r in rows), 0, np.int32),
-            steps=column((r.step for r in rows), 0, np.int32),
-            prompt_token_ids=np.full((s, penalty_len), -1, np.int32),
-            output_token_ids=np.full((s, penalty_len), -1, np.int32),
-            bias_token_ids=np.full((s, bias_len), -1, np.int32),
-            bias_values=np.zeros((s, bias_len), np.float32),
-        )
-        for i, row in enumerate(rows):  # only rows with penalties or a bias have lists to copy
-            if row.params.needs_penalties or row.params.logit_bias or row.extra_bias:
-                _fill_lists(a, i, row)
-        return cls(**a)
-
-
-def _penalty_tokens(row: SamplingRow) -> tuple[Sequence[int], Sequence[int]]:
-    p = row.params
-    if not p.needs_penalties:
-        return (), ()
-    prompt = row.prompt_token_ids if p.repetition_penalty != 1.0 else ()
-    return prompt, row.output_token_ids
-
-
-def _merged_bias(row: SamplingRow) -> dict[int, float]:
-    bias = row.params.logit_bias_dict
-    for t, v in (row.extra_bias or {}).items():
-        bias[t] = bias.get(t, 0.0) + v
-    return bias
-
-
-def _fill_lists(a: dict[str, np.ndarray], i: int, row: SamplingRow) -> None:
-    prompt, output = _penalty_tokens(row)
-    a["prompt_token_ids"][i, : len(prompt)] = prompt
-    a["output_token_ids"][i, : len(output)] = output
-    bias = sorted(_merged_bias(row).items())
-    a["bias_token_ids"][i, : len(bias)] = [t for t, _ in bias]
-    a["bias_values"][i, : len(bias)] = [v for _, v in bias]
+    bias_values: jax.Array  # f32[S, B]; added to the logits (may be -inf)
+    row_slots: jax.Array  # i32[S]; the slot of the penalty state each row reads
+    want_logprobs: jax.Array  # bool[S]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
-    """Sampled tokens; logprob fields are None when num_logprobs == 0."""
+    """One token per row; logprob fields are zeros when no row wanted logprobs."""
 
     token_ids: jax.Array  # i32[S]
-    sampled_logprobs: jax.Array | None = None  # f32[S], logprob of token_ids
-    top_logprob_ids: jax.Array | None = None  # i32[S, K], descending logprob
-    top_logprobs: jax.Array | None = None  # f32[S, K]
-
-
-def _scatter_ids(token_ids: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
-    # -1 pads are sent out of range and dropped (a bare -1 would wrap to vocab - 1).
-    rows = jnp.arange(token_ids.shape[0])[:, None]
-    return rows, jnp.where(token_ids < 0, vocab, token_ids)
+    sampled_logprobs: jax.Array  # f32[S], raw logprob of token_ids
+    top_logprob_ids: jax.Array  # i32[S, K], descending logprob
+    top_logprobs: jax.Array  # f32[S, K]
 
 
 def add_logit_bias(logits: jax.Array, bias_token_ids: jax.Array,
                    bias_values: jax.Array) -> jax.Array:
     """logits f32[S, V] + bias at (row, bias_token_ids[row, j]); -1 ids ignored."""
-    rows, ids = _scatter_ids(bias_token_ids, logits.shape[-1])
+    rows = jnp.arange(logits.shape[0])[:, None]
+    # -1 pads go out of range and are dropped (a bare -1 would wrap to V - 1).
+    ids = jnp.where(bias_token_ids < 0, logits.shape[-1], bias_token_ids)
     return logits.at[rows, ids].add(bias_values, mode="drop")
 
 
-def token_counts(token_ids: jax.Array, vocab: int) -> jax.Array:
-    """i32[S, L] (-1 padded) -> i32[S, V] occurrence counts."""
-    rows, ids = _scatter_ids(token_ids, vocab)
-    zeros = jnp.zeros((token_ids.shape[0], vocab), jnp.int32)
-    return zeros.at[rows, ids].add(1, mode="drop")
+def apply_penalties(logits: jax.Array, prompt_mask_rows: jax.Array,
+                    output_counts_rows: jax.Array, rep: jax.Array, pres: jax.Array,
+                    freq: jax.Array) -> jax.Array:
+    """Repetition (vLLM: over prompt+output), then presence / frequency (output only).
+
+    logits f32[S, V]; prompt_mask_rows bool[S, V]; output_counts_rows i32[S, V];
+    rep / pres / freq f32[S]. Neutral values (1, 0, 0) leave a row bitwise unchanged.
+    """
+    seen = prompt_mask_rows | (output_counts_rows > 0)
+    r = rep[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    counts = output_counts_rows.astype(jnp.float32)
+    return logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
 
 
-def penalize(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Repetition (vLLM: over prompt+output), then presence/frequency (output only)."""
-    vocab = logits.shape[-1]
-    out_counts = token_counts(md.output_token_ids, vocab)
-    seen = (token_counts(md.prompt_token_ids, vocab) > 0) | (out_counts > 0)
-    rep = md.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return (logits - md.frequency_penalty[:, None] * out_counts
-            - md.presence_penalty[:, None] * (out_counts > 0))
+def _penalize(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
+              output_counts: jax.Array) -> jax.Array:
+    penalised = ((md.repetition_penalty != 1.0) | (md.presence_penalty != 0.0)
+                 | (md.frequency_penalty != 0.0))
+
+    def on(x, pm, oc):  # the only place the [N, V] state is read
+        return apply_penalties(x, pm[md.row_slots], oc[md.row_slots], md.repetition_penalty,
+                               md.presence_penalty, md.frequency_penalty)
+
+    return lax.cond(jnp.any(penalised), on, lambda x, pm, oc: x, logits, prompt_mask,
+                    output_counts)
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """f32 -> u32 with the same order (x <= y iff key(x) <= key(y)) for non-NaN x."""
+    x = jnp.where(x == 0, 0.0, x)  # -0.0 == 0.0 as floats, so one key for both
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key_where(pred, num_rows: int) -> jax.Array:
+    """Per row, the largest c in u32 with pred(c) true, for pred true on a down-set.
+
+    pred maps u32[S, 1] candidates to bool[S]. Builds c bit by bit from the top: 32 passes.
+    Rows where pred(0) is false get 0.
+    """
+    def step(i, ans):
+        cand = ans | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(pred(cand[:, None]), cand, ans)
+
+    return lax.fori_loop(0, 32, step, jnp.zeros((num_rows,), jnp.uint32))
+
+
+def _top_k_key(keys: jax.Array, top_k: jax.Array) -> jax.Array:
+    """u32[S]: key of the k-th largest logit (the smallest where top_k is off)."""
+    vocab = keys.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    return _largest_key_where(lambda c: jnp.sum(keys >= c, axis=-1) >= k, keys.shape[0])
+
+
+def _top_p_key(logits: jax.Array, keys: jax.Array, kth: jax.Array,
+               top_p: jax.Array) -> jax.Array:
+    """u32[S]: smallest key whose strictly-greater mass (after top-k) is < top_p."""
+    probs = jax.nn.softmax(jnp.where(keys >= kth[:, None], logits, -jnp.inf), axis=-1)
+    reaches = lambda c: jnp.sum(jnp.where(keys > c, probs, 0.0), axis=-1) >= top_p  # noqa: E731
+    last_reaching = _largest_key_where(reaches, keys.shape[0])
+    top = jnp.max(keys, axis=-1)
+    # +1 is the first key whose mass before it is < top_p; the maximum is always kept.
+    return jnp.minimum(last_reaching, top - 1) + 1
 
 
 def filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set tokens outside top-k, then outside top-p, to -inf. Sorts the vocabulary.
+    """Set tokens outside top-k, then outside top-p, to -inf, without sorting.
 
-    logits f32[S, V] (temperature already applied); top_k i32[S] (0 = off);
-    top_p f32[S] (1 = off). Ties at a cut-off are all kept (as vLLM's top-k), so the
-    support is a function of the logit values alone: top-k keeps logits >= the k-th
-    largest; top-p keeps the smallest descending prefix whose probability (after top-k)
-    reaches top_p, extended to every token equal to its last logit.
+    logits f32[S, V] (temperature applied, may hold -inf, no NaN); top_k i32[S] (0 = off);
+    top_p f32[S] (1 = off). Ties at a cut-off are all kept (as vLLM's top-k): top-k keeps
+    logits >= the k-th largest; top-p keeps the smallest descending prefix whose
+    probability (after top-k) reaches top_p, extended to every token equal to its last
+    logit; the largest logit is always kept. Each search runs only if some row uses it.
     """
-    vocab = logits.shape[-1]
-    desc = -jnp.sort(-logits, axis=-1)  # [S, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [S, 1]
-    desc = jnp.where(desc >= kth, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    # Exclusive cumsum is exactly monotone, so `keep` is a prefix; position 0 always kept.
-    cum = jnp.cumsum(probs, axis=-1)
-    mass_before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
-    last = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1) - 1, 0)
-    p_cut = jnp.take_along_axis(desc, last[:, None], axis=-1)
-    cutoff = jnp.where((top_p < 1.0)[:, None], jnp.maximum(kth, p_cut), kth)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+    keys = _ordered_keys(logits)
+    s = logits.shape[0]
+    kth = lax.cond(jnp.any(top_k > 0), lambda: _top_k_key(keys, top_k),
+                   lambda: jnp.zeros((s,), jnp.uint32))
+    use_p = top_p < 1.0
+    p_key = lax.cond(jnp.any(use_p), lambda: _top_p_key(logits, keys, kth, top_p),
+                     lambda: jnp.zeros((s,), jnp.uint32))
+    cutoff = jnp.where(use_p, jnp.maximum(kth, p_key), kth)
+    return jnp.where(keys >= cutoff[:, None], logits, -jnp.inf)
 
 
 def filter_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -222,53 +180,88 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   min_p: jax.Array) -> jax.Array:
     """top-k -> top-p -> min-p on temperature-scaled logits f32[S, V]; filtered = -inf.
 
-    The sort is skipped (lax.cond, a real branch on CPU/GPU/TPU) when no row uses top-k or
-    top-p. Callers mask out greedy rows' top_k/top_p first if those rows do not matter.
+    Each filter is skipped (lax.cond) when no row uses it. Callers neutralise greedy rows'
+    parameters first when those rows do not matter.
     """
-    needs_sort = jnp.any((top_k > 0) | (top_p < 1.0))
-    logits = jax.lax.cond(needs_sort, lambda x: filter_top_k_top_p(x, top_k, top_p),
-                          lambda x: x, logits)
-    return filter_min_p(logits, min_p)
+    logits = lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),
+                      lambda x: filter_top_k_top_p(x, top_k, top_p), lambda x: x, logits)
+    return lax.cond(jnp.any(min_p > 0.0), lambda x: filter_min_p(x, min_p), lambda x: x,
+                    logits)
 
 
-def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
-    """Typed PRNG keys [S]: fold_in(key(seed), step) per row."""
-    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
+def row_keys(seeds: jax.Array, sample_index: jax.Array, steps: jax.Array) -> jax.Array:
+    """Typed PRNG keys [S]: fold_in(fold_in(key(seed), sample_index), step) per row."""
+    def one(seed, index, step):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), step)
+
+    return jax.vmap(one)(seeds, sample_index, steps)
 
 
 def _sample_random(logits: jax.Array, md: SamplingMetadata, greedy: jax.Array) -> jax.Array:
-    temperature = jnp.where(greedy, 1.0, md.temperature)
-    scaled = logits / temperature[:, None]
-    # Greedy rows must not force the sort, whatever their top_k / top_p say.
+    scaled = logits / jnp.where(greedy, 1.0, md.temperature)[:, None]
+    # Greedy rows must not switch a filter on, whatever they say.
     top_k = jnp.where(greedy, 0, md.top_k)
     top_p = jnp.where(greedy, 1.0, md.top_p)
-    scaled = filter_logits(scaled, top_k, top_p, md.min_p)
-    keys = row_keys(md.seeds, md.steps)
-    return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, scaled)
+    min_p = jnp.where(greedy, 0.0, md.min_p)
+    scaled = filter_logits(scaled, top_k, top_p, min_p)
+    keys = row_keys(md.seeds, md.sample_index, md.steps)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, md: SamplingMetadata, *, apply_penalties: bool,
-           num_logprobs: int) -> SamplerOutput:
+def _logprobs(raw: jax.Array, token_ids: jax.Array, want: jax.Array,
+              k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def on(x, t):
+        logprobs = jax.nn.log_softmax(x, axis=-1)
+        sampled = jnp.take_along_axis(logprobs, t[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = lax.top_k(logprobs, k)
+        return sampled, top_ids.astype(jnp.int32), top_lp
+
+    def off(x, t):
+        s = x.shape[0]
+        return (jnp.zeros((s,), jnp.float32), jnp.zeros((s, k), jnp.int32),
+                jnp.zeros((s, k), jnp.float32))
+
+    return lax.cond(jnp.any(want), on, off, raw, token_ids)
+
+
+def _check_shapes(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
+                  output_counts: jax.Array, num_logprobs: int) -> None:
+    s = md.temperature.shape[0]
+    if logits.ndim != 2 or logits.shape[0] != s:
+        raise ValueError(f"logits must be [S={s}, V], got {logits.shape}")
+    vocab = logits.shape[1]
+    for name, a in (("prompt_mask", prompt_mask), ("output_counts", output_counts)):
+        if a.ndim != 2 or a.shape[1] != vocab:
+            raise ValueError(f"{name} must be [N, V={vocab}], got {a.shape}")
+    if prompt_mask.shape != output_counts.shape:
+        raise ValueError(f"output_counts must match prompt_mask {prompt_mask.shape}, "
+                         f"got {output_counts.shape}")
+    if md.bias_token_ids.shape != md.bias_values.shape or md.bias_values.shape[0] != s:
+        raise ValueError(f"bias arrays must both be [S={s}, B], got "
+                         f"{md.bias_token_ids.shape} and {md.bias_values.shape}")
+    if not 1 <= num_logprobs <= vocab:
+        raise ValueError(f"num_logprobs must be in [1, {vocab}], got {num_logprobs}")
+
+
+def sample(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
+           output_counts: jax.Array, *, num_logprobs: int) -> SamplerOutput:
     """Sample one token per row from logits f32/bf16[S, V].
 
-    apply_penalties and num_logprobs are static. Logprobs (when num_logprobs > 0) are the
-    log_softmax of the raw logits, before bias, penalties and temperature (vLLM default).
+    prompt_mask bool[N, V] and output_counts i32[N, V] are the per-slot penalty state,
+    read through md.row_slots only when some row has a penalty. num_logprobs (static
+    K >= 1) sizes the logprob fields; they hold the log_softmax of the raw logits (before
+    bias, penalties and temperature, vLLM's default) when any row wants logprobs, zeros
+    otherwise. Rows that do not want logprobs get values too when a neighbour does.
     """
-    if logits.ndim != 2 or logits.shape[0] != md.temperature.shape[0]:
-        raise ValueError(f"logits must be [S={md.temperature.shape[0]}, V], got {logits.shape}")
+    _check_shapes(logits, md, prompt_mask, output_counts, num_logprobs)
     raw = logits.astype(jnp.float32)
-    x = add_logit_bias(raw, md.bias_token_ids, md.bias_values)
-    if apply_penalties:
-        x = penalize(x, md)
+    x = add_logit_bias(raw, md.bias_token_ids, md.bias_values.astype(jnp.float32))
+    x = _penalize(x, md, prompt_mask, output_counts)
     greedy = md.temperature < GREEDY_TEMPERATURE_EPS
     greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    token_ids = jax.lax.cond(
-        jnp.all(greedy), lambda: greedy_ids,
-        lambda: jnp.where(greedy, greedy_ids, _sample_random(x, md, greedy)).astype(jnp.int32))
-    if num_logprobs <= 0:
-        return SamplerOutput(token_ids=token_ids)
-    logprobs = jax.nn.log_softmax(raw, axis=-1)
-    sampled = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    token_ids = lax.cond(
+        jnp.all(greedy), lambda x: greedy_ids,
+        lambda x: jnp.where(greedy, greedy_ids, _sample_random(x, md, greedy)), x)
+    sampled, top_ids, top_lp = _logprobs(raw, token_ids, md.want_logprobs, num_logprobs)
     return SamplerOutput(token_ids=token_ids, sampled_logprobs=sampled,
-                         top_logprob_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
+                         top_logprob_ids=top_ids, top_logprobs=top_lp)
