@@ -250,3 +250,39 @@ def test_random_stop_strings(ids, data, include):
 def test_rejects_empty_stop_string():
     with pytest.raises(ValueError, match="stop must be non-empty"):
         IncrementalDetokenizer(BYTE_LEVEL, [], stop=[""])
+
+
+class CountingTokenizer:
+    """A tokenizer without backend_tokenizer (the tokenizer.decode path) that counts work."""
+
+    def __init__(self, tok):
+        self.tok, self.calls, self.decoded_ids = tok, 0, 0
+        self.all_special_ids = tok.all_special_ids
+
+    def decode(self, ids, **kwargs):
+        self.calls += 1
+        self.decoded_ids += len(ids)
+        return self.tok.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("tok", [BYTE_LEVEL, SENTENCEPIECE], ids=["byte_level", "sentencepiece"])
+@pytest.mark.parametrize("stop", [(), ("never stop here", "\x00")])
+def test_work_is_linear_in_output_length(tok, stop):
+    # Without timing: decode calls and ids decoded per token are bounded by a constant, and
+    # the state carried between steps (text not returned yet, stop-search tail) stays small.
+    ids = encode(tok, " ".join(CORPUS * 40))
+    prompt, ids = ids[:20], ids[20:2020]
+    assert len(ids) == 2000
+    counting = CountingTokenizer(tok)
+    detok = IncrementalDetokenizer(counting, prompt, stop=stop)
+    counting.calls = counting.decoded_ids = 0
+    streamed = ""
+    for token in ids:
+        streamed += detok.append([token])
+        assert detok._pending_length <= detok.stop_buffer_length
+        assert len(detok._tail) <= max(map(len, stop), default=1) - 1
+    streamed += detok.flush()
+    assert streamed == detok.output_text == decode(tok, prompt + ids)[len(decode(tok, prompt)):]
+    n = len(ids)
+    assert counting.calls <= 1.5 * n  # one decode per token, plus one per window slide
+    assert counting.decoded_ids <= 6 * n  # each decode is of a few ids
