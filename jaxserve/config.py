@@ -50,6 +50,9 @@ class EngineConfig:
     sharding_rules: tuple[tuple[str, str | None], ...] | None = None
     seed: int = 0
     max_logprobs: int = 20
+    # Overlapped loop (vLLM's async scheduling): step N+1 is scheduled and dispatched while
+    # step N runs; the device feeds N's tokens to N+1. Outputs are identical either way.
+    async_scheduling: bool = True
     # Persistent XLA compilation cache: "auto" = <cache dir>/xla, "" = off. Restarts with the
     # same model and buckets then load the step programs instead of compiling them again.
     compilation_cache_dir: str = "auto"

@@ -131,6 +131,11 @@ class KVCacheManager:
         """A copy of the request's page ids, in token order."""
         return list(self._tables[request_id])
 
+    def block_table_view(self, request_id: str) -> Sequence[int]:
+        """The request's live page list (no copy, for the per-step hot path): read only,
+        and valid until the next call that changes this request's pages."""
+        return self._tables[request_id]
+
     def get_computed_pages(
         self,
         request_id: str | None,
@@ -179,8 +184,13 @@ class KVCacheManager:
         num_computed_tokens: int,
         num_new_tokens: int,
         computed_pages: Sequence[int] = (),
+        *,
+        num_pending_tokens: int = 0,
     ) -> list[int] | None:
         """Own pages for ``num_computed_tokens + num_new_tokens`` tokens.
+
+        ``num_pending_tokens``: tokens sampled by steps still on the device, past the end of
+        ``token_ids`` (the overlapped loop schedules them before their ids are known).
 
         On a request's first call, ``computed_pages`` (from ``get_computed_pages``, called
         just before) are touched and head its block table, and the admission is counted
@@ -189,10 +199,10 @@ class KVCacheManager:
         were needed), or None when too few pages are free, in which case nothing changed.
         Raises ValueError past ``max_pages_per_seq`` or on inconsistent arguments.
         """
-        if num_computed_tokens + num_new_tokens > len(token_ids):
+        if num_computed_tokens + num_new_tokens > len(token_ids) + num_pending_tokens:
             raise ValueError(
-                f"num_computed_tokens + num_new_tokens = "
-                f"{num_computed_tokens + num_new_tokens} exceeds len(token_ids) = {len(token_ids)}"
+                f"num_computed_tokens + num_new_tokens = {num_computed_tokens + num_new_tokens} exceeds "
+                f"len(token_ids) + num_pending_tokens = {len(token_ids) + num_pending_tokens}"
             )
         plan = self._plan(request_id, num_computed_tokens, num_new_tokens, computed_pages)
         if plan.num_free_pages_needed > self.pool.num_free_pages:

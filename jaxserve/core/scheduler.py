@@ -8,9 +8,18 @@ lookup. When pages run out, the newest running request is preempted: its pages a
 and it goes back to the front of the queue, to be recomputed later (its generated tokens
 are kept, so the output does not change).
 
-A request is sampled in the step that computes its last known token. For n > 1, sample 0
+A request is sampled in the step that computes its last token. For n > 1, sample 0
 prefills the prompt, the step samples n first tokens from its last logits, and `update`
 forks samples 1..n-1, which share the prompt's pages copy-on-write.
+
+Overlap: `schedule` runs while the previous step is still on the device, so it advances
+`num_computed_tokens` itself and counts each token a step will sample as a placeholder
+(`Request.num_pending`) that the next step computes (the device feeds its id forward).
+`update(step N)` runs after step N+1 was scheduled: it turns placeholders into token ids,
+checks stops (a request that stopped at N may have a token in N+1: it is dropped) and
+forks. A request whose placeholders already reach its length limit is not scheduled again.
+Requests whose pages were released (finish, abort, preemption) are reported once in the
+next SchedulerOutput so that the model runner frees their device slots.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from jaxserve.core.request import Request, RequestStatus
 class ScheduledSeq:
     request: Request
     start: int  # first token index computed this step (== num_computed_tokens before it)
-    num_new_tokens: int  # tokens computed this step
+    num_new_tokens: int  # tokens computed this step; those at >= len(token_ids) are placeholders
     num_samples: int  # 0: a prefill chunk that does not reach the end; 1; or n (fork group)
+    num_new_pages: int  # pages this step added or replaced (copy-on-write) at the table's end
 
 
 @dataclasses.dataclass
@@ -35,6 +45,7 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]  # batch order: the flat token batch is their tokens, in this order
     num_tokens: int  # total tokens computed this step
     copies: list[tuple[int, int]]  # copy-on-write (src_page, dst_page), run before KV writes
+    released: list[str]  # request ids whose pages were freed since the last output
 
     @property
     def num_sample_rows(self) -> int:
@@ -55,6 +66,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._released: list[str] = []
 
     # -- queue -----------------------------------------------------------------------
 
@@ -80,11 +92,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n_new <= 0:  # a forked child waiting for nothing: cannot happen, but never spin
-                i += 1
+            n_new = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
+            if n_new <= 0 or req.reaches_length_limit(self.max_model_len):
+                i += 1  # its last token is already on the device: nothing left to compute
                 continue
-            while self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, n_new) is None:
+            while (new := self._allocate(req, n_new)) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -92,13 +104,18 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # it preempted itself: everything after it is gone too
-            seqs.append(self._scheduled(req, n_new))
+            seqs.append(self._scheduled(req, n_new, len(new)))
             budget -= n_new
             i += 1
         if not preempted:
             budget = self._admit_waiting(seqs, budget)
         copies = self.kv.take_pending_copies()
-        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, copies)
+        released, self._released = self._released, []
+        return SchedulerOutput(seqs, self.max_num_batched_tokens - budget, copies, released)
+
+    def _allocate(self, req: Request, n_new: int, computed_pages=()) -> list[int] | None:
+        return self.kv.allocate_slots(req.request_id, req.token_ids, req.num_computed_tokens, n_new, computed_pages,
+                                      num_pending_tokens=req.num_pending)
 
     def _admit_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         used_slots = sum(self._slots(r) for r in self.running)
@@ -108,27 +125,33 @@ class Scheduler:
                 break
             pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids)
             n_new = min(req.num_tokens - n_hit, budget)
-            if self.kv.allocate_slots(req.request_id, req.token_ids, n_hit, n_new, pages) is None:
+            req.num_computed_tokens = n_hit
+            new = self._allocate(req, n_new, pages)
+            if new is None:
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:
                 req.num_cached_prompt_tokens = n_hit
-            req.num_computed_tokens = n_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             used_slots += self._slots(req)
-            seqs.append(self._scheduled(req, n_new))
+            seqs.append(self._scheduled(req, n_new, len(pages) + len(new)))
             budget -= n_new
         return budget
 
-    def _scheduled(self, req: Request, n_new: int) -> ScheduledSeq:
-        reaches_end = req.num_computed_tokens + n_new == req.num_tokens
-        samples = (req.params.n if req.forks_pending else 1) if reaches_end else 0
-        return ScheduledSeq(req, req.num_computed_tokens, n_new, samples)
+    def _scheduled(self, req: Request, n_new: int, num_new_pages: int) -> ScheduledSeq:
+        """Records the step for the request and advances it past the step (placeholders)."""
+        reaches_end = req.num_computed_tokens + n_new == req.num_tokens_with_pending
+        samples = (req.params.n if req.samples_group else 1) if reaches_end else 0
+        seq = ScheduledSeq(req, req.num_computed_tokens, n_new, samples, num_new_pages)
+        req.num_computed_tokens += n_new
+        req.num_pending += 1 if samples else 0
+        return seq
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.kv.free(req.request_id)
+        self._release(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         self.num_preemptions += 1
@@ -150,11 +173,14 @@ class Scheduler:
                 for _ in range(s.num_samples):  # its sampled tokens are dropped
                     next(rows)
                 continue
-            req.num_computed_tokens = s.start + s.num_new_tokens
-            self.kv.cache_full_pages(req.request_id, req.token_ids, req.num_computed_tokens)
+            computed = s.start + s.num_new_tokens
+            if req.status == RequestStatus.RUNNING:  # a preempted request's pages are gone
+                self.kv.cache_full_pages(req.request_id, req.token_ids, computed)
             if s.num_samples == 0:
                 continue
-            group = [req] + [self._fork(req, k, make_child) for k in range(1, s.num_samples)]
+            req.num_pending -= 1
+            group = [req] + [self._fork(req, k, computed, make_child) for k in range(1, s.num_samples)]
+            req.forked = req.forked or s.num_samples > 1
             for member in group:
                 token, logprobs = next(rows)
                 member.append_token(token, logprobs)
@@ -164,13 +190,19 @@ class Scheduler:
                 touched.append(member)
         return touched
 
-    def _fork(self, parent: Request, k: int, make_child) -> Request:
+    def _fork(self, parent: Request, k: int, computed: int, make_child) -> Request:
+        """Sample k of the parent's group: shares the prompt's pages, or, when the parent was
+        preempted while the step ran, waits to recompute the prompt like a preempted request."""
         child = make_child(parent, k)
-        self.kv.fork(parent.request_id, child.request_id)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.status = RequestStatus.RUNNING
         self.requests[child.request_id] = child
-        self.running.append(child)
+        if parent.status == RequestStatus.RUNNING:
+            self.kv.fork(parent.request_id, child.request_id)
+            child.num_computed_tokens = computed
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        else:
+            child.status = RequestStatus.PREEMPTED
+            self.waiting.appendleft(child)
         return child
 
     def finish(self, req: Request, status: RequestStatus) -> None:
@@ -181,9 +213,13 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req.request_id)
+        self._release(req)
         req.status = status
         self.requests.pop(req.request_id, None)
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        self._released.append(req.request_id)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)

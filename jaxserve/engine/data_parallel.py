@@ -73,9 +73,9 @@ class DataParallelEngine:
         busy = [r for r in self.replicas if r.has_unfinished_requests()]
         outputs: list[RequestOutput] = []
         for replica in busy:
-            outputs += replica.begin_step()
+            replica.begin_step()
         for replica in busy:
-            replica.finish_step()
+            outputs += replica.finish_step()
         for out in outputs:
             if out.finished:
                 self._owner.pop(out.request_id, None)

@@ -1,19 +1,29 @@
-"""ModelRunner: turns a SchedulerOutput into ONE jitted device step and returns sampled tokens.
+"""ModelRunner: runs one SchedulerOutput as a few precompiled device programs and hands back
+its sampled tokens asynchronously.
 
-Host: pad the step to the nearest precompiled bucket (tokens, sequences) and build numpy
-inputs (token ids, positions, slot mapping, block tables, kv lengths, query offsets, logits
-rows, copy-on-write pairs, sampling metadata). Device: copy-on-write page copies, the model
-forward over the paged KV cache (KV write + ragged paged attention per layer), and sampling;
-the KV pages are donated, so they are updated in place. Only token ids (and logprobs when a
-request asked for them) come back to the host.
+Programs of one step, in dispatch order (each jitted once per bucket, state donated):
 
-Every (token bucket, sequence bucket, penalties on/off) shape is compiled by `warm_up`;
-`compile_count` counts compilations so a test can prove none happen afterwards.
+    reset_penalty_rows  (rare)  clear penalty rows of new slots of penalised requests
+    apply_assignment    (new slots)   sampling params, bias, seq_lens of new slots
+    apply_cells         (changes)     block-table cells, prompt mask / output count cells
+    copy_pages          (COW steps)   copy-on-write page copies, only in steps that have them
+    body(T)             the decoder over T flat tokens: positions, input ids (placeholders
+                        read from the slot's last token), slot mapping and block tables are
+                        derived on the device from the slot state; KV pages donated
+    sample(R)           LM head on the R sample rows, sampling, and the slot updates
+                        (last token, output count, penalty counts) that the next step reads
+
+`dispatch` returns as soon as the programs are queued (JAX dispatch is asynchronous) and
+starts the device-to-host copy of the tokens; `collect` waits for them. The engine
+schedules and dispatches step N+1 between the two, so the device runs N+1 right after N.
+
+Compile set: one body per token bucket, one sampler per row bucket, plus the small state
+programs (`shapes()` lists them); `warm_up` compiles them all, `compile_count` proves that
+nothing compiles afterwards.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import logging
@@ -23,160 +33,171 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxserve.worker.sampler import SamplingMetadata, SamplingRow, sample
 from jaxserve.core.scheduler import SchedulerOutput
+from jaxserve.core.step_shapes import StepShapes
+from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_ROWS, BodyInputs, Cells, InputBatch,
+                                         SampleInputs, SlotAssignment, SLOT_COLUMNS, SlotState, apply_assignment,
+                                         apply_cells, init_slot_state, reset_penalty_rows, step_positions)
+from jaxserve.worker.sampler import SamplingMetadata, sample
 from models.attention_metadata import AttentionMetadata
-from models.decoder import CausalLM
+from models.decoder import CausalLM, copy_pages
 
 log = logging.getLogger(__name__)
 
-MAX_BIAS_ENTRIES = 64  # logit_bias entries + tokens banned by min_tokens, per request
+__all__ = ["MAX_BIAS_ENTRIES", "ModelRunner", "StepHandle"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepInputs:
-    """T = token bucket, S = sequence bucket."""
-
-    input_ids: jax.Array  # int32[T]
-    positions: jax.Array  # int32[T]
-    md: AttentionMetadata
-    logits_indices: jax.Array  # int32[S]  row of the flat batch each sample row reads
-    copy_src: jax.Array  # int32[S]  copy-on-write: pages[copy_dst[i]] = pages[copy_src[i]]
-    copy_dst: jax.Array  # int32[S]  (padding copies null page 0 onto itself)
+def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, *, page_size: int):
+    model = nnx.merge(graphdef, params)
+    input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
+    md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
+                           cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
+    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows)  # [max_num_seqs, D]
+    state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
+    return kv_caches, state, hidden
 
 
-def pick_bucket(buckets: tuple[int, ...], n: int) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
+def _sample(graphdef, params, state: SlotState, hidden: jax.Array, inp: SampleInputs, *, num_logprobs: int):
+    model = nnx.merge(graphdef, params)
+    r = inp.row_slots.shape[0]
+    logits = model.compute_logits(hidden[:r])  # [R, V]
+    sl = inp.row_slots
+    steps = state.num_output[sl]
+    banning = (steps < state.min_tokens[sl])[:, None]
+    bias = jax.numpy.where(state.bias_is_ban[sl], jax.numpy.where(banning, -jax.numpy.inf, 0.0), state.bias_values[sl])
+    md = SamplingMetadata(
+        temperature=state.temperature[sl], top_k=state.top_k[sl], top_p=state.top_p[sl], min_p=state.min_p[sl],
+        repetition_penalty=state.repetition_penalty[sl], presence_penalty=state.presence_penalty[sl],
+        frequency_penalty=state.frequency_penalty[sl], seeds=state.seeds[sl], sample_index=inp.row_sample_index,
+        steps=steps, bias_token_ids=state.bias_token_ids[sl], bias_values=bias, row_slots=sl,
+        want_logprobs=state.want_logprobs[sl])
+    out = sample(logits, md, state.prompt_mask, state.output_counts, num_logprobs=num_logprobs)
+    own = jax.numpy.where(inp.row_owner, sl, state.seq_lens.shape[0])  # rows without a slot: dropped
+    state = dataclasses.replace(
+        state, last_tokens=state.last_tokens.at[own].set(out.token_ids, mode="drop"),
+        num_output=state.num_output.at[own].add(1, mode="drop"),
+        output_counts=state.output_counts.at[own, out.token_ids].add(1, mode="drop"))
+    return state, out
 
 
-def _copy_pages(kv: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
-    return kv.at[dst].set(kv[src])
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step: its device outputs and how many rows are real."""
 
-
-def _step(graphdef, state, kv_caches, inputs: StepInputs, smd: SamplingMetadata, *,
-          apply_penalties: bool, num_logprobs: int):
-    model = nnx.merge(graphdef, state)
-    kv_caches = [_copy_pages(kv, inputs.copy_src, inputs.copy_dst) for kv in kv_caches]
-    kv_caches, logits = model(kv_caches, inputs.input_ids, inputs.positions, inputs.md, inputs.logits_indices)
-    return kv_caches, sample(logits, smd, apply_penalties=apply_penalties, num_logprobs=num_logprobs)
+    result: object  # SamplerOutput (device arrays)
+    num_rows: int
+    want_logprobs: bool
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[jax.Array], *, page_size: int, max_model_len: int,
-                 token_buckets: tuple[int, ...], seq_buckets: tuple[int, ...], block_table_fn, max_logprobs: int,
-                 placement=None):
-        self.graphdef, self.state = nnx.split(model)
+    def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
+                 block_table_fn, max_logprobs: int, placement=None):
+        self.graphdef, self.params = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
-        self.max_model_len = max_model_len
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.token_buckets = token_buckets
-        self.seq_buckets = seq_buckets
-        self.block_table_fn = block_table_fn  # request_id -> list of page ids
-        # Top logprobs computed every step (a static shape). At least 1, so that a request
-        # with logprobs=0 still gets its sampled token's logprob.
+        self.shapes = shapes
+        vocab = model.cfg.vocab_size
+        self.batch = InputBatch(shapes, max_pages_per_seq=self.max_pages_per_seq, vocab_size=vocab,
+                                page_size=page_size, block_table_fn=block_table_fn)
+        # Top logprobs have a static K; at least 1, so logprobs=0 still gets the sampled token's.
         self.num_logprobs = max(1, max_logprobs)
-        # A per-runner jit: its cache size is this engine's compile count. Parameters and KV
-        # pages are committed to their shardings; the KV pages keep theirs (donated, in
-        # place) and what comes back to the host is replicated.
-        out_shardings = None
+        state = init_slot_state(self.batch.num_slots, self.max_pages_per_seq, vocab)
+        kv_out = rep = None
         if placement is not None:
-            out_shardings = ([placement.kv_sharding] * len(kv_caches), placement.replicated)
-        self._step = jax.jit(functools.partial(_step, self.graphdef), out_shardings=out_shardings,
-                             static_argnames=("apply_penalties", "num_logprobs"), donate_argnums=(1,))
+            kv_out, rep = jax.tree.map(lambda _: placement.kv_sharding, kv_caches), placement.replicated
+            state = jax.device_put(state, rep)
+        else:
+            state = jax.device_put(state)
+        self.state = state
+        # Per-runner jits: the sum of their cache sizes is this engine's compile count. The
+        # KV pages and the slot state are donated (updated in place) and keep their shardings.
+        g = self.graphdef
+        self._body = jax.jit(functools.partial(_body, g, page_size=page_size), donate_argnums=(1, 2),
+                             out_shardings=None if rep is None else (kv_out, rep, rep))
+        self._sample = jax.jit(functools.partial(_sample, g, num_logprobs=self.num_logprobs), donate_argnums=(1,),
+                               out_shardings=None if rep is None else (rep, rep))
+        # (jit caches are per function object: a fresh partial keeps each runner's count its own)
+        state_out = dict(out_shardings=rep) if rep is not None else {}
+        self._assign = jax.jit(functools.partial(apply_assignment), donate_argnums=(0,), **state_out)
+        self._cells = jax.jit(functools.partial(apply_cells), donate_argnums=(0,), **state_out)
+        self._reset = jax.jit(functools.partial(reset_penalty_rows), donate_argnums=(0,), **state_out)
+        self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
+                             **(dict(out_shardings=kv_out) if kv_out else {}))
+        self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
 
     @property
     def compile_count(self) -> int:
-        return self._step._cache_size()
+        return sum(f._cache_size() for f in self._programs)
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every (tokens, sequences) bucket pair a step can have (no more sequences than tokens)."""
-        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+    def shapes_to_compile(self) -> list[tuple[str, int]]:
+        """Every program warm-up compiles; nothing else is ever compiled."""
+        return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
+                + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
 
     def warm_up(self) -> None:
         start = time.perf_counter()
-        pairs = self.shapes()
-        log.info("warm-up: compiling %d step shapes x 2 (penalties off/on): token buckets %s, seq buckets %s",
-                 len(pairs), list(self.token_buckets), list(self.seq_buckets))
-        if jax.default_backend() == "cpu" and len(pairs) > 8:
-            log.warning("%d programs to compile on CPU will take minutes; configs/cpu.yaml has a small bucket "
-                        "set (LLM(model, config='configs/cpu.yaml'), jaxserve serve --config configs/cpu.yaml)",
-                        2 * len(pairs))
-        for t, s in pairs:
-            for penalties in (False, True):
-                inputs = self._empty_inputs(t, s)
-                smd = self._sampling_md([], s, penalties)
-                self.kv_caches, out = self._step(self.state, self.kv_caches, inputs, smd,
-                                                 apply_penalties=penalties, num_logprobs=self.num_logprobs)
-        jax.block_until_ready(out.token_ids)
+        programs = self.shapes_to_compile()
+        log.info("warm-up: compiling %d programs: body per token bucket %s, sampler per row bucket %s, "
+                 "state updates %s", len(programs), list(self.shapes.token_buckets), list(self.shapes.row_buckets),
+                 [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
+        n, oob = self.batch.num_slots, self.batch.num_slots
+        for name, k in programs:
+            if name == "body":
+                s = self.shapes.seqs(k)
+                inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
+                                 np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
+                self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp)
+            elif name == "sample":
+                inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_))
+                self.state, out = self._sample(self.params, self.state, hidden, inp)
+            elif name == "assign":
+                cols = {c: np.full(k, pad, dt) for c, (dt, pad) in SLOT_COLUMNS.items()}
+                a = SlotAssignment(np.full(k, oob, np.int32), cols, np.full((k, MAX_BIAS_ENTRIES), -1, np.int32),
+                                   np.zeros((k, MAX_BIAS_ENTRIES), np.float32),
+                                   np.zeros((k, MAX_BIAS_ENTRIES), np.bool_))
+                self.state = self._assign(self.state, a)
+            elif name == "cells":
+                big = np.full(k, np.iinfo(np.int32).max, np.int32)
+                self.state = self._cells(self.state, Cells(big, np.zeros(k, np.int32), big, big))
+            elif name == "reset":
+                self.state = self._reset(self.state, np.full(k, oob, np.int32))
+            else:
+                zeros = np.zeros(k, np.int32)  # copies the null page onto itself
+                self.kv_caches = self._copy(self.kv_caches, zeros, zeros)
+        jax.block_until_ready((self.state, out.token_ids))
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
-    def _empty_inputs(self, t: int, s: int) -> StepInputs:
-        md = AttentionMetadata(
-            slot_mapping=np.zeros(t, np.int32), block_tables=np.zeros((s, self.max_pages_per_seq), np.int32),
-            kv_lens=np.zeros(s, np.int32), cu_q_lens=np.zeros(s + 1, np.int32), num_seqs=np.zeros(1, np.int32))
-        return StepInputs(np.zeros(t, np.int32), np.zeros(t, np.int32), md, np.zeros(s, np.int32),
-                          np.zeros(s, np.int32), np.zeros(s, np.int32))
-
-    def _sampling_md(self, rows: list[SamplingRow], s: int, penalties: bool) -> SamplingMetadata:
-        return SamplingMetadata.from_rows(rows, num_rows_padded=s, penalty_len=self.max_model_len if penalties else 1,
-                                          bias_len=MAX_BIAS_ENTRIES)
-
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
-        """Host-side padded inputs for one step (vectorised over sequences)."""
-        t = pick_bucket(self.token_buckets, out.num_tokens)
-        s = pick_bucket(self.seq_buckets, max(len(out.seqs), out.num_sample_rows))
-        inputs = self._empty_inputs(t, s)
-        md, n_seqs, total = inputs.md, len(out.seqs), out.num_tokens
-        starts = np.fromiter((q.start for q in out.seqs), np.int32, n_seqs)
-        lens = np.fromiter((q.num_new_tokens for q in out.seqs), np.int32, n_seqs)
-        cu = np.cumsum(lens, dtype=np.int32)
-        md.cu_q_lens[1:n_seqs + 1] = cu
-        md.cu_q_lens[n_seqs + 1:] = total
-        md.num_seqs[0] = n_seqs
-        md.kv_lens[:n_seqs] = starts + lens
-        ids: list[int] = []
-        for i, q in enumerate(out.seqs):
-            ids += q.request.token_ids[q.start:q.start + q.num_new_tokens]
-            pages = self.block_table_fn(q.request.request_id)
-            md.block_tables[i, :len(pages)] = pages
-        inputs.input_ids[:total] = ids
-        seq_of_token = np.repeat(np.arange(n_seqs), lens)  # [total]
-        pos = np.arange(total, dtype=np.int32) - np.repeat(cu - lens - starts, lens)
-        inputs.positions[:total] = pos
-        md.slot_mapping[:total] = (md.block_tables[seq_of_token, pos // self.page_size] * self.page_size
-                                   + pos % self.page_size)
-        samples = np.fromiter((q.num_samples for q in out.seqs), np.int32, n_seqs)
-        rows = np.repeat(cu - 1, samples)
-        inputs.logits_indices[:len(rows)] = rows
-        for i, (src, dst) in enumerate(out.copies):
-            inputs.copy_src[i], inputs.copy_dst[i] = src, dst
-        return inputs
-
-    def dispatch(self, out: SchedulerOutput, rows: list[SamplingRow]):
-        """Starts one step on the device and returns at once (JAX dispatch is asynchronous);
-        `collect` waits for its tokens. The host can do other work in between."""
-        if len(out.copies) > len(out.seqs):
-            raise AssertionError(f"{len(out.copies)} copy-on-write pages for {len(out.seqs)} sequences")
-        inputs = self.prepare(out)
-        s = inputs.logits_indices.shape[0]
-        penalties = any(r.params.needs_penalties for r in rows)
-        smd = self._sampling_md(rows, s, penalties)
-        self.kv_caches, result = self._step(self.state, self.kv_caches, inputs, smd,
-                                            apply_penalties=penalties, num_logprobs=self.num_logprobs)
-        return result, len(rows)
+    def dispatch(self, out: SchedulerOutput) -> StepHandle:
+        """Queues one step on the device and returns at once; `collect` waits for its tokens.
+        The host can schedule and dispatch the next step in between."""
+        plan = self.batch.prepare(out)
+        for rows in plan.resets:
+            self.state = self._reset(self.state, rows)
+        if plan.assignment is not None:
+            self.state = self._assign(self.state, plan.assignment)
+        for cells in plan.cells:
+            self.state = self._cells(self.state, cells)
+        if out.copies:
+            src = np.zeros(self.shapes.max_num_seqs, np.int32)
+            dst = np.zeros(self.shapes.max_num_seqs, np.int32)
+            src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
+            self.kv_caches = self._copy(self.kv_caches, src, dst)
+        self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body)
+        self.state, result = self._sample(self.params, self.state, hidden, plan.sample)
+        result.token_ids.copy_to_host_async()
+        if plan.want_logprobs:
+            for a in (result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs):
+                a.copy_to_host_async()
+        return StepHandle(result, plan.num_rows, plan.want_logprobs)
 
     @staticmethod
-    def collect(handle, want_logprobs: bool) -> tuple[np.ndarray, tuple | None]:
-        """(token ids int32[num rows], logprobs or None) of a dispatched step, where logprobs
-        is (sampled f32[R], top ids i32[R, K], top logprobs f32[R, K])."""
-        result, n = handle
-        tokens = np.asarray(result.token_ids)[:n]
-        if not want_logprobs:
+    def collect(handle: StepHandle) -> tuple[np.ndarray, tuple | None]:
+        """(token ids int32[rows], logprobs or None) of a dispatched step, where logprobs is
+        (sampled f32[rows], top ids i32[rows, K], top logprobs f32[rows, K])."""
+        r, n = handle.result, handle.num_rows
+        tokens = np.asarray(r.token_ids)[:n]
+        if not handle.want_logprobs:
             return tokens, None
-        return tokens, (np.asarray(result.sampled_logprobs)[:n], np.asarray(result.top_logprob_ids)[:n],
-                        np.asarray(result.top_logprobs)[:n])
+        return tokens, (np.asarray(r.sampled_logprobs)[:n], np.asarray(r.top_logprob_ids)[:n],
+                        np.asarray(r.top_logprobs)[:n])

@@ -127,7 +127,7 @@ def test_engine_failure_reaches_callers_and_health(llm):
         asyncio.run(main())
     finally:
         llm.engine.step = original
-        for rid in list(llm.engine._groups):
+        for rid in list(llm.engine.outputs.groups):
             llm.engine.abort(rid)
 
 

@@ -1,0 +1,74 @@
+"""Input processing: a user's prompt and SamplingParams -> validated token ids and limits.
+
+Every check names the field and the limit (ValueError), before anything reaches the
+scheduler or a fixed-width device array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.worker.input_batch import MAX_BIAS_ENTRIES
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int, max_num_seqs: int,
+                 page_size: int, num_total_pages: int, eos_token_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.max_num_seqs = max_num_seqs
+        self.page_size = page_size
+        self.num_total_pages = num_total_pages
+        self.eos_token_ids = eos_token_ids
+
+    def process(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int], int]:
+        """(prompt text or None, prompt token ids, max_tokens resolved against the context)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        return text, ids, self.check(ids, params)
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        vocab = self.vocab_size
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        bad = [int(t) for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {vocab}) (the vocabulary), got {bad[0]}")
+        return None, [int(t) for t in prompt]
+
+    def check(self, ids: list[int], params: SamplingParams) -> int:
+        n_prompt, limit = len(ids), self.max_model_len
+        if n_prompt >= limit:
+            raise ValueError(f"prompt has {n_prompt} tokens; max_model_len is {limit}, so at most "
+                             f"{limit - 1} prompt tokens leave room for one generated token")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n_prompt
+        if n_prompt + max_tokens > limit:
+            raise ValueError(f"max_tokens {max_tokens} does not fit: the prompt has {n_prompt} tokens and "
+                             f"max_model_len is {limit}, so max_tokens must be <= {limit - n_prompt}")
+        params.validate_for_model(vocab_size=self.vocab_size)
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs must be <= {self.max_logprobs} (max_logprobs), got {params.logprobs}")
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        bias = len(params.logit_bias or ()) + (len(banned) if params.min_tokens else 0)
+        if bias > MAX_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has too many entries: with the tokens min_tokens bans at most "
+                             f"{MAX_BIAS_ENTRIES - len(banned)}")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"n must be <= {self.max_num_seqs} (max_num_seqs), got {params.n}")
+        page = self.page_size
+        pages = -(-n_prompt // page) + params.n * (-(-max_tokens // page) + 1)
+        if pages > self.num_total_pages:
+            raise ValueError(f"max_tokens {max_tokens} with n={params.n} needs up to {pages} KV pages, more than "
+                             f"the {self.num_total_pages} of the cache (num_pages); lower max_tokens or n")
+        return max_tokens

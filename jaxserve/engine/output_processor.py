@@ -1,0 +1,93 @@
+"""Output processing: the tokens a step appended -> per-sample text deltas -> RequestOutputs.
+
+One group per user request (its n samples share the prompt); one IncrementalDetokenizer per
+sample. A stop string ends the sample here, after the scheduler already scheduled its next
+step: that step's token is dropped when it comes back (Scheduler.update skips finished
+requests), so the output is exactly what a synchronous loop gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jaxserve.core.request import Request, RequestStatus
+from jaxserve.engine.detokenizer import IncrementalDetokenizer
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+
+def child_request_id(parent_id: str, k: int) -> str:
+    """Request id of sample k >= 1 of an n > 1 request."""
+    return f"{parent_id}#{k}"
+
+
+@dataclasses.dataclass
+class _Group:
+    """One user request: n samples sharing a prompt."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizers: dict[int, IncrementalDetokenizer]
+    num_finished: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == self.params.n
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.groups: dict[str, _Group] = {}
+
+    def add(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams) -> None:
+        self.groups[request_id] = _Group(prompt, ids, params, {0: self._detokenizer(ids, params)})
+
+    def make_child(self, parent: Request, k: int) -> Request:
+        """Sample k of the parent's group (the scheduler forks it after the first token)."""
+        group = self.groups[parent.request_id]
+        group.detokenizers[k] = self._detokenizer(parent.prompt_token_ids, parent.params)
+        return Request(child_request_id(parent.request_id, k), parent.prompt_token_ids, parent.params,
+                       max_tokens=parent.max_tokens, eos_token_ids=parent.eos_token_ids, seed=parent.seed,
+                       sample_index=k, parent_id=parent.request_id, arrival=parent.arrival)
+
+    def abort(self, request_id: str) -> _Group | None:
+        return self.groups.pop(request_id, None)
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                                      stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                                      min_tokens=params.min_tokens)
+
+    def process(self, touched: list[Request], finish: Callable[[Request, RequestStatus], None]) -> list[RequestOutput]:
+        """One delta per sample that got a token (in order); `finish` ends a sample whose
+        text hit a stop string."""
+        return [self._output(req, finish) for req in touched if req.parent_id in self.groups]
+
+    def _output(self, req: Request, finish) -> RequestOutput:
+        group = self.groups[req.parent_id]
+        detok = group.detokenizers[req.sample_index]
+        token = req.token_ids[-1]
+        # The EOS or stop token that ended the request is not part of the text (as vLLM).
+        ended_by_token = req.is_finished and req.status == RequestStatus.FINISHED_STOPPED
+        text = "" if ended_by_token else detok.append([token])
+        if detok.stop_reason is not None and not req.is_finished:
+            req.stop_reason = detok.stop_reason
+            finish(req, RequestStatus.FINISHED_STOPPED)
+        if req.is_finished:
+            text += detok.flush()
+            group.num_finished += 1
+        logprobs = None
+        if req.params.logprobs is not None and req.logprobs:
+            sampled_lp, ids, lps = req.logprobs[-1]
+            entry = {i: Logprob(lp, rank=r + 1) for r, (i, lp) in enumerate(zip(ids, lps))}
+            entry.setdefault(token, Logprob(sampled_lp))
+            logprobs = [entry]
+        completion = CompletionOutput(req.sample_index, text, [token], logprobs, req.status.finish_reason,
+                                      req.stop_reason)
+        if group.finished:
+            del self.groups[req.parent_id]
+        return RequestOutput(req.parent_id, group.prompt, group.prompt_token_ids, [completion], group.finished,
+                             req.num_cached_prompt_tokens)
