@@ -16,10 +16,15 @@ The engine is never touched outside its thread, so it needs no locks. If a step 
 the engine is dead: every in-flight and later call gets EngineDeadError and `healthy` turns
 False (servers report NOT_SERVING / 503).
 
-Multi-host: every process runs an AsyncLLM over the same global-mesh engine. Before each
-step, process 0 (the only one that serves) broadcasts the commands it applies (adds with
-their prompt and SamplingParams, aborts, stop) and the followers apply the same ones, so
-every process runs identical steps (see jaxserve/distributed.py).
+Multi-host: every process runs an AsyncLLM over the same global-mesh engine. Process 0 (the
+only one that serves) broadcasts the commands it applies (adds with their prompt and
+SamplingParams, aborts, stop) and the followers apply the same ones before the same step,
+so every process runs identical steps (see jaxserve/entrypoints/distributed.py). A
+broadcast is one collective of a fixed-size header (a second one only for a large payload)
+and happens at sync iterations only, which each broadcast announces: while requests run and
+no commands come, syncs thin out to one per MAX_SYNC_INTERVAL steps (or SYNC_LATENCY_S), and
+a command waits for the next sync (so there an abort frees its pages within that bound, not
+within one step).
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Multi-host command broadcast (see AsyncLLM._next_commands): a fixed-size header collective
+# (payload length, iterations until the next sync, small payloads inline), and how far apart
+# syncs may drift while the leader gets no commands: a command waits at most about
+# SYNC_LATENCY_S (and never more than MAX_SYNC_INTERVAL iterations) for the next sync.
+HEADER_BYTES = 4096
+_FIELDS = 8  # header bytes before the inline payload: uint32 length, uint32 interval
+MAX_SYNC_INTERVAL = 16
+SYNC_LATENCY_S = 0.02
 
 
 class EngineDeadError(RuntimeError):
@@ -194,7 +208,20 @@ class AsyncLLM:
                 self._abort(command[1])
         return True
 
+    # Multi-host command sync. Process 0 broadcasts its commands only at sync iterations,
+    # and each broadcast announces how many iterations pass until the next one; a process
+    # that is idle (no unfinished requests; the same on every process, since they all run
+    # the same steps) always syncs. So every process knows, without being told, which
+    # iterations sync: between two syncs nobody calls a collective, and the leader's new
+    # commands wait in its queue until the announced sync. Engine thread only.
+    _sync_countdown = 0  # iterations left until the next sync (0: this one syncs)
+    _sync_interval = 1  # the interval announced at the last sync
+    _sync_time = 0.0  # leader: time.monotonic() at the last sync
+
     def _next_commands(self, block: bool) -> list[tuple]:
+        if self.multihost and not block and self._sync_countdown > 0:
+            self._sync_countdown -= 1  # not a sync iteration, on every process alike
+            return []
         commands: list[tuple] = []
         while True:
             try:
@@ -215,9 +242,29 @@ class AsyncLLM:
         commands = [c for c in commands if c[0] != "add" or c[-1].set_running_or_notify_cancel()]
         if not self.multihost:
             return commands
-        wire = json.loads(_broadcast_bytes(json.dumps([_to_wire(c) for c in commands]).encode()
-                                           if self.is_leader else b""))
-        return commands if self.is_leader else [_from_wire(w) for w in wire]
+        if self.is_leader:
+            payload = (json.dumps([_to_wire(c) for c in commands], separators=(",", ":")).encode()
+                       if commands else b"")
+            interval = self._next_sync_interval(busy=bool(commands) or block)
+        else:
+            payload, interval = b"", 0
+        payload, self._sync_interval = _broadcast_bytes(payload, interval)
+        self._sync_countdown = self._sync_interval - 1
+        if self.is_leader:
+            return commands
+        return [_from_wire(w) for w in json.loads(payload)] if payload else []
+
+    def _next_sync_interval(self, busy: bool) -> int:
+        """Leader: iterations until the sync after this one. 1 while commands flow (or right
+        after idling: requests come in bursts); else doubling, up to MAX_SYNC_INTERVAL and to
+        what fits SYNC_LATENCY_S at the step time measured since the last sync."""
+        now = time.monotonic()
+        last, self._sync_time = self._sync_time, now
+        if busy:
+            return 1
+        per_iteration = (now - last) / self._sync_interval
+        fits = int(SYNC_LATENCY_S / per_iteration) if per_iteration > 0 else MAX_SYNC_INTERVAL
+        return max(1, min(2 * self._sync_interval, MAX_SYNC_INTERVAL, fits))
 
     def _add(self, request_id, prompt, params, stream: _Stream | None, added: concurrent.futures.Future | None) -> None:
         try:
@@ -274,9 +321,11 @@ class AsyncLLM:
 
 
 def _to_wire(command: tuple) -> list:
-    if command[0] == "add":
+    if command[0] == "add":  # SamplingParams as its non-default fields: most adds fit inline
         _, request_id, prompt, params, _, _ = command
-        return ["add", request_id, prompt, dataclasses.asdict(params)]
+        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
+                  if getattr(params, f.name) != f.default}
+        return ["add", request_id, prompt, fields]
     return list(command)
 
 
@@ -286,14 +335,26 @@ def _from_wire(wire: list) -> tuple:
     return tuple(wire)
 
 
-def _broadcast_bytes(payload: bytes) -> bytes:
-    """Process 0's bytes on every process (two small collectives: length, then data)."""
+def _broadcast_bytes(payload: bytes, interval: int = 1) -> tuple[bytes, int]:
+    """Process 0's (payload, interval) on every process (the others pass anything).
+
+    One collective of a fixed HEADER_BYTES buffer carries the payload length, the interval
+    and the payload itself when it fits (always for an empty command list, aborts and
+    ordinary adds); only a larger payload takes a second collective, of a power-of-two size,
+    so the collectives compile for a handful of shapes, not one per payload length.
+    """
     import numpy as np
     from jax.experimental import multihost_utils
 
-    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
-    buf = np.zeros(max(n, 1), np.uint8)
-    if payload:
+    header = np.zeros(HEADER_BYTES, np.uint8)
+    header[:_FIELDS] = np.frombuffer(np.array([len(payload), interval], "<u4").tobytes(), np.uint8)
+    if len(payload) <= HEADER_BYTES - _FIELDS:
+        header[_FIELDS:_FIELDS + len(payload)] = np.frombuffer(payload, np.uint8)
+    header = np.asarray(multihost_utils.broadcast_one_to_all(header), np.uint8)
+    n, interval = (int(v) for v in np.frombuffer(header[:_FIELDS].tobytes(), "<u4"))
+    if n <= HEADER_BYTES - _FIELDS:
+        return header[_FIELDS:_FIELDS + n].tobytes(), interval
+    buf = np.zeros(1 << (n - 1).bit_length(), np.uint8)
+    if len(payload) == n:  # the leader (the others pass b"")
         buf[:n] = np.frombuffer(payload, np.uint8)
-    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n])
-
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)[:n].tobytes(), interval

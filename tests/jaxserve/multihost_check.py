@@ -26,14 +26,15 @@ def main(coordinator: str, num_processes: int, process_id: int, model_dir: str, 
     llm = LLM(model_dir, config=config, tensor_parallel_size=jax.device_count(), token_buckets=[128],
               seq_buckets=[16])
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
+    counts = None
     if mode == "offline":  # every process makes the same call
         tokens = [o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], params, use_tqdm=False)]
     else:  # serving: only process 0 takes requests; the others follow its broadcast commands
-        tokens = serve(llm, work, params)
-    q = llm.engine.runner.state["layers"][0]["self_attn"]["q_proj"].get_value()
+        tokens, counts = serve(llm, work, params)
+    q = llm.engine.runner.params["layers"][0]["self_attn"]["q_proj"].get_value()
     print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                                   "devices": jax.device_count(), "q_devices": len(q.sharding.device_set),
-                                  "tokens": tokens}), flush=True)
+                                  "tokens": tokens, "counts": counts}), flush=True)
 
 
 def serve(llm, work, params):
@@ -41,13 +42,34 @@ def serve(llm, work, params):
 
     import jax
 
+    from jax.experimental import multihost_utils
+
     from jaxserve import AsyncLLM
+    from jaxserve.engine import async_llm
     from jaxserve.engine.llm import merge_delta
 
+    # Count collectives (header-sized or larger) and engine steps: between two syncs no
+    # process calls a collective, so they are fewer than the steps. Only the leader's
+    # latency budget matters (it announces the intervals); a generous one makes the
+    # intervals grow whatever this machine's step time.
+    async_llm.SYNC_LATENCY_S = 10.0
+    counts = {"collectives": 0, "payload_collectives": 0, "steps": 0}
+    broadcast, step = multihost_utils.broadcast_one_to_all, llm.engine.step
+
+    def counted_broadcast(x, *args, **kwargs):
+        counts["collectives"] += 1
+        counts["payload_collectives"] += x.size != async_llm.HEADER_BYTES
+        return broadcast(x, *args, **kwargs)
+
+    def counted_step(*args, **kwargs):
+        counts["steps"] += 1
+        return step(*args, **kwargs)
+
+    multihost_utils.broadcast_one_to_all, llm.engine.step = counted_broadcast, counted_step
     engine = AsyncLLM(engine=llm.engine)
     if jax.process_index() != 0:
         engine.wait()
-        return None
+        return None, counts
 
     async def one(prompt, p):
         acc = None
@@ -60,7 +82,7 @@ def serve(llm, work, params):
 
     tokens = asyncio.run(run_all())
     engine.shutdown()
-    return tokens
+    return tokens, counts
 
 
 if __name__ == "__main__":

@@ -82,6 +82,13 @@ def test_two_processes_serve_like_one(model8):
     assert leader["processes"] == 2 and leader["devices"] == 2 and leader["q_devices"] == 2
     assert leader["tokens"] == single["tokens"]
     assert follower["tokens"] is None  # only process 0 serves
+    # Lockstep: the same steps and the same collectives on both; every command fit the
+    # fixed-size header (no payload collective), and between syncs nobody called one.
+    counts = leader["counts"]
+    print(counts)
+    assert follower["counts"] == counts
+    assert counts["payload_collectives"] == 0
+    assert 0 < counts["collectives"] < counts["steps"]
 
 
 def test_invalid_meshes_are_refused_with_what_to_change():
@@ -122,3 +129,22 @@ def test_pallas_kernels_through_shard_map_equal_reference(backend):
     (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend])
     assert set(errors) == {"model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
     assert max(errors.values()) < 2e-5, errors
+
+
+def test_command_broadcast_header_and_payload_collectives(monkeypatch):
+    # One process: broadcast_one_to_all is the identity, so this checks the wire format and
+    # how many collectives each payload size takes (the header only, up to HEADER_BYTES).
+    from jax.experimental import multihost_utils
+
+    from jaxserve.engine import async_llm
+
+    sizes = []
+    real = multihost_utils.broadcast_one_to_all
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sizes.append(x.size) or real(x))
+    inline = async_llm.HEADER_BYTES - 8
+    for n, want in [(0, [4096]), (9, [4096]), (inline, [4096]), (inline + 1, [4096, 4096]),
+                    (5000, [4096, 8192]), (70000, [4096, 131072])]:
+        sizes.clear()
+        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        assert async_llm._broadcast_bytes(payload, 7) == (payload, 7)
+        assert sizes == want, n
