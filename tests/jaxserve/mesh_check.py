@@ -30,7 +30,7 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
                             use_tqdm=False)
         engines = getattr(llm.engine, "replicas", [llm.engine])
-        attn = engines[0].runner.state["layers"][0]["self_attn"]
+        attn = engines[0].runner.params["layers"][0]["self_attn"]
         q, k = attn["q_proj"].get_value(), attn["k_proj"].get_value()
         kv = engines[0].runner.kv_caches[0]
         result["meshes"][mesh] = {
