@@ -45,6 +45,7 @@ from jaxserve.engine.output_processor import OutputProcessor, child_request_id
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import Placement
+from jaxserve.worker.memory_profile import kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner, StepHandle
 from models.config import ModelConfig
 from models.decoder import init_kv_caches
@@ -87,10 +88,10 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = config.num_pages or self._pages_from_budget(kv_dtype, max_pages_per_seq, devices[0])
+        self.shapes = StepShapes(config.token_buckets, config.seq_buckets, config.max_num_seqs)
+        num_pages = config.num_pages or self._pages_from_budget(loaded.model, kv_dtype, max_pages_per_seq, devices[0])
         self.kv = KVCacheManager(num_pages, config.page_size, max_pages_per_seq,
                                  enable_prefix_caching=config.enable_prefix_caching)
-        self.shapes = StepShapes(config.token_buckets, config.seq_buckets, config.max_num_seqs)
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
@@ -131,19 +132,26 @@ class LLMEngine:
                             kv_heads_sharded=placement.kv_heads_sharded)
         return loaded, devices
 
-    def _pages_from_budget(self, kv_dtype, max_pages_per_seq: int, device) -> int:
+    def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device) -> int:
+        """Pages from kv_cache_memory_bytes, or from the device's free memory less what the
+        largest step needs besides the KV cache (a profile of its compiled programs)."""
         mc, cfg = self.model_config, self.config
         kv_heads_per_device = mc.num_kv_heads // self.placement.size if self.placement.kv_heads_sharded else mc.num_kv_heads
         page_bytes = mc.num_layers * cfg.page_size * 2 * kv_heads_per_device * mc.head_dim * np.dtype(kv_dtype).itemsize
-        budget = cfg.kv_cache_memory_bytes
-        if budget is None:
-            stats = device.memory_stats() or {}
-            if "bytes_limit" in stats:
-                budget = int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * cfg.memory_fraction)
-            else:
-                budget = CPU_KV_CACHE_BYTES
         useful = cfg.max_num_seqs * max_pages_per_seq + 1  # more pages than this can never be used
-        num_pages = min(budget // page_bytes, useful)
+        stats = device.memory_stats() or {}
+        if cfg.kv_cache_memory_bytes is not None or "bytes_limit" not in stats:
+            budget = cfg.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+            num_pages = min(budget // page_bytes, useful)
+        else:
+            spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.placement.kv_sharding),
+                                jax.eval_shape(lambda: init_kv_caches(mc, 2, cfg.page_size, kv_dtype)))
+            step = profile_step_memory(model, spec, shapes=self.shapes, page_size=cfg.page_size,
+                                       max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
+                                       placement=self.placement)
+            budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            num_pages = kv_pages_for(budget, memory_fraction=cfg.memory_fraction, step=step, page_bytes=page_bytes,
+                                     useful_pages=useful)
         if num_pages < 2:
             raise ValueError(f"the KV budget of {budget} bytes holds {num_pages} pages of {page_bytes} bytes; "
                              "raise kv_cache_memory_bytes or memory_fraction, or set num_pages")

@@ -1,0 +1,89 @@
+"""How much device memory a step needs besides the weights and the KV pages, measured before
+the KV cache is allocated, so the pages fill what is really left.
+
+The largest body program (the largest token bucket) and the largest sampler (the largest
+row bucket) are compiled ahead of time against an abstract two-page KV cache and the slot
+state; XLA's memory analysis gives their temporaries (activations, the attention gather,
+logits, sampler scratch), which do not depend on the number of pages. The KV budget is then
+
+    (device limit - bytes in use) * memory_fraction - max(temporaries) - slot state
+
+so a large bucket cannot run out of memory in the middle of serving. The profile compiles
+two programs once at start; they are not part of the engine's compile count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxserve.core.step_shapes import StepShapes
+from jaxserve.worker.input_batch import BodyInputs, SampleInputs, init_slot_state
+from jaxserve.worker.model_runner import _body, _sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    temp_bytes: int  # the largest temporaries of the body and sampler programs
+    state_bytes: int  # the persistent slot state
+
+    @property
+    def total(self) -> int:
+        return self.temp_bytes + self.state_bytes
+
+
+def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, max_pages_per_seq: int,
+                        num_logprobs: int, placement=None) -> StepMemory:
+    """kv_spec: a pytree of jax.ShapeDtypeStruct like the KV cache (any page count)."""
+    graphdef, params = nnx.split(model)
+    state = init_slot_state(shapes.max_num_seqs + 1, max_pages_per_seq, model.cfg.vocab_size)
+    state_bytes = sum(a.nbytes for a in jax.tree.leaves(state))
+    rep = None if placement is None else placement.replicated
+    abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)  # noqa: E731
+    state = jax.tree.map(abstract, state)
+    t = shapes.max_num_tokens
+    s, r = shapes.seqs(t), shapes.row_buckets[-1]
+    body_in = jax.tree.map(abstract, BodyInputs(np.zeros(t, np.int32), np.zeros(s + 1, np.int32),
+                                                np.zeros(s, np.int32), np.zeros(1, np.int32),
+                                                np.zeros(shapes.max_num_seqs, np.int32)))
+    body = jax.jit(functools.partial(_body, graphdef, page_size=page_size), donate_argnums=(1, 2))
+    body_c = body.lower(params, kv_spec, state, body_in).compile()
+    hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs, model.cfg.hidden_size), model.dtype, sharding=rep)
+    sample_in = jax.tree.map(abstract, SampleInputs(np.zeros(r, np.int32), np.zeros(r, np.int32),
+                                                    np.zeros(r, np.bool_)))
+    sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
+    sample_c = sampler.lower(params, state, hidden, sample_in).compile()
+    temps = [_temp_bytes(c) for c in (body_c, sample_c)]
+    log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s of temporaries, slot state %.1f MiB",
+             t, _mib(temps[0]), r, _mib(temps[1]), state_bytes / 2**20)
+    return StepMemory(max(temps), state_bytes)
+
+
+def _temp_bytes(compiled) -> int:
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):  # a backend without memory analysis
+        stats = None
+    if stats is None:
+        log.warning("this backend reports no memory analysis: step temporaries are not reserved")
+        return 0
+    return int(stats.temp_size_in_bytes)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def kv_pages_for(free_bytes: int, *, memory_fraction: float, step: StepMemory, page_bytes: int,
+                 useful_pages: int) -> int:
+    """Pages that fit in memory_fraction of the free bytes once the step's own memory is
+    reserved; never more than can ever be used."""
+    budget = int(free_bytes * memory_fraction) - step.total
+    return max(0, min(budget // page_bytes, useful_pages))

@@ -1,0 +1,61 @@
+"""The step memory profile (what a step needs besides weights and KV pages) and the KV
+budget arithmetic; the KV pages and the slot state are donated (aliased, not copied)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from engine_fixtures import write_engine_test_model
+from jaxserve.core.step_shapes import StepShapes
+from jaxserve.worker.input_batch import BodyInputs
+from jaxserve.worker.memory_profile import StepMemory, kv_pages_for, profile_step_memory
+from jaxserve.worker.model_runner import ModelRunner
+from models.decoder import init_kv_caches
+from models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile-model")
+    write_engine_test_model(path)
+    return load_model(str(path), dtype="float32", attention_backend="reference").model
+
+
+def kv_spec(model, pages=2):
+    return jax.eval_shape(lambda: init_kv_caches(model.cfg, pages, 16, np.float32))
+
+
+def test_temporaries_grow_with_the_largest_bucket(model):
+    small = profile_step_memory(model, kv_spec(model), shapes=StepShapes((32,), (4,), 4), page_size=16,
+                                max_pages_per_seq=32, num_logprobs=1)
+    large = profile_step_memory(model, kv_spec(model), shapes=StepShapes((32, 512), (4, 64), 64), page_size=16,
+                                max_pages_per_seq=32, num_logprobs=1)
+    assert 0 < small.temp_bytes < large.temp_bytes
+    assert small.state_bytes < large.state_bytes  # 5 vs 65 slots of [V] penalty state
+    # The page count does not change the temporaries: the profile may use a 2-page cache.
+    again = profile_step_memory(model, kv_spec(model, pages=64), shapes=StepShapes((32,), (4,), 4), page_size=16,
+                                max_pages_per_seq=32, num_logprobs=1)
+    assert again.temp_bytes == small.temp_bytes
+
+
+def test_kv_budget_reserves_the_step_and_caps_at_useful_pages():
+    step = StepMemory(temp_bytes=300, state_bytes=100)
+    assert kv_pages_for(10_000, memory_fraction=0.5, step=step, page_bytes=100, useful_pages=1000) == 46
+    assert kv_pages_for(10_000, memory_fraction=1.0, step=step, page_bytes=100, useful_pages=20) == 20
+    assert kv_pages_for(300, memory_fraction=1.0, step=step, page_bytes=100, useful_pages=20) == 0
+
+
+def test_kv_pages_and_slot_state_are_donated_in_place(model):
+    shapes = StepShapes((32,), (4,), 4)
+    kv = init_kv_caches(model.cfg, 64, 16, np.float32)
+    runner = ModelRunner(model, kv, page_size=16, max_model_len=512, shapes=shapes, block_table_fn=lambda r: [],
+                         max_logprobs=1)
+    s = shapes.seqs(32)
+    inp = BodyInputs(np.zeros(32, np.int32), np.zeros(s + 1, np.int32), np.full(s, 4, np.int32),
+                     np.zeros(1, np.int32), np.zeros(4, np.int32))
+    stats = runner._body.lower(runner.params, runner.kv_caches, runner.state, inp).compile().memory_analysis()
+    kv_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.kv_caches))
+    state_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.state))
+    assert stats.alias_size_in_bytes >= kv_bytes + state_bytes  # updated in place: peak memory does not double
