@@ -80,10 +80,10 @@ class LLMEngine:
         self.model_config = mc = loaded.config
         self.dtype = loaded.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or loaded.model_dir)
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
+            log.warning("max_model_len %d exceeds the model's max_position_embeddings %d: using %d",
+                        config.max_model_len, mc.max_position_embeddings, self.max_model_len)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
