@@ -159,8 +159,9 @@ class Placement:
 
     @property
     def kv_sharding(self) -> NamedSharding:
-        """KV pages [P, page, 2 * kv_heads, head_dim]: split over kv heads when they divide."""
-        return self.sharding((None, None, "kv_heads", None))
+        """The KV cache [layers, P, page, 2 * kv_heads, head_dim] (models.decoder.init_kv_caches):
+        split over kv heads when they divide, never over layers (no rule can name "layers")."""
+        return self.sharding(("layers", None, None, "kv_heads", None))
 
     @property
     def kv_heads_sharded(self) -> bool:

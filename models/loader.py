@@ -4,12 +4,15 @@ Flow: resolve the directory (download through huggingface_hub when given a hub i
 read config.json -> ModelConfig -> an abstract CausalLM (shapes only, no memory) ->
 stream tensors one at a time from *.safetensors (sharded index supported), check each
 shape, transform to our layout, cast to the requested dtype, place with the sharding for
-its logical axes -> merge into a real model. Nothing is materialised twice.
+its logical axes -> merge into a real model. A decoder layer's tensor goes into index i of
+its layer-stacked parameter, which is allocated once on its devices and updated in place
+(donated), so nothing is materialised twice and the host holds one tensor at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -113,6 +116,7 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     specs = weight_specs(cfg)
     flat = nnx.to_flat_state(state)
     variables = dict(flat)
+    stacked: dict[tuple, jax.Array] = {}  # path -> the [L, ...] parameter being filled layer by layer
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, read in iter_tensors(model_dir):
@@ -129,7 +133,14 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
             )
         var = variables[spec.path]
         value = spec.transform(tensor).astype(dtype)
-        var.set_value(place(value, var.get_metadata().get("out_sharding"), sharding_fn))
+        axes = var.get_metadata().get("out_sharding")
+        if spec.layer is None:
+            var.set_value(place(value, axes, sharding_fn))
+        else:
+            if spec.path not in stacked:
+                stacked[spec.path] = _zeros(var.get_value(), dtype, axes, sharding_fn)
+            layer = place(value, None if axes is None else axes[1:], sharding_fn)
+            stacked[spec.path] = _set_layer(stacked[spec.path], layer, spec.layer)
         loaded.add(name)
     missing = sorted(set(specs) - loaded)
     if missing:
@@ -137,4 +148,17 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
         raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing[:5])}{more}")
     if unexpected:
         log.warning("ignored %d tensors the model does not use: %s", len(unexpected), ", ".join(unexpected[:5]))
+    for path, value in stacked.items():
+        variables[path].set_value(value)
     return nnx.from_flat_state(flat)
+
+
+def _zeros(abstract, dtype, axes, sharding_fn: ShardingFn | None) -> jax.Array:
+    sharding = sharding_fn(tuple(axes)) if sharding_fn is not None and axes is not None else None
+    return jnp.zeros(abstract.shape, dtype, device=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
+    """stacked[layer] = value, in place (stacked is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, 0)

@@ -20,7 +20,8 @@ from flax import nnx
 from models.errors import ModelLoadError
 from models.model_files import ORBAX_DIR, ORBAX_MARKER, ShardingFn
 
-FORMAT_VERSION = 1
+# 2: decoder layer parameters stacked on a leading layers axis (1: one subtree per layer).
+FORMAT_VERSION = 2
 
 
 def save_params(model_dir: Path, params: dict[str, Any], dtype) -> None:
@@ -37,7 +38,7 @@ def restore_state(path: Path, abstract_state: nnx.State, sharding_fn: ShardingFn
     marker = json.loads((path.parent / ORBAX_MARKER).read_text())
     if marker.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(f"{path.parent} has checkpoint format {marker.get('format_version')}, "
-                             f"this jaxserve reads {FORMAT_VERSION}")
+                             f"this jaxserve reads {FORMAT_VERSION}; convert the HF model again (jaxserve convert)")
     flat = nnx.to_flat_state(abstract_state)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target: dict = {}
@@ -63,5 +64,5 @@ def restore_state(path: Path, abstract_state: nnx.State, sharding_fn: ShardingFn
 
 
 def _as_saved(tree: dict) -> dict:
-    """Orbax stores dict keys as strings; list indices of nnx.List come back as '0', '1', ..."""
+    """Orbax stores dict keys as strings (an integer key would come back as '0', '1', ...)."""
     return {str(k): _as_saved(v) if isinstance(v, dict) else v for k, v in tree.items()}

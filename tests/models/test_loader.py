@@ -62,7 +62,7 @@ def test_parameters_placed_with_sharding_of_their_logical_axes(hf_model_dir):
     loaded = load_model(src, sharding_fn=sharding_fn)
     assert ("embed", "heads", "head_dim") in seen and ("vocab", "embed") in seen
     assert ("embed", "mlp") in seen and ("head_dim",) in seen
-    assert loaded.model.layers[0].self_attn.q_proj[...].sharding == jax.sharding.SingleDeviceSharding(device)
+    assert loaded.model.layers.self_attn.q_proj[...].sharding == jax.sharding.SingleDeviceSharding(device)
 
 
 def test_orbax_round_trip_identical_logits(hf_model_dir, tmp_path):
