@@ -30,9 +30,9 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
                             use_tqdm=False)
         engines = getattr(llm.engine, "replicas", [llm.engine])
-        attn = engines[0].runner.params["layers"][0]["self_attn"]
+        attn = engines[0].runner.params["layers"]["self_attn"]  # stacked: [layers, ...]
         q, k = attn["q_proj"].get_value(), attn["k_proj"].get_value()
-        kv = engines[0].runner.kv_caches[0]
+        kv = engines[0].runner.kv_caches  # [layers, pages, page, 2 * kv_heads, head_dim]
         result["meshes"][mesh] = {
             "tokens": [o.outputs[0].token_ids for o in outs],
             "replicas": len(engines),

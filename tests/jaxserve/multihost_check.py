@@ -31,7 +31,7 @@ def main(coordinator: str, num_processes: int, process_id: int, model_dir: str, 
         tokens = [o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], params, use_tqdm=False)]
     else:  # serving: only process 0 takes requests; the others follow its broadcast commands
         tokens, counts = serve(llm, work, params)
-    q = llm.engine.runner.params["layers"][0]["self_attn"]["q_proj"].get_value()
+    q = llm.engine.runner.params["layers"]["self_attn"]["q_proj"].get_value()
     print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                                   "devices": jax.device_count(), "q_devices": len(q.sharding.device_set),
                                   "tokens": tokens, "counts": counts}), flush=True)

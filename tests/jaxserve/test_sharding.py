@@ -48,10 +48,10 @@ def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8):
         assert runs[mesh]["tokens"] == runs["model=1"]["tokens"], mesh
         assert runs[mesh]["free_pages"] == runs[mesh]["total_pages"]
         model = parse_mesh(mesh)["model"]
-        assert runs[mesh]["q_spec"] == "P(None, 'model', None)"
-        assert runs[mesh]["q_shard"] == [64, 8 // model, 8]  # [embed, heads on this device, head_dim]
-    assert runs["model=2"]["kv_spec"] == "P(None, None, 'model', None)"  # 2 kv heads split over 2
-    assert runs["model=8"]["kv_spec"] == "P(None, None, None, None)"  # 2 kv heads over 8: replicated
+        assert runs[mesh]["q_spec"] == "P(None, None, 'model', None)"  # [layers, embed, heads, head_dim]
+        assert runs[mesh]["q_shard"][1:] == [64, 8 // model, 8]  # heads split over the model axis
+    assert runs["model=2"]["kv_spec"] == "P(None, None, None, 'model', None)"  # 2 kv heads split over 2
+    assert runs["model=8"]["kv_spec"] == "P(None, None, None, None, None)"  # 2 kv heads over 8: replicated
     assert runs["data=2,model=4"]["replicas"] == 2
     assert runs["data=2,model=4"]["replica_devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 

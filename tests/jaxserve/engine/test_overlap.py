@@ -161,3 +161,29 @@ def test_n_larger_than_the_token_bucket_does_not_compile(model_dir):
                          SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)], use_tqdm=False)
     assert len(outs[0].outputs) == 12 and all(len(o.token_ids) == 6 for o in outs[0].outputs)
     assert llm.stats()["compile_count"] == count
+
+
+def test_h100_buckets_serve_40_decodes_beside_an_n32_prefill_without_compiling(model_dir):
+    """The issue's gpu-h100-1 example: 40 running decodes plus the last 5-token chunk of an
+    n=32 prompt is (45 tokens, 72 rows), a (64, 128) pair the old warm-up never compiled."""
+    preset = Path(CPU).parent / "gpu-h100-1.yaml"
+    llm = LLM(str(model_dir[0]), config=str(preset), dtype="float32", attention_backend="reference",
+              max_model_len=128, num_pages=2048, compilation_cache_dir="")
+    engine = llm.engine
+    count = llm.stats()["compile_count"]
+    assert count == len(engine.runner.shapes_to_compile())
+    for i in range(40):
+        engine.add_request(f"d{i}", [6 + i, 7, 8], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    while len(engine.scheduler.running) < 40:
+        engine.step()
+    shapes = []
+    dispatch = engine.runner.dispatch
+    engine.runner.dispatch = lambda out: shapes.append((out.num_tokens, out.num_sample_rows)) or dispatch(out)
+    try:
+        engine.add_request("n32", [9, 10, 11, 12, 13], SamplingParams(n=32, max_tokens=3, temperature=1.0, seed=2))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        del engine.runner.dispatch
+    assert (45, 72) in shapes
+    assert llm.stats()["compile_count"] == count
