@@ -37,7 +37,7 @@ class ScheduledSeq:
     start: int  # first token index computed this step (== num_computed_tokens before it)
     num_new_tokens: int  # tokens computed this step; those at >= len(token_ids) are placeholders
     num_samples: int  # 0: a prefill chunk that does not reach the end; 1; or n (fork group)
-    num_new_pages: int  # pages this step added or replaced (copy-on-write) at the table's end
+    num_new_pages: int  # pages this step added or replaced (copy-on-write), all at or after start's page
 
 
 @dataclasses.dataclass

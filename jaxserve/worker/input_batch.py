@@ -207,11 +207,11 @@ class InputBatch:
             slot = self.slot_of.get(req.request_id)
             if slot is None:
                 slot = self._assign(req, s.start, new, resets, cells)
-            elif s.num_new_pages:
-                table = self.block_table_fn(req.request_id)
-                cols = np.arange(len(table) - s.num_new_pages, len(table))
-                cells.table_index.append(slot * self.max_pages + cols)
-                cells.table_value.append(np.asarray(table[len(table) - s.num_new_pages:], np.int32))
+            elif s.num_new_pages:  # appended pages, or copy-on-write of the page written into:
+                table = self.block_table_fn(req.request_id)  # both at or after start's page
+                first = s.start // self.page_size
+                cells.table_index.append(slot * self.max_pages + np.arange(first, len(table)))
+                cells.table_value.append(np.asarray(table[first:], np.int32))
             seq_slots[i], q_lens[i] = slot, s.num_new_tokens
             end = s.start + s.num_new_tokens
             known = min(end, req.num_tokens)
