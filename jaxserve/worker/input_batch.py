@@ -119,7 +119,7 @@ class StepPlan:
 
     resets: list[np.ndarray]
     assignment: SlotAssignment | None
-    cells: list[Cells]
+    cells: list[Cells]  # the last chunk rides with the body program; others run before it
     body: BodyInputs
     sample: SampleInputs
     num_rows: int
@@ -151,7 +151,7 @@ class _CellWriter:
         parts = [(self.table_index, self.table_size), (self.table_value, 0),
                  (self.prompt_index, self.penalty_size), (self.output_index, self.penalty_size)]
         flat = [np.concatenate(p).astype(np.int32) if p else np.zeros(0, np.int32) for p, _ in parts]
-        n = max(len(flat[0]), len(flat[2]), len(flat[3]))
+        n = max(len(flat[0]), len(flat[2]), len(flat[3]), 1)  # at least one (padding) chunk
         out = []
         for lo in range(0, n, CELL_BUCKET):
             arrays = []

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.core.step_shapes import StepShapes
-from jaxserve.worker.input_batch import BodyInputs, SampleInputs, init_slot_state
+from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
                                                 np.zeros(s, np.int32), np.zeros(1, np.int32),
                                                 np.zeros(shapes.max_num_seqs, np.int32)))
     body = jax.jit(functools.partial(_body, graphdef, page_size=page_size), donate_argnums=(1, 2))
-    body_c = body.lower(params, kv_spec, state, body_in).compile()
+    cells = jax.tree.map(abstract, Cells(*(np.zeros(CELL_BUCKET, np.int32) for _ in range(4))))
+    body_c = body.lower(params, kv_spec, state, body_in, cells).compile()
     hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs, model.cfg.hidden_size), model.dtype, sharding=rep)
     sample_in = jax.tree.map(abstract, SampleInputs(np.zeros(r, np.int32), np.zeros(r, np.int32),
                                                     np.zeros(r, np.bool_)))

@@ -5,9 +5,11 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
 
     reset_penalty_rows  (rare)  clear penalty rows of new slots of penalised requests
     apply_assignment    (new slots)   sampling params, bias, seq_lens of new slots
-    apply_cells         (changes)     block-table cells, prompt mask / output count cells
+    apply_cells         (> CELL_BUCKET changes)  extra chunks of sparse state writes
     copy_pages          (COW steps)   copy-on-write page copies, only in steps that have them
-    body(T)             the decoder over T flat tokens: positions, input ids (placeholders
+    body(T)             first the step's sparse state writes (block-table cells, prompt mask
+                        and output count cells: one fixed-size chunk, no extra dispatch),
+                        then the decoder over T flat tokens: positions, input ids (placeholders
                         read from the slot's last token), slot mapping and block tables are
                         derived on the device from the slot state; KV pages donated
     sample(R)           LM head on the R sample rows, sampling, and the slot updates
@@ -44,11 +46,12 @@ from models.decoder import CausalLM, copy_pages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BIAS_ENTRIES", "ModelRunner", "StepHandle"]
+__all__ = ["ModelRunner", "StepHandle"]
 
 
-def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, *, page_size: int):
+def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells: Cells, *, page_size: int):
     model = nnx.merge(graphdef, params)
+    state = apply_cells(state, cells)
     input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
                            cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
@@ -78,6 +81,12 @@ def _sample(graphdef, params, state: SlotState, hidden: jax.Array, inp: SampleIn
         num_output=state.num_output.at[own].add(1, mode="drop"),
         output_counts=state.output_counts.at[own, out.token_ids].add(1, mode="drop"))
     return state, out
+
+
+def _no_cells() -> Cells:
+    """A chunk of padding cells (every index out of range: nothing is written)."""
+    oob = np.full(CELL_BUCKET, np.iinfo(np.int32).max, np.int32)
+    return Cells(oob, np.zeros(CELL_BUCKET, np.int32), oob, oob)
 
 
 @dataclasses.dataclass
@@ -147,7 +156,8 @@ class ModelRunner:
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
                                  np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
-                self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp)
+                self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
+                                                                _no_cells())
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_))
                 self.state, out = self._sample(self.params, self.state, hidden, inp)
@@ -158,8 +168,7 @@ class ModelRunner:
                                    np.zeros((k, MAX_BIAS_ENTRIES), np.bool_))
                 self.state = self._assign(self.state, a)
             elif name == "cells":
-                big = np.full(k, np.iinfo(np.int32).max, np.int32)
-                self.state = self._cells(self.state, Cells(big, np.zeros(k, np.int32), big, big))
+                self.state = self._cells(self.state, _no_cells())
             elif name == "reset":
                 self.state = self._reset(self.state, np.full(k, oob, np.int32))
             else:
@@ -176,14 +185,15 @@ class ModelRunner:
             self.state = self._reset(self.state, rows)
         if plan.assignment is not None:
             self.state = self._assign(self.state, plan.assignment)
-        for cells in plan.cells:
+        for cells in plan.cells[:-1]:
             self.state = self._cells(self.state, cells)
         if out.copies:
             src = np.zeros(self.shapes.max_num_seqs, np.int32)
             dst = np.zeros(self.shapes.max_num_seqs, np.int32)
             src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
             self.kv_caches = self._copy(self.kv_caches, src, dst)
-        self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body)
+        self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
+                                                        plan.cells[-1])
         self.state, result = self._sample(self.params, self.state, hidden, plan.sample)
         result.token_ids.copy_to_host_async()
         if plan.want_logprobs:

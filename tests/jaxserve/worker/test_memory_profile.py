@@ -9,7 +9,7 @@ import pytest
 
 from engine_fixtures import write_engine_test_model
 from jaxserve.core.step_shapes import StepShapes
-from jaxserve.worker.input_batch import BodyInputs
+from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells
 from jaxserve.worker.memory_profile import StepMemory, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner
 from models.decoder import init_kv_caches
@@ -55,7 +55,8 @@ def test_kv_pages_and_slot_state_are_donated_in_place(model):
     s = shapes.seqs(32)
     inp = BodyInputs(np.zeros(32, np.int32), np.zeros(s + 1, np.int32), np.full(s, 4, np.int32),
                      np.zeros(1, np.int32), np.zeros(4, np.int32))
-    stats = runner._body.lower(runner.params, runner.kv_caches, runner.state, inp).compile().memory_analysis()
+    cells = Cells(*(np.zeros(CELL_BUCKET, np.int32) for _ in range(4)))
+    stats = runner._body.lower(runner.params, runner.kv_caches, runner.state, inp, cells).compile().memory_analysis()
     kv_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.kv_caches))
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(runner.state))
     assert stats.alias_size_in_bytes >= kv_bytes + state_bytes  # updated in place: peak memory does not double
