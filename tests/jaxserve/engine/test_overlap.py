@@ -187,3 +187,33 @@ def test_h100_buckets_serve_40_decodes_beside_an_n32_prefill_without_compiling(m
         del engine.runner.dispatch
     assert (45, 72) in shapes
     assert llm.stats()["compile_count"] == count
+
+
+def hf_greedy_penalized(hf, prompt: list[int], max_new_tokens: int, penalty: float) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                          repetition_penalty=penalty, eos_token_id=None, pad_token_id=0,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_penalty_state_on_the_device_equals_transformers(tmp_path):
+    """Repetition penalty over prompt + output, kept as per-slot device counts: greedy tokens
+    equal transformers' RepetitionPenaltyLogitsProcessor, also for requests preempted and
+    resumed (their counts are rebuilt from the tokens) and beside unpenalised requests."""
+    hf, _ = write_engine_test_model(tmp_path)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(6, 60) for _ in range(rng.choice([4, 20, 40]))] for _ in range(10)]
+    llm = LLM(str(tmp_path), config=CPU, num_pages=18, enable_prefix_caching=False)
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                             repetition_penalty=1.0 if i % 3 == 2 else 1.8) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats()["num_preemptions"] > 0
+    plain = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    changed = 0
+    for prompt, p, out, ref in zip(prompts, params, outs, plain):
+        assert out.outputs[0].token_ids == hf_greedy_penalized(hf, prompt, 24, p.repetition_penalty)
+        changed += out.outputs[0].token_ids != ref.outputs[0].token_ids
+    assert changed >= 3  # the penalty really changed the outputs
