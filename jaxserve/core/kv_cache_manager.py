@@ -204,10 +204,15 @@ class KVCacheManager:
                 f"num_computed_tokens + num_new_tokens = {num_computed_tokens + num_new_tokens} exceeds "
                 f"len(token_ids) + num_pending_tokens = {len(token_ids) + num_pending_tokens}"
             )
+        table = self._tables.get(request_id)
+        ps = self.page_size
+        if (table is not None and num_new_tokens == 1 and not computed_pages
+                and self._num_cached[request_id] * ps <= num_computed_tokens < len(table) * ps
+                and self.pool.ref_count(table[num_computed_tokens // ps]) == 1):
+            return []  # the common decode step: one token into a page only this request holds
         plan = self._plan(request_id, num_computed_tokens, num_new_tokens, computed_pages)
         if plan.num_free_pages_needed > self.pool.num_free_pages:
             return None
-        table = self._tables.get(request_id)
         if table is None:
             self.pool.touch(computed_pages)
             table = self._tables[request_id] = list(computed_pages)
