@@ -10,7 +10,9 @@ ranges of every field and normalises the container fields:
 - numeric fields become plain Python `int` / `float` (numpy scalars are accepted).
 
 Every invalid value raises `ValueError` naming the field, the allowed range and the value
-got. Checks that need the model (vocabulary size) live in `validate_for_model`; the context
+got. Every number is bounded to what the engine's fixed-width arrays hold: counts and token
+ids to int32, floats to finite float32 values, seeds to 64 bits (signed or unsigned, as
+vLLM). Checks that need the model (vocabulary size) live in `validate_for_model`; the context
 length check belongs to the engine, which knows the prompt length.
 """
 
@@ -27,6 +29,9 @@ MAX_LOGIT_BIAS = 100.0  # |logit_bias| bound, as OpenAI
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing logits by
 # a tiny temperature only amplifies noise and can overflow.
 GREEDY_TEMPERATURE_EPS = 1e-5
+INT32_MAX = 2**31 - 1  # counts (n, top_k, max_tokens, min_tokens) and token ids
+FLOAT32_MAX = 3.4028234663852886e38  # |float field| bound: the device columns are float32
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # signed or unsigned 64-bit
 
 
 def _fail(name: str, rule: str, value: Any) -> ValueError:
@@ -43,9 +48,14 @@ def _as_int(name: str, value: Any) -> int:
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail(name, "a number", value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise _fail(name, "finite", value) from None
     if not math.isfinite(value):
         raise _fail(name, "finite", value)
+    if abs(value) > FLOAT32_MAX:
+        raise _fail(name, f"within the float32 range (|x| <= {FLOAT32_MAX:.4g})", value)
     return value
 
 
@@ -75,8 +85,8 @@ def _as_token_ids(name: str, value: Any) -> tuple[int, ...]:
         raise _fail(name, "a list of int", value)
     ids = tuple(_as_int(name, t) for t in value)
     for t in ids:
-        if t < 0:
-            raise _fail(name, "non-negative token ids", t)
+        if not 0 <= t <= INT32_MAX:
+            raise _fail(name, f"token ids in [0, {INT32_MAX}]", t)
     return ids
 
 
@@ -94,8 +104,8 @@ def _as_logit_bias(value: Any) -> tuple[tuple[int, float], ...] | None:
     out: dict[int, float] = {}
     for k, v in items:
         tid = _as_int("logit_bias key", k)
-        if tid < 0:
-            raise _fail("logit_bias key", "a non-negative token id", tid)
+        if not 0 <= tid <= INT32_MAX:
+            raise _fail("logit_bias key", f"a token id in [0, {INT32_MAX}]", tid)
         bias = _as_float("logit_bias value", v)
         if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
             raise _fail("logit_bias value", f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
@@ -115,7 +125,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1 = off; over prompt + output tokens
     presence_penalty: float = 0.0  # [-2, 2]; over output tokens
     frequency_penalty: float = 0.0  # [-2, 2]; over output tokens
-    seed: int | None = None  # any int; the engine reduces it mod 2**31
+    seed: int | None = None  # [-2**63, 2**64); the engine reduces it mod 2**31
     max_tokens: int | None = 16  # >= 1; None = up to the context length
     min_tokens: int = 0  # EOS / stop_token_ids banned until this many tokens
     stop: tuple[str, ...] = ()  # stop strings; accepts None | str | list[str]
@@ -149,16 +159,19 @@ class SamplingParams:
 
     def _check_ranges(self) -> None:
         checks = [
-            ("n", self.n >= 1, ">= 1"),
+            ("n", 1 <= self.n <= INT32_MAX, f"in [1, {INT32_MAX}]"),
             ("temperature", self.temperature >= 0, ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= 0, ">= 0 (or -1 to disable)"),
+            ("top_k", 0 <= self.top_k <= INT32_MAX, f"in [0, {INT32_MAX}] (or -1 to disable)"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, ">= 1 or None"),
-            ("min_tokens", self.min_tokens >= 0, ">= 0"),
+            ("max_tokens", self.max_tokens is None or 1 <= self.max_tokens <= INT32_MAX,
+             f"in [1, {INT32_MAX}] or None"),
+            ("min_tokens", 0 <= self.min_tokens <= INT32_MAX, f"in [0, {INT32_MAX}]"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             "in [-2**63, 2**64 - 1] (64 bits) or None"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"in [0, {MAX_LOGPROBS}] or None"),
         ]
@@ -190,7 +203,10 @@ class SamplingParams:
         return dict(self.logit_bias or ())
 
     def validate_for_model(self, *, vocab_size: int) -> None:
-        """Check the token ids in `stop_token_ids` and `logit_bias` against the vocabulary."""
+        """Check top_k and the token ids in `stop_token_ids` and `logit_bias` against the
+        vocabulary (top_k may equal vocab_size, as vLLM: the whole vocabulary)."""
+        if self.top_k > vocab_size:
+            raise _fail("top_k", f"<= vocab_size ({vocab_size}) (or 0 / -1 to disable)", self.top_k)
         for t in self.stop_token_ids:
             if t >= vocab_size:
                 raise _fail("stop_token_ids", f"< vocab_size ({vocab_size})", t)

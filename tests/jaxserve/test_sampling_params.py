@@ -60,35 +60,53 @@ def test_is_greedy_and_penalties():
     ({"temperature": float("nan")}, "temperature must be finite"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-    ({"top_k": -2}, "top_k must be >= 0 .*got -2"),
+    ({"top_k": -2}, r"top_k must be in \[0, 2147483647\] .*got -2"),
     ({"top_k": 2.0}, "top_k must be an int, got 2.0"),
     ({"top_k": True}, "top_k must be an int, got True"),
     ({"min_p": 1.5}, r"min_p must be in \[0, 1\], got 1.5"),
     ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
     ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\], got 2.5"),
     ({"frequency_penalty": -3}, r"frequency_penalty must be in \[-2, 2\], got -3.0"),
-    ({"n": 0}, "n must be >= 1, got 0"),
+    ({"n": 0}, r"n must be in \[1, 2147483647\], got 0"),
     ({"n": 1.5}, "n must be an int, got 1.5"),
-    ({"max_tokens": 0}, "max_tokens must be >= 1 or None, got 0"),
+    ({"max_tokens": 0}, r"max_tokens must be in \[1, 2147483647\] or None, got 0"),
     ({"max_tokens": "16"}, "max_tokens must be an int"),
-    ({"min_tokens": -1}, "min_tokens must be >= 0, got -1"),
+    ({"min_tokens": -1}, r"min_tokens must be in \[0, 2147483647\], got -1"),
     ({"min_tokens": 5, "max_tokens": 4}, r"min_tokens must be <= max_tokens \(4\), got 5"),
     ({"logprobs": MAX_LOGPROBS + 1}, rf"logprobs must be in \[0, {MAX_LOGPROBS}\]"),
     ({"logprobs": -1}, "logprobs must be in"),
     ({"stop": ""}, "stop must be non-empty strings"),
     ({"stop": ["ok", 3]}, "stop must be non-empty strings, got 3"),
     ({"stop": 3}, "stop must be None, a str or a list of str"),
-    ({"stop_token_ids": [1, -2]}, "stop_token_ids must be non-negative token ids, got -2"),
+    ({"stop_token_ids": [1, -2]}, r"stop_token_ids must be token ids in \[0, 2147483647\], got -2"),
     ({"stop_token_ids": [1, "2"]}, "stop_token_ids must be an int"),
     ({"stop_token_ids": 5}, "stop_token_ids must be a list of int"),
     ({"seed": 1.0}, "seed must be an int, got 1.0"),
     ({"ignore_eos": 1}, "ignore_eos must be a bool, got 1"),
     ({"skip_special_tokens": None}, "skip_special_tokens must be a bool"),
     ({"logit_bias": {1: 101.0}}, r"logit_bias value must be in \[-100, 100\], got 101.0"),
-    ({"logit_bias": {-1: 1.0}}, "logit_bias key must be a non-negative token id, got -1"),
+    ({"logit_bias": {-1: 1.0}}, r"logit_bias key must be a token id in \[0, 2147483647\], got -1"),
     ({"logit_bias": {"7": 1.0}}, "logit_bias key must be an int, got '7'"),
     ({"logit_bias": {1: float("-inf")}}, "logit_bias value must be finite"),
     ({"logit_bias": [1, 2]}, "logit_bias must be a dict"),
+    # Bounded to what the engine's fixed-width arrays hold (int32 / float32 / 64-bit seeds).
+    ({"top_k": 2**31}, r"top_k must be in \[0, 2147483647\]"),
+    ({"n": 2**31}, r"n must be in \[1, 2147483647\]"),
+    ({"max_tokens": 2**63}, r"max_tokens must be in \[1, 2147483647\]"),
+    ({"min_tokens": 2**31, "max_tokens": None}, r"min_tokens must be in \[0, 2147483647\]"),
+    ({"logprobs": 2**63}, r"logprobs must be in \[0, 20\]"),
+    ({"stop_token_ids": [2**31]}, r"stop_token_ids must be token ids in \[0, 2147483647\], got 2147483648"),
+    ({"logit_bias": {2**31: 1.0}}, r"logit_bias key must be a token id in \[0, 2147483647\]"),
+    ({"seed": 2**64}, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\]"),
+    ({"seed": -(2**63) - 1}, r"seed must be in \[-2\*\*63"),
+    ({"temperature": 1e39}, "temperature must be within the float32 range"),
+    ({"temperature": 10**400}, "temperature must be finite"),
+    ({"top_p": float("inf")}, "top_p must be finite"),
+    ({"min_p": float("nan")}, "min_p must be finite"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be finite"),
+    ({"presence_penalty": float("-inf")}, "presence_penalty must be finite"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty must be finite"),
+    ({"logit_bias": {1: float("nan")}}, "logit_bias value must be finite"),
 ])
 def test_invalid_values_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -100,6 +118,10 @@ def test_boundaries_accepted():
                    logprobs=0, max_tokens=None, min_tokens=100, seed=2**40,
                    logit_bias={0: -100, 1: 100})
     SamplingParams(logprobs=MAX_LOGPROBS, min_tokens=3, max_tokens=3)
+    SamplingParams(n=2**31 - 1, top_k=2**31 - 1, max_tokens=2**31 - 1, min_tokens=2**31 - 1,
+                   stop_token_ids=[2**31 - 1], logit_bias={2**31 - 1: 1.0}, temperature=3e38)
+    for seed in (-(2**63), 2**64 - 1, 0):
+        assert SamplingParams(seed=seed).seed == seed
 
 
 def test_validate_for_model():
@@ -109,3 +131,6 @@ def test_validate_for_model():
         p.validate_for_model(vocab_size=9)
     with pytest.raises(ValueError, match=r"logit_bias key must be < vocab_size \(3\), got 3"):
         SamplingParams(logit_bias={3: 1.0}).validate_for_model(vocab_size=3)
+    SamplingParams(top_k=10).validate_for_model(vocab_size=10)  # the whole vocabulary, as vLLM
+    with pytest.raises(ValueError, match=r"top_k must be <= vocab_size \(10\)"):
+        SamplingParams(top_k=11).validate_for_model(vocab_size=10)
