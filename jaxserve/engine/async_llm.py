@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import queue
@@ -145,7 +146,15 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
-                self.abort(request_id)
+                # Abort only what THIS call added: a refused add (a duplicate request_id, a
+                # ValueError) or one dropped while queued owns nothing, and the id may belong
+                # to another caller's request. A cancel while the add runs on the engine
+                # thread decides when the add does (the callback runs then, or now if done).
+                added.add_done_callback(functools.partial(self._abort_if_added, request_id))
+
+    def _abort_if_added(self, request_id: str, added: concurrent.futures.Future) -> None:
+        if not added.cancelled() and added.exception() is None:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Aborts a request (thread-safe, non-blocking); its stream ends with finish_reason 'abort'."""

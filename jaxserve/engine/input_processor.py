@@ -11,6 +11,22 @@ import numpy as np
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.worker.input_batch import MAX_BIAS_ENTRIES
 
+# A string prompt longer than max_model_len * this many characters cannot fit the context,
+# whatever it tokenizes to, and is refused before the tokenizer sees it (tokenizing 1 MB
+# takes seconds). The factor is the vocabulary's longest token (in characters; a byte-level
+# token has one character per byte, so the text is never longer), doubled for normalisers
+# that shrink the text, and at least MIN_CHARS_PER_TOKEN.
+MIN_CHARS_PER_TOKEN = 16
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters of text one token stands for (see above)."""
+    try:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: the floor only
+        longest = 0
+    return max(MIN_CHARS_PER_TOKEN, 2 * longest)
+
 
 class InputProcessor:
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int, max_num_seqs: int,
@@ -23,6 +39,7 @@ class InputProcessor:
         self.page_size = page_size
         self.num_total_pages = num_total_pages
         self.eos_token_ids = eos_token_ids
+        self.max_prompt_chars = max_model_len * max_chars_per_token(tokenizer)
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int], int]:
         """(prompt text or None, prompt token ids, max_tokens resolved against the context)."""
@@ -36,6 +53,10 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(f"prompt has {len(prompt)} characters, more than any prompt that fits "
+                                 f"max_model_len ({self.max_model_len} tokens) can have: at most "
+                                 f"{self.max_prompt_chars} characters")
             return prompt, list(self.tokenizer(prompt)["input_ids"])
         if not isinstance(prompt, (list, tuple)) or not all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
@@ -56,6 +77,9 @@ class InputProcessor:
         if n_prompt + max_tokens > limit:
             raise ValueError(f"max_tokens {max_tokens} does not fit: the prompt has {n_prompt} tokens and "
                              f"max_model_len is {limit}, so max_tokens must be <= {limit - n_prompt}")
+        if params.min_tokens > max_tokens:
+            raise ValueError(f"min_tokens {params.min_tokens} is more than max_tokens ({max_tokens}, after the "
+                             f"{n_prompt} prompt tokens within max_model_len {limit})")
         params.validate_for_model(vocab_size=self.vocab_size)
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs must be <= {self.max_logprobs} (max_logprobs), got {params.logprobs}")

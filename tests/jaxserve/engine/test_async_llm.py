@@ -146,3 +146,58 @@ def test_config_yaml_and_overrides(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         EngineConfig.load(bad)
+
+
+def test_duplicate_request_id_refused_without_touching_the_owner(engine):
+    """Client A streams request 'dup'; B's add with the same id is refused (ValueError), and
+    A, untouched, streams every one of its tokens to the end (B's failed add must not abort it)."""
+    async def main():
+        params = SamplingParams(max_tokens=80, ignore_eos=True, temperature=0)
+        a = engine.generate("Hello world", params, "dup")
+        first = await a.__anext__()
+        acc = merge_delta(None, first)
+        with pytest.raises(ValueError, match="request_id 'dup' is already in use"):
+            await collect(engine, "Other", SamplingParams(max_tokens=4), "dup")
+        # A refused add cancelled while it is still queued must not abort the owner either.
+        b = asyncio.ensure_future(collect(engine, "Other", SamplingParams(max_tokens=4), "dup"))
+        await asyncio.sleep(0)
+        b.cancel()
+        async for delta in a:
+            acc = merge_delta(acc, delta)
+        assert acc.finished and acc.outputs[0].finish_reason == "length"
+        assert len(acc.outputs[0].token_ids) == 80
+        with pytest.raises((ValueError, asyncio.CancelledError)):
+            await b
+        out = await collect(engine, "Hello world", params, "dup")  # the id is free again
+        assert out.outputs[0].token_ids == acc.outputs[0].token_ids
+
+    asyncio.run(main())
+    assert engine.wait_idle(10) and engine.num_in_flight == 0
+
+
+def test_bounds_checked_against_the_model(engine):
+    """top_k up to the vocabulary, min_tokens within the resolved max_tokens, and a string
+    prompt too long for any tokenization refused before the tokenizer runs."""
+    import time
+
+    vocab = engine.engine.inputs.vocab_size
+    limit = engine.max_model_len
+
+    async def main():
+        out = await collect(engine, "Hello", SamplingParams(max_tokens=3, top_k=vocab, ignore_eos=True))
+        assert len(out.outputs[0].token_ids) == 3
+        with pytest.raises(ValueError, match=rf"top_k must be <= vocab_size \({vocab}\)"):
+            await collect(engine, "Hello", SamplingParams(max_tokens=3, top_k=vocab + 1))
+        with pytest.raises(ValueError, match="top_k must be in"):
+            SamplingParams(top_k=2**31)
+        with pytest.raises(ValueError, match=rf"min_tokens {limit} is more than max_tokens"):
+            await collect(engine, "Hello", SamplingParams(max_tokens=None, min_tokens=limit))
+        huge = "a" * (engine.engine.inputs.max_prompt_chars + 1)
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=rf"prompt has {len(huge)} characters.*max_model_len \({limit}"):
+            await collect(engine, huge, SamplingParams(max_tokens=3))
+        assert time.monotonic() - start < 2.0  # not tokenized
+        out = await collect(engine, "Hello", SamplingParams(max_tokens=3, ignore_eos=True))
+        assert len(out.outputs[0].token_ids) == 3
+
+    asyncio.run(main())
