@@ -8,6 +8,7 @@ drawn from a fixed seed; both are written once, in Hugging Face format, to a cac
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +37,9 @@ CHAT_TEMPLATE = (
 ARCH = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, head_dim=32, max_position_embeddings=2048)
 TOKENIZER_VOCAB = 1024
+MARKER = ".jaxserve-demo-model.json"  # lists the files written: only those are ever removed
+_LEGACY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def cache_dir() -> Path:
@@ -49,13 +54,83 @@ def default_demo_dir() -> Path:
     return cache_dir() / f"demo-model-{DEMO_VERSION}"
 
 
+class DemoModelError(RuntimeError):
+    """The demo model cannot be written where asked (the message says why and what to do)."""
+
+
+def is_demo_model(path: Path) -> bool:
+    """True if `path` is a directory that this module wrote and that holds nothing else: the
+    marker file lists the files written (a demo model written before the marker existed is
+    recognised by the `jaxserve_demo` key of its config.json and the known file set). A
+    directory with any other file or sub-directory in it is NOT a demo model."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    known = _written_files(path)
+    if known is None:
+        return False
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return False
+    return all(e.name in known and e.is_file(follow_symlinks=False) for e in entries)
+
+
+def _written_files(path: Path) -> set[str] | None:
+    """The names a demo model in `path` may hold, from its marker (or legacy config); None if it is not one."""
+    marker = path / MARKER
+    try:
+        if marker.is_file() and not marker.is_symlink():
+            data = json.loads(marker.read_text())
+            if data.get("jaxserve_demo_model") is True and isinstance(data.get("files"), list):
+                return {str(f) for f in data["files"]} | {MARKER}
+            return None
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(_LEGACY_FILES) if isinstance(cfg, dict) and "jaxserve_demo" in cfg else None
+
+
 def ensure_demo_model(path: Path | None = None) -> Path:
-    """Returns the demo model directory, writing it first if it is not there yet."""
-    path = Path(path) if path is not None else default_demo_dir()
-    if not (path / "config.json").is_file():
-        write_demo_model(path)
+    """Returns the demo model directory, writing it first if it is not there yet.
+
+    Safe when several processes start at once: they take a lock file beside the directory, so one
+    writes and the others wait and reuse it; and the directory is only ever renamed into place
+    complete, so a reader never sees half a model. An existing complete demo model is never
+    rewritten here (a process may be reading it)."""
+    path = Path(path).expanduser() if path is not None else default_demo_dir()
+    if not _is_complete(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(path.parent / f".{path.name}.lock"):
+            if not _is_complete(path):
+                write_demo_model(path, replace=False)
     log.warning(RANDOM_WEIGHTS_WARNING)
     return path
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and _written_files(path) is not None
+
+
+class _lock:
+    """An exclusive advisory lock on a file (fcntl where it exists; a no-op elsewhere)."""
+
+    def __init__(self, path: Path):
+        self.path, self._fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: the atomic rename still keeps readers safe
+            return self
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the lock file stays (removing it would race)
+        return False
 
 
 def train_tokenizer():
@@ -104,34 +179,115 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_demo_model(path: Path, seed: int = 0) -> Path:
-    """Writes the demo model in HF format to `path` (atomically: a temp dir, then a rename)."""
-    from safetensors.numpy import save_file
+def write_demo_model(path: Path, seed: int = 0, *, force: bool = False, replace: bool = True,
+                     notify: Callable[[str], None] | None = None) -> Path:
+    """Writes the demo model in HF format to `path`, atomically: into a temp dir beside it, then
+    one rename. Nothing of the user's is ever deleted:
 
+    - `path` missing, or an empty directory: the new model is renamed into place.
+    - `path` is a demo model that this module wrote (marker file, nothing else in it) and `replace`:
+      it is replaced (the old one is renamed aside, then its own listed files are removed).
+    - `path` is anything else (a non-empty directory, a file, a symlink): DemoModelError, unless
+      `force`, which renames it aside to `PATH.bak-N` (kept, never deleted) and reports it
+      through `notify` (default: a log warning).
+    """
     path = Path(path).expanduser()
+    _check_target(path, force)  # fail before minutes of work, not after
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tokenizer = train_tokenizer()
-        tokenizer.save_pretrained(tmp)
-        vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints do
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
-        config = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", **ARCH, "vocab_size": vocab,
-            "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-            "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
-            "pad_token_id": tokenizer.pad_token_id, "dtype": "float32", "hidden_act": "silu",
-            "jaxserve_demo": {"version": DEMO_VERSION, "random_weights": True, "seed": seed},
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        _write_files(tmp, seed)
+        _install(tmp, path, force=force, replace=replace, notify=notify or log.warning)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # our own mkdtemp directory (only when something failed)
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote the demo model (random weights) to %s", path)
     return path
+
+
+def _check_target(path: Path, force: bool) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        if not force:
+            kind = "a symlink" if path.is_symlink() else "not a directory"
+            raise DemoModelError(f"{path} exists and is {kind}; refusing to write the demo model there "
+                                 f"(pass --force to move it aside to {path.name}.bak-N and write a new one)")
+    elif path.is_dir() and any(path.iterdir()) and not is_demo_model(path) and not force:
+        raise DemoModelError(f"{path} is a non-empty directory that is not a jaxserve demo model; refusing "
+                             f"to write there (nothing was changed). Choose a new or empty directory, or pass "
+                             f"--force to move the existing one aside to {path.name}.bak-N (nothing is deleted)")
+
+
+def _write_files(tmp: Path, seed: int) -> None:
+    from safetensors.numpy import save_file
+
+    tokenizer = train_tokenizer()
+    tokenizer.save_pretrained(tmp)
+    vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints do
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **ARCH, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id, "dtype": "float32", "hidden_act": "silu",
+        "jaxserve_demo": {"version": DEMO_VERSION, "random_weights": True, "seed": seed},
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    files = sorted(e.name for e in os.scandir(tmp))
+    marker = {"jaxserve_demo_model": True, "version": DEMO_VERSION, "seed": seed, "files": files,
+              "note": "written by `jaxserve demo-model`; jaxserve may replace this directory (only these files)"}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _install(tmp: Path, path: Path, *, force: bool, replace: bool, notify: Callable[[str], None]) -> None:
+    """Renames the complete `tmp` to `path` (see write_demo_model for what happens to an existing `path`)."""
+    try:
+        os.rename(tmp, path)  # atomic; replaces only a missing path or an EMPTY directory
+        return
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if not replace and _is_complete(path) and is_demo_model(path):
+        return  # another process got there first (ensure_demo_model): use its copy, ours is discarded
+    demo = replace and is_demo_model(path)
+    if not demo and not force:
+        _check_target(path, force=False)  # raises with the reason (it changed since the first check)
+        raise DemoModelError(f"{path} changed while the demo model was written; nothing was changed")
+    aside = _aside_name(path, demo)
+    os.rename(path, aside)  # the old one, whole, under a new name: nothing is lost if the next step fails
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(aside, path)  # something appeared at `path` meanwhile: put the old one back
+        raise DemoModelError(f"{path} changed while the demo model was written; nothing was changed") from None
+    if demo and is_demo_model(aside):  # checked again after the rename: nothing of the user's slipped in
+        try:
+            _remove_demo_files(aside)
+            return
+        except OSError:
+            pass
+    if demo:
+        notify(f"the old demo model was kept at {aside} (files jaxserve did not write appeared in it)")
+    else:
+        notify(f"moved the existing {path} aside to {aside} (--force; nothing was deleted)")
+
+
+def _aside_name(path: Path, demo: bool) -> Path:
+    base = f"{path.name}.old-" if demo else f"{path.name}.bak-"
+    n = 1
+    while os.path.lexists(path.parent / f"{base}{n}"):
+        n += 1
+    return path.parent / f"{base}{n}"
+
+
+def _remove_demo_files(path: Path) -> None:
+    """Removes a demo model directory written by this module: its own files by name, then the
+    (now empty) directory with rmdir, which fails rather than delete anything else in it."""
+    for name in _written_files(path) or ():
+        try:
+            (path / name).unlink()
+        except FileNotFoundError:
+            pass
+    os.rmdir(path)

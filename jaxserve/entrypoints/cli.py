@@ -142,9 +142,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, write_demo_model
+    from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, DemoModelError, write_demo_model
 
-    path = write_demo_model(args.dir, seed=args.seed)
+    try:
+        path = write_demo_model(args.dir, seed=args.seed, force=args.force,
+                                notify=lambda msg: print(f"note: {msg}", file=sys.stderr))
+    except (DemoModelError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, DemoModelError) else 1
     print(f"wrote the demo model to {path}")
     print(f"note: {RANDOM_WEIGHTS_WARNING}")
     return 0
@@ -210,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write the built-in demo model (random weights) to DIR")
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true",
+                      help="if DIR is a non-empty directory that is not a demo model, move it aside to DIR.bak-N "
+                           "(never deleted) instead of refusing; a demo model written earlier is always replaced")
     demo.set_defaults(func=cmd_demo_model)
 
     conv = sub.add_parser("convert", help="convert a HF model to a jaxserve Orbax checkpoint")

@@ -1,12 +1,15 @@
 """The built-in demo model and the CLI commands that stand on it."""
 
+import concurrent.futures
 import json
+import os
 
 import pytest
 from transformers import AutoTokenizer
 
 from jaxserve.entrypoints import cli
-from jaxserve.demo_model import RANDOM_WEIGHTS_WARNING, ensure_demo_model, write_demo_model
+from jaxserve.demo_model import (MARKER, RANDOM_WEIGHTS_WARNING, DemoModelError, default_demo_dir, ensure_demo_model,
+                                 is_demo_model, write_demo_model)
 from models.loader import load_model
 
 
@@ -74,3 +77,140 @@ def test_cli_reports_bad_model_without_traceback(tmp_path, capsys):
     assert cli.main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "no config.json" in err
+
+
+# --- nothing of the user's is ever deleted (issue 13, item 8) ---
+
+def _snapshot(root):
+    """Every path under root with its bytes (files), its target (links) or None (dirs), and mtimes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("dir", None)
+        else:
+            out[rel] = ("file", p.read_bytes(), p.stat().st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def users_folder(tmp_path):
+    """A folder of the user's: files, a sub-directory, a hidden file, a symlink, even a config.json."""
+    d = tmp_path / "models"
+    (d / "llama" / "weights").mkdir(parents=True)
+    (d / "notes.txt").write_text("my notes\n")
+    (d / ".hidden").write_bytes(b"\x00\x01secret")
+    (d / "config.json").write_text('{"model_type": "llama"}\n')
+    (d / "llama" / "weights" / "model.safetensors").write_bytes(b"not really weights" * 100)
+    (d / "link").symlink_to(d / "notes.txt")
+    return d
+
+
+def test_cli_demo_model_refuses_a_users_non_empty_directory(users_folder, capsys):
+    before = _snapshot(users_folder)
+    siblings = sorted(p.name for p in users_folder.parent.iterdir())
+    assert cli.main(["demo-model", str(users_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a jaxserve demo model" in err and "--force" in err and "Traceback" not in err
+    assert _snapshot(users_folder) == before  # every file untouched, nothing added
+    assert sorted(p.name for p in users_folder.parent.iterdir()) == siblings  # no temp dir left beside it
+
+
+def test_cli_demo_model_refuses_a_file_and_a_symlink(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    assert cli.main(["demo-model", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err and f.read_text() == "keep me"
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "ln").symlink_to(target)
+    assert cli.main(["demo-model", str(tmp_path / "ln")]) == 2
+    assert "symlink" in capsys.readouterr().err and list(target.iterdir()) == []
+
+
+def test_cli_demo_model_force_moves_the_users_directory_aside(users_folder, capsys):
+    before = _snapshot(users_folder)
+    assert cli.main(["demo-model", str(users_folder), "--force"]) == 0
+    captured = capsys.readouterr()
+    backup = users_folder.parent / "models.bak-1"
+    assert str(backup) in captured.err and "nothing was deleted" in captured.err
+    assert _snapshot(backup) == before  # the user's folder, whole, under a new name
+    assert is_demo_model(users_folder) and (users_folder / "model.safetensors").is_file()
+    # a second --force on the demo model now there replaces it, and leaves the backup alone
+    assert cli.main(["demo-model", str(users_folder), "--force"]) == 0
+    assert _snapshot(backup) == before and not (users_folder.parent / "models.bak-2").exists()
+
+
+def test_demo_model_into_an_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["demo-model", str(tmp_path / "empty")]) == 0
+    assert is_demo_model(tmp_path / "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_an_existing_demo_model_is_replaced(tmp_path, demo_dir):
+    target = tmp_path / "demo"
+    write_demo_model(target, seed=1)
+    assert json.loads((target / "config.json").read_text())["jaxserve_demo"]["seed"] == 1
+    assert cli.main(["demo-model", str(target)]) == 0  # no --force needed: it is ours
+    assert json.loads((target / "config.json").read_text())["jaxserve_demo"]["seed"] == 0
+    assert (target / "model.safetensors").read_bytes() == (demo_dir / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # the old one is gone, no temp dirs left
+
+
+def test_a_demo_model_with_a_users_file_in_it_is_not_replaced(tmp_path, capsys):
+    target = tmp_path / "demo"
+    write_demo_model(target)
+    (target / "my-finetune-notes.md").write_text("mine")
+    before = _snapshot(target)
+    assert not is_demo_model(target)
+    assert cli.main(["demo-model", str(target)]) == 2
+    assert "not a jaxserve demo model" in capsys.readouterr().err and _snapshot(target) == before
+    with pytest.raises(DemoModelError):
+        write_demo_model(target)
+    assert _snapshot(target) == before
+
+
+def test_a_legacy_demo_model_without_marker_is_recognised(tmp_path):
+    target = write_demo_model(tmp_path / "old")
+    (target / MARKER).unlink()  # as written before the marker existed
+    assert is_demo_model(target)
+    assert ensure_demo_model(target) == target and not (target / MARKER).exists()  # used as it is
+    write_demo_model(target)
+    assert (target / MARKER).is_file()
+
+
+def test_ensure_demo_model_refuses_a_foreign_directory_at_the_cache_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
+    foreign = default_demo_dir()
+    foreign.mkdir(parents=True)
+    (foreign / "something.bin").write_bytes(b"x")
+    with pytest.raises(DemoModelError, match="not a jaxserve demo model"):
+        ensure_demo_model()
+    assert [p.name for p in foreign.iterdir()] == ["something.bin"]
+
+
+def test_ensure_demo_model_concurrent_first_use(tmp_path, monkeypatch):
+    """Several threads (as several processes would) ask for the model at once: one writes it,
+    all get the same complete directory, nothing is rewritten under a reader, no temp dir is left."""
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
+    import jaxserve.demo_model as dm
+
+    calls = []
+    real = dm._write_files
+    monkeypatch.setattr(dm, "_write_files", lambda tmp, seed: (calls.append(tmp), real(tmp, seed)))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: ensure_demo_model(), range(3)))
+    assert len(set(paths)) == 1 and is_demo_model(paths[0]) and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{paths[0].name}.lock", paths[0].name]
+
+
+def test_install_race_keeps_the_first_complete_copy(tmp_path):
+    """Without the lock (another host on a shared cache, say), the loser of the rename race
+    discards its own copy and uses the winner's: a directory being read is never replaced."""
+    target = write_demo_model(tmp_path / "m")  # the winner's copy
+    ino = target.stat().st_ino
+    write_demo_model(target, replace=False)  # the loser, who checked before the winner's rename
+    assert target.stat().st_ino == ino and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
