@@ -7,16 +7,27 @@ Status codes, the same for every service:
     more than max_concurrent calls  RESOURCE_EXHAUSTED, at once
     the server is draining          UNAVAILABLE (clients retry on another replica)
     the engine died                 INTERNAL (and health turns NOT_SERVING)
-    missing / wrong API key         UNAUTHENTICATED (every RPC but grpc.health.v1)
+    missing / wrong API key         UNAUTHENTICATED (every RPC but grpc.health.v1), decided
+                                    from the metadata before the request's bytes are parsed
+    bytes that do not parse         INVALID_ARGUMENT "malformed request: ..." (never UNKNOWN)
+
+Every service is registered through `add_guarded_servicer`: its request deserializers cannot
+raise (a parse failure becomes a MalformedRequest, which the handler answers with
+INVALID_ARGUMENT before the servicer sees it). Refusals and malformed requests are logged as
+one WARNING per kind per REFUSAL_LOG_INTERVAL_S at most, with the count of those suppressed,
+and never with a traceback: a client without a key cannot fill the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import logging
+import threading
+import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -27,6 +38,36 @@ from jaxserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RateLimitedLog:
+    """At most one WARNING per `kind` per `interval_s`; the next one that gets through says
+    how many were suppressed since the last. Never logs a traceback."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = REFUSAL_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self._log, self.interval_s, self._clock = logger, interval_s, clock
+        self._state: dict[str, tuple[float, int]] = {}  # kind -> (time logged, suppressed since)
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str, *args: Any) -> bool:
+        """Logs `msg % args` unless `kind` was logged less than interval_s ago; True if logged."""
+        now = self._clock()
+        with self._lock:
+            last, suppressed = self._state.get(kind, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._state[kind] = (last, suppressed + 1)
+                return False
+            self._state[kind] = (now, 0)
+        if suppressed:
+            msg += " (%d more suppressed in the last %.0f s)"
+            args = (*args, suppressed, now - last)
+        self._log.warning(msg, *args)
+        return True
+
+
+refusals = RateLimitedLog(log)
 
 
 class Admission:
@@ -102,7 +143,8 @@ def _authorized(metadata, api_key: bytes) -> bool:
 
 
 def _denied(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED. It has no
+    request deserializer: the bytes of a refused call are never parsed."""
     message = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
 
     async def deny(request_or_iterator, context):
@@ -110,7 +152,7 @@ def _denied(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(deny)
-    io = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    io = dict(request_deserializer=None, response_serializer=handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(deny, **io)
     if handler.stream_unary:
@@ -130,8 +172,147 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._key = api_key.encode()
 
     async def intercept_service(self, continuation, handler_call_details):
+        # Runs on the call's metadata, before any of its request bytes are read or parsed.
         method = handler_call_details.method or ""
         if method.startswith(HEALTH_METHOD_PREFIX) or _authorized(handler_call_details.invocation_metadata, self._key):
             return await continuation(handler_call_details)
-        log.info("refused %s: missing or invalid API key", method)
+        refusals.warning("unauthenticated", "refused %s: missing or invalid API key", method[:200])
         return _denied(await continuation(handler_call_details))
+
+
+# -- request bytes that do not parse ---------------------------------------------------
+
+class MalformedRequest:
+    """What a guarded deserializer returns for bytes that do not parse as the request type."""
+
+    __slots__ = ("type_name", "reason")
+
+    def __init__(self, type_name: str, reason: str):
+        self.type_name, self.reason = type_name, reason
+
+    @property
+    def message(self) -> str:
+        return f"malformed request: the bytes do not parse as {self.type_name} ({self.reason})"
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if text.startswith("Error parsing message") and "': " in text:
+        text = text.split("': ", 1)[1]  # the type is named in the message already
+    return text[:160] or type(e).__name__
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserialize`, except that any exception (DecodeError, bad UTF-8 in a string field, a
+    truncated message, a huge length) becomes a MalformedRequest instead of propagating."""
+    owner = getattr(deserialize, "__self__", None)  # Message.FromString is a bound classmethod
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", None) or getattr(owner, "__name__", "the request type")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 -- whatever the parser raises, the client sent it
+            return MalformedRequest(type_name, _reason(e))
+
+    return parse
+
+
+async def reject_malformed(context: grpc.aio.ServicerContext, method: str, request: MalformedRequest) -> None:
+    refusals.warning("malformed", "malformed %s request from %s: %s", method, context.peer(), request.reason)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+async def _result(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+def guard_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with a deserializer that cannot raise; a MalformedRequest is answered with
+    INVALID_ARGUMENT before the behaviour runs (for request streams: when it is reached)."""
+    if handler.request_deserializer is None:
+        return handler
+    safe = safe_deserializer(handler.request_deserializer)
+
+    if handler.unary_unary:
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, MalformedRequest):
+                await reject_malformed(context, method, request)
+            return await _result(behavior(request, context))
+
+        return handler._replace(request_deserializer=safe, unary_unary=unary_unary)
+
+    async def results(out):
+        if hasattr(out, "__aiter__"):
+            async for item in out:
+                yield item
+        elif inspect.isawaitable(out):
+            await out  # a behaviour that writes with context.write
+        elif out is not None:
+            for item in out:
+                yield item
+
+    if handler.unary_stream:
+        behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, MalformedRequest):
+                await reject_malformed(context, method, request)
+            async for item in results(behavior(request, context)):
+                yield item
+
+        return handler._replace(request_deserializer=safe, unary_stream=unary_stream)
+
+    def checked(requests, context):
+        async def gen():
+            async for request in requests:
+                if isinstance(request, MalformedRequest):
+                    await reject_malformed(context, method, request)
+                yield request
+        return gen()
+
+    if handler.stream_unary:
+        behavior = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            return await _result(behavior(checked(requests, context), context))
+
+        return handler._replace(request_deserializer=safe, stream_unary=stream_unary)
+
+    behavior = handler.stream_stream
+
+    async def stream_stream(requests, context):
+        async for item in results(behavior(checked(requests, context), context)):
+            yield item
+
+    return handler._replace(request_deserializer=safe, stream_stream=stream_stream)
+
+
+class _Registrations:
+    """Stands in for the server while a generated `add_*Servicer_to_server` runs: keeps the
+    method handlers it registers."""
+
+    def __init__(self):
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.services[service] = dict(handlers)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # built again below from the same method handlers
+
+
+def add_guarded_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """add_to_server(servicer, server) (a generated `add_*Servicer_to_server`), with every
+    method's request deserializer guarded (see guard_handler). Service and method names are
+    those of the generated code, so reflection and clients see the same services."""
+    capture = _Registrations()
+    add_to_server(servicer, capture)
+    if not capture.services:
+        raise TypeError(f"{add_to_server.__name__} registered no method handlers")
+    for service, handlers in capture.services.items():
+        guarded = {name: guard_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        server.add_registered_method_handlers(service, guarded)

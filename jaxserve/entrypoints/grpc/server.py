@@ -8,7 +8,9 @@ Services on one port:
                                     done, while draining and once the engine died
     grpc.reflection.v1alpha         server reflection (grpcurl list / describe)
 
-A call's life: ApiKeyInterceptor (when an API key is set) -> servicer parses the request
+A call's life: ApiKeyInterceptor (when an API key is set; it decides from the metadata, before
+the request's bytes are parsed) -> the guarded deserializer (bytes that do not parse:
+INVALID_ARGUMENT "malformed request: ...") -> servicer parses the request
 (INVALID_ARGUMENT naming the field) -> Admission (RESOURCE_EXHAUSTED over the cap,
 UNAVAILABLE while draining) -> AsyncLLM.generate, whose deltas go out as they come. If the
 client cancels or the deadline expires, grpc.aio cancels the handler; the cancellation runs
@@ -26,10 +28,11 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from jaxserve.engine.async_llm import AsyncLLM
-from jaxserve.entrypoints.grpc.common import Admission, ApiKeyInterceptor, EngineCaller, parse_or_abort
+from jaxserve.entrypoints.grpc.common import (Admission, ApiKeyInterceptor, EngineCaller, add_guarded_servicer,
+                                              parse_or_abort)
 from jaxserve.entrypoints.grpc.convert import UsageCounter, completion_to_proto, request_from_proto
 from jaxserve.entrypoints.grpc.jetstream_service import SERVICE_NAME as JETSTREAM_SERVICE
 from jaxserve.entrypoints.grpc.jetstream_service import OrchestratorServicer
@@ -153,11 +156,15 @@ class GrpcFrontend:
         interceptors = [ApiKeyInterceptor(opts.api_key)] if opts.api_key else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         caller = EngineCaller(self.engine, self.admission, self._on_engine_dead)
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(caller), server)
-        jetstream_pb2_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(caller), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*self._services[1:], health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        # Every service's deserializers are guarded: malformed bytes get INVALID_ARGUMENT, never
+        # UNKNOWN with a traceback (health answers without a key, so it is guarded too).
+        add_guarded_servicer(pb_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(caller), server)
+        add_guarded_servicer(jetstream_pb2_grpc.add_OrchestratorServicer_to_server, OrchestratorServicer(caller),
+                             server)
+        add_guarded_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
+        names = (*self._services[1:], health.SERVICE_NAME, reflection.SERVICE_NAME)
+        add_guarded_servicer(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                             reflection.aio.ReflectionServicer(names), server)
         for service in self._services:
             await self.health.set(service, NOT_SERVING)
         bind = f"{opts.host}:{opts.port}"
