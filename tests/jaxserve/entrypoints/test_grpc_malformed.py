@@ -242,5 +242,6 @@ def test_rate_limited_log_counts_what_it_suppressed(caplog):
     assert limiter.warning("a", "refused %s", "z")
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "refused x" and messages[1] == "other kind"
-    assert messages[2].startswith("refused z (5 more suppressed in the last 10 s)") or "5 more suppressed" in messages[2]
+    assert messages[2].startswith("refused z (5 more suppressed in the last ")
+    assert len(messages) == 3
     assert all(r.levelno == logging.WARNING and not r.exc_info for r in caplog.records)
