@@ -10,6 +10,12 @@ A request's life (both endpoints):
     non-streaming: collect the deltas, unless the client goes away (then: abort)
     streaming: an SSE generator; when the client goes away Starlette cancels it and its
         `finally` closes the EngineRequests: pump tasks cancelled, engine requests aborted
+
+Admission by sequences: with max_concurrent set, the Gate (app.py) caps HTTP requests, and
+EngineRequests.start also caps engine sequences (prompts x n) in flight at max_concurrent:
+a request needing more than the whole cap is a 400 naming `n` (or `prompt`), one that does
+not fit beside the sequences in flight is a 429. A prompt's n sequences are released when
+its engine request ends (all of them when the EngineRequests closes).
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from jaxserve.engine.async_llm import EngineDeadError
-from jaxserve.entrypoints.openai.errors import (OpenAIError, engine_dead, from_validation_error, from_value_error,
-                                   model_not_found)
+from jaxserve.entrypoints.openai.errors import (OpenAIError, bad_request, engine_dead, from_validation_error,
+                                                from_value_error, model_not_found)
 from jaxserve.outputs import Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -49,7 +55,8 @@ class ServingState:
     api_key: str | None = None
     max_concurrent: int | None = None
     draining: bool = False  # True: every request but /metrics gets 503
-    in_flight: int = 0  # generation requests being served (the max_concurrent count)
+    in_flight: int = 0  # generation requests being served (the Gate's max_concurrent count)
+    in_flight_seqs: int = 0  # engine sequences (prompts x n) admitted and not yet released
     request_ids: set[str] = dataclasses.field(default_factory=set)  # engine requests in flight
 
 
@@ -66,10 +73,36 @@ class EngineRequests:
         self._tasks: list[asyncio.Task] = []
         self._buffered: list[tuple[int, Any]] = []
         self._closed = False
+        self._held = 0  # sequences this request holds in state.in_flight_seqs
+
+    def _admit(self) -> None:
+        """Counts this request's sequences against max_concurrent (see the module doc)."""
+        state, n = self.state, self.params.n
+        cap, need = state.max_concurrent, len(self.prompts) * n
+        if cap is None:
+            return
+        if need > cap:
+            param = "n" if n > cap else "prompt"
+            raise bad_request(f"{param}: this request needs {need} sequences ({len(self.prompts)} prompt(s) x n={n}), "
+                              f"more than the server's max_concurrent ({cap}); lower n or send fewer prompts",
+                              param=param)
+        if state.in_flight_seqs + need > cap:
+            raise OpenAIError(429, f"too many concurrent sequences: this request needs {need} (prompts x n) and "
+                              f"{state.in_flight_seqs} of the limit of {cap} (max_concurrent) are in flight; "
+                              f"retry later", type="rate_limit_error", code="rate_limit_exceeded")
+        state.in_flight_seqs += need
+        self._held = need
+
+    def _release(self, count: int) -> None:
+        count = min(count, self._held)
+        self._held -= count
+        self.state.in_flight_seqs -= count
 
     async def start(self) -> None:
         """Submits every prompt; returns once each has produced its first delta. Raises the
-        engine's ValueError (or EngineDeadError) after aborting all of them."""
+        engine's ValueError (or EngineDeadError) after aborting all of them; an OpenAIError
+        (400 / 429) when the sequences do not fit max_concurrent."""
+        self._admit()
         self.state.request_ids.update(self.ids)
         self._tasks = [asyncio.create_task(self._pump(i, rid, p))
                        for i, (rid, p) in enumerate(zip(self.ids, self.prompts))]
@@ -114,6 +147,7 @@ class EngineRequests:
             if rid in self.state.request_ids:
                 self.engine.abort(rid)
         self.state.request_ids.difference_update(self.ids)
+        self._release(self._held)
 
     async def _pump(self, i: int, rid: str, prompt: str | list[int]) -> None:
         finished = False
@@ -127,6 +161,7 @@ class EngineRequests:
             if not finished:  # also covers a cancel while the add was still in flight
                 self.engine.abort(rid)
             self.state.request_ids.discard(rid)
+            self._release(self.params.n)
             self._queue.put_nowait((i, _DONE))
 
 
