@@ -131,13 +131,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = asyncio.run(bench.run(args.server, workload, request_rate=args.request_rate,
-                                    max_concurrency=args.max_concurrency,
-                                    api_key=os.environ.get("JAXSERVE_API_KEY") or None))
+    import grpc
+
+    try:
+        summary = asyncio.run(bench.run(args.server, workload, request_rate=args.request_rate,
+                                        max_concurrency=args.max_concurrency, fit=not args.no_fit,
+                                        api_key=os.environ.get("JAXSERVE_API_KEY") or None))
+    except grpc.RpcError as e:  # GetModelInfo: no server there, or it refused us (per-request errors are counted)
+        code = e.code().name if callable(getattr(e, "code", None)) else type(e).__name__
+        details = e.details() if callable(getattr(e, "details", None)) else str(e)
+        print(f"error: cannot query the server at {args.server}: {code}: {details}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(bench.format_table(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    if summary["completed"] == 0:
+        print(f"error: none of the {summary['requests']} requests completed (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -209,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf: all at once")
     bench.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-fit", action="store_true",
+                       help="send the lengths as given, even where prompt + output exceeds the server's "
+                            "max_model_len (such requests are refused and counted); default: clamp to fit")
     bench.add_argument("--json", help="also write the summary to this file")
     bench.set_defaults(func=cmd_bench)
 
