@@ -37,3 +37,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Set on the final output of a request that failed on its own (an error in processing
+    # its outputs): the request is finished (finish_reason "abort"), the engine serves on.
+    error: str | None = None

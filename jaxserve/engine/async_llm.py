@@ -12,9 +12,26 @@ Where the threads meet:
                                                   pages are free within one step
     shutdown(): ("stop",) ---------------------->  loop ends; in-flight calls get an error
 
-The engine is never touched outside its thread, so it needs no locks. If a step raises,
-the engine is dead: every in-flight and later call gets EngineDeadError and `healthy` turns
-False (servers report NOT_SERVING / 503).
+The engine is never touched outside its thread, so it needs no locks.
+
+Failures (the contract; issue 13):
+
+    traced to one request               that request alone fails: its stream raises
+      (detokenizing, stop strings,      RequestError (HTTP 500 with a JSON body / gRPC
+      logprobs, building its output;    INTERNAL for that call only); its pages are freed;
+      an unexpected error in its add)   every other request goes on, `healthy` stays True
+    not traced (the device step, the    the engine is dead: every in-flight and later call
+      scheduler, anything else in the   gets EngineDeadError, `healthy` turns False (health
+      loop raises)                      NOT_SERVING / 503), and `jaxserve serve` exits with
+                                        status EXIT_ENGINE_DEAD (3) within
+                                        ENGINE_DEAD_EXIT_S (5 s) of the failure, after the
+                                        in-flight calls were answered with the error
+                                        (jaxserve.entrypoints.server), so that a supervisor
+                                        (systemd, Kubernetes) restarts it
+
+A ValueError from validation is neither: the caller's add raises it, nothing else changes.
+Faults can be injected for tests with JAXSERVE_FAULTS (jaxserve.engine.faults), read once
+when the AsyncLLM starts; unset, the engine runs its own code only.
 
 Multi-host: every process runs an AsyncLLM over the same global-mesh engine. Process 0 (the
 only one that serves) broadcasts the commands it applies (adds with their prompt and
@@ -42,6 +59,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine import faults
 from jaxserve.engine.data_parallel import make_engine
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.metrics import EngineMetrics
@@ -64,6 +82,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped (a step failed, or shutdown); no request can be served."""
 
 
+class RequestError(RuntimeError):
+    """This request failed on its own (an error traced to it); the engine serves on."""
+
+
 @dataclasses.dataclass
 class _Stream:
     queue: asyncio.Queue
@@ -84,6 +106,7 @@ class AsyncLLM:
         self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.refresh(self.engine.stats())  # gauges are right before the first step
+        faults.install_from_env(self.engine)  # tests only; nothing is wrapped when unset
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._error: BaseException | None = None
@@ -280,7 +303,14 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             prompt_ids = self.engine.add_request(request_id, prompt, params)
-        except Exception as e:  # noqa: BLE001 - validation errors go back to the caller
+        except Exception as e:  # noqa: BLE001 - errors of one add go back to its caller only
+            if not isinstance(e, ValueError):  # not validation: a failure traced to this request
+                log.exception("adding request %r failed", request_id)
+                try:
+                    self.engine.abort(request_id)  # whatever part of it got in (the id was free)
+                except Exception:  # noqa: BLE001
+                    log.exception("cleaning up the failed add of %r failed", request_id)
+                e = RequestError(f"request {request_id!r} failed: {type(e).__name__}: {e}")
             self.metrics.requests.labels(status="rejected", model_name=self.model_name).inc()
             if added is not None:
                 added.set_exception(e)
@@ -304,6 +334,11 @@ class AsyncLLM:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
+                continue
+            if out.error is not None:  # failed on its own (OutputProcessor): only this stream
+                del self._streams[out.request_id]
+                self.metrics.request_finished("error", stream.arrival)
+                stream.put(RequestError(out.error))
                 continue
             self.metrics.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
             if stream.first_token is None:

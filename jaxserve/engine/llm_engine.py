@@ -179,9 +179,13 @@ class LLMEngine:
         group = self.outputs.abort(request_id)
         if group is None:
             return False
-        for k in range(group.params.n):
-            self.scheduler.abort(request_id if k == 0 else child_request_id(request_id, k))
+        self._abort_samples(request_id, group.params.n)
         return True
+
+    def _abort_samples(self, request_id: str, n: int) -> None:
+        """Ends all n samples of a request in the scheduler (those not forked yet never will)."""
+        for k in range(n):
+            self.scheduler.abort(request_id if k == 0 else child_request_id(request_id, k))
 
     def has_unfinished_requests(self) -> bool:
         """Requests to schedule, or dispatched steps whose outputs are not returned yet."""
@@ -234,7 +238,9 @@ class LLMEngine:
                 sampled.append((int(tokens[i]), lp))
                 i += 1
         touched = self.scheduler.update(out, sampled, self.outputs.make_child)
-        return self.outputs.process(touched, self.scheduler.finish)
+        # A failure in one request's output processing finishes that request with an error
+        # (RequestOutput.error); the engine serves on (OutputProcessor.process).
+        return self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
 
     def stats(self) -> dict[str, int | float]:
         return {

@@ -9,12 +9,15 @@ requests), so the output is exactly what a synchronous loop gives.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.engine.detokenizer import IncrementalDetokenizer
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def child_request_id(parent_id: str, k: int) -> str:
@@ -61,10 +64,35 @@ class OutputProcessor:
                                       stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                                       min_tokens=params.min_tokens)
 
-    def process(self, touched: list[Request], finish: Callable[[Request, RequestStatus], None]) -> list[RequestOutput]:
+    def process(self, touched: list[Request], finish: Callable[[Request, RequestStatus], None],
+                abort_samples: Callable[[str, int], None] | None = None) -> list[RequestOutput]:
         """One delta per sample that got a token (in order); `finish` ends a sample whose
-        text hit a stop string."""
-        return [self._output(req, finish) for req in touched if req.parent_id in self.groups]
+        text hit a stop string. A sample whose delta raises fails its whole request:
+        `abort_samples(request_id, n)` ends all n samples in the scheduler (default: just
+        this one, via `finish`) and the request's last output carries the error."""
+        outputs = []
+        for req in touched:
+            if req.parent_id not in self.groups:  # finished, aborted or failed already
+                continue
+            try:
+                outputs.append(self._output(req, finish))
+            except Exception as e:  # noqa: BLE001 - traced to this request: fail it alone
+                outputs.append(self._fail(req, e, finish, abort_samples))
+        return outputs
+
+    def _fail(self, req: Request, error: Exception, finish, abort_samples) -> RequestOutput:
+        log.exception("output processing failed for request %r; finishing it with an error", req.parent_id)
+        group = self.groups.pop(req.parent_id, None)  # None: it failed after its last delta
+        n = req.params.n
+        if abort_samples is not None:
+            abort_samples(req.parent_id, n)
+        else:
+            finish(req, RequestStatus.FINISHED_ABORTED)
+        message = f"request {req.parent_id!r} failed in output processing: {type(error).__name__}: {error}"
+        completions = [CompletionOutput(k, "", [], None, "abort") for k in range(n)]
+        return RequestOutput(req.parent_id, group.prompt if group else None,
+                             group.prompt_token_ids if group else [], completions, True,
+                             req.num_cached_prompt_tokens, error=message)
 
     def _output(self, req: Request, finish) -> RequestOutput:
         group = self.groups[req.parent_id]

@@ -10,6 +10,19 @@
                               flight get `grace` seconds to finish, then are cancelled
       engine.shutdown()       exit status 0
 
+If the engine dies (a step fails: an error no request can be blamed for; see
+jaxserve.engine.async_llm), the process stops on its own so that a supervisor restarts it:
+
+      engine dies             every in-flight call gets EngineDeadError (HTTP 503 engine_dead,
+                              gRPC INTERNAL), health turns NOT_SERVING / 503 at once
+      <= HEALTH_POLL_S        run() notices (it watches `engine.healthy`)
+      frontend.stop(2 s)      answers still being written get ENGINE_DEAD_GRACE_S
+      exit status 3           EXIT_ENGINE_DEAD, at most ENGINE_DEAD_EXIT_S (5 s) after the
+                              engine died: serve() arms a hard os._exit(3) backstop then, in
+                              case anything in the teardown hangs
+
+The same holds when the engine dies during warm-up (exit 3, nothing ever SERVING).
+
 A front end is anything with the three coroutines of `Frontend`; it receives the shared
 AsyncLLM from its factory, so adding one is a single entry in the list given to `serve`.
 """
@@ -18,16 +31,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+import threading
 from typing import Callable, Protocol, Sequence
 
-from jaxserve.engine.async_llm import AsyncLLM
+from jaxserve.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxserve.config import EngineConfig
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 30.0
+EXIT_ENGINE_DEAD = 3  # the process's exit status when the engine died
+ENGINE_DEAD_EXIT_S = 5.0  # the process exits at most this long after the engine died
+ENGINE_DEAD_GRACE_S = 2.0  # in-flight answers (the error) get this long to be written
+HEALTH_POLL_S = 0.1
 
 
 class Frontend(Protocol):
@@ -74,32 +94,61 @@ async def warm_up(engine: AsyncLLM) -> None:
 
 
 async def run(engine: AsyncLLM, frontends: Sequence[Frontend], *, grace: float = DEFAULT_GRACE_S,
-              stop: asyncio.Event | None = None, handle_signals: bool = True) -> int:
-    """Serves until `stop` is set (or SIGTERM / SIGINT arrives), then drains. Returns 0."""
+              stop: asyncio.Event | None = None, handle_signals: bool = True,
+              on_engine_dead: Callable[[], None] | None = None) -> int:
+    """Serves until `stop` is set (or SIGTERM / SIGINT arrives), then drains; returns 0.
+    If the engine dies first (or during warm-up): calls `on_engine_dead`, reports NOT_SERVING,
+    stops the front ends within ENGINE_DEAD_GRACE_S and returns EXIT_ENGINE_DEAD."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, sig, stop)
     started: list[Frontend] = []
+    status = 0
     try:
         for frontend in frontends:
             await frontend.start()
             started.append(frontend)
-        await warm_up(engine)
-        for frontend in frontends:
-            if hasattr(frontend, "set_serving"):
-                await frontend.set_serving(True)
-        log.info("SERVING %s on %s", engine.model_name, ", ".join(map(_describe, frontends)))
-        await stop.wait()
-        log.info("draining: %d requests in flight, grace period %.0f s", engine.num_in_flight, grace)
+        try:
+            await warm_up(engine)
+        except EngineDeadError:
+            if engine.healthy:
+                raise
+        if engine.healthy:
+            for frontend in frontends:
+                if hasattr(frontend, "set_serving"):
+                    await frontend.set_serving(True)
+            log.info("SERVING %s on %s", engine.model_name, ", ".join(map(_describe, frontends)))
+            await _until_stopped_or_dead(engine, stop)
+        if not engine.healthy and not stop.is_set():
+            status = EXIT_ENGINE_DEAD
+            log.critical("the engine died: stopping within %.0f s with exit status %d so that a supervisor "
+                         "restarts the server", ENGINE_DEAD_EXIT_S, EXIT_ENGINE_DEAD)
+            if on_engine_dead is not None:
+                on_engine_dead()
+            grace = min(grace, ENGINE_DEAD_GRACE_S)
+            for frontend in started:
+                if hasattr(frontend, "set_serving"):
+                    await frontend.set_serving(False)
+        else:
+            log.info("draining: %d requests in flight, grace period %.0f s", engine.num_in_flight, grace)
     finally:
         await asyncio.gather(*(f.stop(grace) for f in started))
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-    log.info("stopped")
-    return 0
+    log.info("stopped" if status == 0 else f"stopped: exit status {status} (the engine died)")
+    return status
+
+
+async def _until_stopped_or_dead(engine: AsyncLLM, stop: asyncio.Event) -> None:
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while engine.healthy and not stopped.done():
+            await asyncio.wait({stopped}, timeout=HEALTH_POLL_S)
+    finally:
+        stopped.cancel()
 
 
 def _describe(frontend: Frontend) -> str:
@@ -117,7 +166,8 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
 
 def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: float = DEFAULT_GRACE_S,
           model_name: str | None = None) -> int:
-    """Builds the engine, serves every front end over it until SIGTERM / SIGINT, drains, returns 0.
+    """Builds the engine, serves every front end over it until SIGTERM / SIGINT, drains, returns 0
+    (EXIT_ENGINE_DEAD if the engine died; see the module docstring).
     In a multi-host run only process 0 serves; the others follow its engine commands until
     it shuts down (jaxserve.entrypoints.distributed)."""
     if not frontends:
@@ -128,6 +178,25 @@ def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: 
         engine.wait()
         return 0
     try:
-        return asyncio.run(run(engine, [make(engine) for make in frontends], grace=grace))
+        return asyncio.run(run(engine, [make(engine) for make in frontends], grace=grace,
+                               on_engine_dead=_arm_exit_backstop))
     finally:
         engine.shutdown()
+
+
+def _arm_exit_backstop() -> None:
+    """From the moment the engine's death is noticed, the process ends within
+    ENGINE_DEAD_EXIT_S even if a front end or the interpreter's teardown hangs."""
+    def hard_exit() -> None:
+        log.critical("teardown did not finish in %.0f s: exiting now with status %d",
+                     ENGINE_DEAD_EXIT_S, EXIT_ENGINE_DEAD)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(EXIT_ENGINE_DEAD)
+
+    timer = threading.Timer(ENGINE_DEAD_EXIT_S - HEALTH_POLL_S, hard_exit)
+    timer.daemon = True
+    timer.start()
