@@ -103,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
                                            max_concurrent=args.max_concurrent, chat_template=args.chat_template,
                                            tool_parser=args.tool_call_parser,
+                                           max_request_body_bytes=args.max_request_body_bytes or None,
+                                           request_read_timeout=args.request_read_timeout or None,
                                            **({"served_model_name": args.served_model_name}
                                               if args.served_model_name else {})))
         if not frontends:
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
     srv.add_argument("--tls-key", help="PEM private key")
     srv.add_argument("--max-concurrent", type=int, help="generation calls in flight; beyond: RESOURCE_EXHAUSTED")
+    srv.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
+                     help="HTTP request bodies above this are refused with 413 (default 8 MiB; 0: no limit)")
+    srv.add_argument("--request-read-timeout", type=float, default=30.0,
+                     help="seconds an HTTP request body may take to arrive, then 408 (default 30; 0: none)")
     srv.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
     srv.add_argument("--served-model-name", help="model name reported to clients")
     srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")

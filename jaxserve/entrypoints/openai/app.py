@@ -7,8 +7,14 @@ Every request first passes the Gate, a plain ASGI middleware, in this order:
     2. draining -> 503 (except /metrics)
     3. api_key set -> every path except /health and /metrics needs `Authorization: Bearer
        KEY` (hmac.compare_digest), unknown paths included -> 401
-    4. generation routes over max_concurrent in flight -> 429; the count is held until the
-       response (stream included) has been sent, which is also what drain waits for
+    4. the body is read whole, before anything else sees it: a Content-Length above
+       max_request_body_bytes is a 413 before a byte of it is read, a chunked body is
+       counted as it arrives (413 once past the limit); a body not complete within
+       request_read_timeout seconds is a 408 (both answers close the connection); a client
+       that goes away while uploading is dropped quietly (a debug line)
+    5. generation routes over max_concurrent in flight -> 429; counted only now, after the
+       body has arrived (a slow upload holds no slot), and held until the response (stream
+       included) has been sent, which is also what drain waits for
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
 GET /health, GET /metrics, POST /tokenize, POST /detokenize.
@@ -16,6 +22,8 @@ GET /health, GET /metrics, POST /tokenize, POST /detokenize.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hmac
 import logging
 import posixpath
@@ -30,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from jaxserve.engine.input_processor import max_chars_per_token
 from jaxserve.entrypoints.openai.errors import OpenAIError, bad_request
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -40,6 +49,13 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_READ_TIMEOUT_S = 30.0
+TOKENIZE_WORKERS = 4
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body had arrived."""
 
 
 def normalize_path(path: str) -> str:
@@ -67,8 +83,23 @@ class Gate:
         if error is not None:
             await error.response()(scope, receive, send)
             return
+        try:
+            body = await self._read_body(scope, receive)
+        except _ClientGone:
+            log.debug("client went away while sending the body of %s %s", scope.get("method"), path)
+            return
+        except OpenAIError as e:
+            response = e.response()
+            response.headers["connection"] = "close"  # the rest of the body is never read
+            await response(scope, receive, send)
+            return
+        receive = _replay(body, receive)
         if path not in GENERATION_PATHS:
             await self.app(scope, receive, send)
+            return
+        error = self._admit()
+        if error is not None:
+            await error.response()(scope, receive, send)
             return
         self.state.in_flight += 1
         try:
@@ -79,14 +110,57 @@ class Gate:
     def _refuse(self, scope: Scope, path: str) -> OpenAIError | None:
         state = self.state
         if state.draining and path != "/metrics":
-            return OpenAIError(503, "the server is shutting down", type="server_error", code="draining")
+            return _draining()
         if self._key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
             return OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
-        if path in GENERATION_PATHS and state.max_concurrent is not None and state.in_flight >= state.max_concurrent:
+        return None
+
+    def _admit(self) -> OpenAIError | None:
+        state = self.state
+        if state.draining:  # began while the body was arriving
+            return _draining()
+        if state.max_concurrent is not None and state.in_flight >= state.max_concurrent:
             return OpenAIError(429, f"too many concurrent requests (the limit is {state.max_concurrent}); retry later",
                                type="rate_limit_error", code="rate_limit_exceeded")
         return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole body within the size limit and the read timeout (see the module doc)."""
+        limit, timeout = self.state.max_body_bytes, self.state.read_timeout
+        if limit is not None:
+            for name, value in scope.get("headers", ()):
+                if name.lower() == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        raise bad_request("the Content-Length header is not a number") from None
+                    if length > limit:
+                        raise _too_large(limit, f"Content-Length is {length}")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                if deadline is None:
+                    message = await receive()
+                else:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise OpenAIError(408, f"the request body did not arrive within the server's read timeout of "
+                                  f"{timeout:g} s (request_read_timeout); {size} bytes came", code="request_timeout",
+                                  type="invalid_request_error") from None
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise _too_large(limit, f"more than {limit} bytes came")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _authorized(self, scope: Scope) -> bool:
         given = b""
@@ -98,15 +172,49 @@ class Gate:
         return hmac.compare_digest(given, self._key)
 
 
+def _draining() -> OpenAIError:
+    return OpenAIError(503, "the server is shutting down", type="server_error", code="draining")
+
+
+def _too_large(limit: int, what: str) -> OpenAIError:
+    return OpenAIError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                       f"(max_request_body_bytes): {what}", code="request_too_large")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the app the body already read, then the client's own messages
+    (disconnect detection)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
 def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None, max_concurrent: int | None = None,
-              chat_template: str | None = None, tool_parser: str | None = None) -> FastAPI:
+              chat_template: str | None = None, tool_parser: str | None = None,
+              max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+              request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> FastAPI:
     """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
-    Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing)."""
+    Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing).
+    `max_request_body_bytes` (413 above) and `request_read_timeout` (seconds; 408 after):
+    None for no limit."""
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 or None, got {max_concurrent}")
     if api_key is not None and not api_key:
         raise ValueError("api_key must not be empty (use None for no auth)")
-    state = ServingState(served_model_name, api_key=api_key, max_concurrent=max_concurrent)
+    if max_request_body_bytes is not None and max_request_body_bytes < 1:
+        raise ValueError(f"max_request_body_bytes must be >= 1 or None, got {max_request_body_bytes}")
+    if request_read_timeout is not None and not request_read_timeout > 0:
+        raise ValueError(f"request_read_timeout must be > 0 or None, got {request_read_timeout}")
+    state = ServingState(served_model_name, api_key=api_key, max_concurrent=max_concurrent,
+                         max_body_bytes=max_request_body_bytes, read_timeout=request_read_timeout,
+                         max_prompt_chars=engine.max_model_len * max_chars_per_token(engine.tokenizer),
+                         executor=concurrent.futures.ThreadPoolExecutor(TOKENIZE_WORKERS,
+                                                                        thread_name_prefix="jaxserve-tokenize"))
     completions = OpenAIServingCompletion(engine, state)
     chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser)
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -173,13 +281,16 @@ def _add_routes(app: FastAPI, engine: Any, state: ServingState, completions: Ope
         return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict:
+    async def tokenize(request: Request) -> Response:
         body = completions.parse(await request.body(), TokenizeRequest)
         if body.messages is not None:
-            ids = chat.render(body.messages, add_generation_prompt=body.add_generation_prompt)
+            ids = await chat.render_async(body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
-            ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+            ids = await state.offload(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
+        # a big answer is rendered in the pool too, in slices (json.dumps of 10^6 ints holds
+        # the GIL for ~0.1 s in one call; between slices the event loop gets its turn)
+        content = await state.offload(_tokenize_json, ids, engine.max_model_len)
+        return Response(content, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
@@ -188,7 +299,20 @@ def _add_routes(app: FastAPI, engine: Any, state: ServingState, completions: Ope
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"tokens must be in [0, {vocab}), got {bad[0]}", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return {"prompt": await state.offload(engine.tokenizer.decode, body.tokens)}
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _tokenize_json(ids: list[int], max_model_len: int, slice_len: int = 16384) -> bytes:
+    """{"count", "max_model_len", "tokens"} as JSONResponse renders it."""
+    parts = [b'{"count":%d,"max_model_len":%d,"tokens":[' % (len(ids), max_model_len)]
+    for i in range(0, len(ids), slice_len):
+        parts.append((b"," if i else b"") + ",".join(map(str, ids[i:i + slice_len])).encode())
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 def _json(result: Response | dict) -> Response:

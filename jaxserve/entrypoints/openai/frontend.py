@@ -77,3 +77,5 @@ class HttpFrontend:
         if self._task is not None:
             await self._task
         await server.shutdown()
+        if self.state.executor is not None:
+            self.state.executor.shutdown(wait=False, cancel_futures=True)

@@ -72,8 +72,8 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: Request) -> Response:
         body = self.parse(await request.body(), ChatCompletionRequest)
         template_tools, parser = self._tool_mode(body)
-        prompt_ids = self.render(body.messages, template_tools, body.add_generation_prompt,
-                                 body.chat_template_kwargs)
+        prompt_ids = await self.render_async(body.messages, template_tools, body.add_generation_prompt,
+                                             body.chat_template_kwargs)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -105,6 +105,13 @@ class OpenAIServingChat(OpenAIServing):
             raise bad_request(f"tool_choice {choice!r} needs a server started with a tool-call parser "
                               "(--tool-call-parser hermes or llama3_json)", param="tool_choice")
         return tools, self.tool_parser
+
+    async def render_async(self, messages: list[ChatMessage], tools: list[dict] | None = None,
+                           add_generation_prompt: bool = True,
+                           template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """render() after the cheap size pre-check, in the worker pool (off the event loop)."""
+        self.check_chars(sum(_chars(m) for m in messages), "messages")
+        return await self.state.offload(self.render, messages, tools, add_generation_prompt, template_kwargs)
 
     def render(self, messages: list[ChatMessage], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -232,6 +239,13 @@ class OpenAIServingChat(OpenAIServing):
     def _token_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
         return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+
+def _chars(m: ChatMessage) -> int:
+    """The characters of a message's text (what the pre-check counts)."""
+    if isinstance(m.content, list):
+        return sum(len(p.text or "") for p in m.content)
+    return len(m.content or "")
 
 
 def _json_or_text(arguments: str) -> Any:

@@ -31,11 +31,14 @@ class OpenAIServingCompletion(OpenAIServing):
         self._check_supported(body)
         prompts = self._prompts(body)
         params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+        texts = [p if isinstance(p, str) else None for p in prompts]  # for echo: the text as sent
+        prompts = await self.tokenize_prompts(prompts)  # the engine gets token ids
         response_id = self.new_id("cmpl")
         requests = await self.start(body, prompts, params, response_id)
         if body.stream:
-            return stream_response(requests, lambda: self._events(body, requests, response_id))
-        return await unless_disconnected(request, requests, lambda: self._collect(body, requests, response_id))
+            return stream_response(requests, lambda: self._events(body, requests, response_id, texts))
+        return await unless_disconnected(request, requests,
+                                         lambda: self._collect(body, requests, response_id, texts))
 
     @staticmethod
     def _check_supported(body: CompletionRequest) -> None:
@@ -64,14 +67,15 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # -- non-streaming ----------------------------------------------------------------
 
-    async def _collect(self, body: CompletionRequest, requests: EngineRequests, response_id: str) -> dict:
+    async def _collect(self, body: CompletionRequest, requests: EngineRequests, response_id: str,
+                       texts: list[str | None]) -> dict:
         acc: dict[int, RequestOutput] = {}
         async for i, delta in requests:
             acc[i] = merge_delta(acc.get(i), delta)
         choices, completion_tokens = [], 0
         for i in range(len(requests.prompts)):
             out = acc[i]
-            prefix = self._prompt_text(out) if body.echo else ""
+            prefix = self._prompt_text(out, texts[i]) if body.echo else ""
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 logprobs = None
@@ -84,7 +88,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # -- streaming --------------------------------------------------------------------
 
-    async def _events(self, body: CompletionRequest, requests: EngineRequests, response_id: str) -> AsyncIterator[str]:
+    async def _events(self, body: CompletionRequest, requests: EngineRequests, response_id: str,
+                      texts: list[str | None]) -> AsyncIterator[str]:
         created = self.created()
         options = body.stream_options
         include_usage = options is not None and options.include_usage
@@ -101,7 +106,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 text = c.text
                 if body.echo and index not in echoed:
                     echoed.add(index)
-                    text = self._prompt_text(delta) + text
+                    text = self._prompt_text(delta, texts[i]) + text
                 logprobs = None
                 if body.logprobs is not None and c.logprobs:
                     logprobs, offsets[index] = self._logprobs(c, body.logprobs, offsets[index])
@@ -125,7 +130,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason}
 
-    def _prompt_text(self, out: RequestOutput) -> str:
+    def _prompt_text(self, out: RequestOutput, text: str | None) -> str:
+        if text is not None:
+            return text
         return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
 
     def _logprobs(self, c: CompletionOutput, k: int, offset: int) -> tuple[dict[str, list], int]:

@@ -16,12 +16,21 @@ EngineRequests.start also caps engine sequences (prompts x n) in flight at max_c
 a request needing more than the whole cap is a 400 naming `n` (or `prompt`), one that does
 not fit beside the sequences in flight is a 429. A prompt's n sequences are released when
 its engine request ends (all of them when the EngineRequests closes).
+
+Off the event loop and off the engine thread: chat-template rendering and the tokenization
+of string prompts run in the front end's worker pool (ServingState.executor, a few threads,
+via loop.run_in_executor); the engine gets token ids, so its thread never tokenizes a big
+string. Before a string is tokenized its length in characters is checked against
+max_prompt_chars (max_model_len x the most characters one token can stand for): a longer
+prompt cannot fit whatever it tokenizes to, and is a 400 naming max_model_len at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -58,6 +67,16 @@ class ServingState:
     in_flight: int = 0  # generation requests being served (the Gate's max_concurrent count)
     in_flight_seqs: int = 0  # engine sequences (prompts x n) admitted and not yet released
     request_ids: set[str] = dataclasses.field(default_factory=set)  # engine requests in flight
+    max_body_bytes: int | None = None  # request bodies above: 413 (the Gate, app.py)
+    read_timeout: float | None = None  # seconds a request body may take to arrive; then 408
+    max_prompt_chars: int | None = None  # string prompts longer: 400 before tokenizing
+    executor: concurrent.futures.Executor | None = None  # tokenization / template rendering
+
+    async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) in the worker pool (inline without one)."""
+        if self.executor is None:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
 
 class EngineRequests:
@@ -192,6 +211,35 @@ class OpenAIServing:
             raise model_not_found(model_name)
         return body
 
+    def check_chars(self, n_chars: int, param: str) -> None:
+        """The cheap pre-check before tokenizing (see the module doc)."""
+        limit = self.state.max_prompt_chars
+        if limit is not None and n_chars > limit:
+            raise bad_request(_named(param, f"prompt has {n_chars} characters, more than any prompt that fits "
+                                     f"max_model_len ({self.engine.max_model_len} tokens) can have ({limit} "
+                                     f"characters)"), param=param)
+
+    def encode(self, text: str) -> list[int]:
+        """A string prompt's token ids, exactly as the engine would tokenize it."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    async def tokenize_prompts(self, prompts: list[str | list[int]], param: str = "prompt") -> list[str | list[int]]:
+        """Each non-empty string prompt checked (check_chars) and tokenized in the worker
+        pool; token-id prompts longer than the context refused without the engine."""
+        out: list[str | list[int]] = []
+        limit = self.engine.max_model_len
+        for p in prompts:
+            if isinstance(p, str) and p:
+                self.check_chars(len(p), param)
+                out.append(await self.state.offload(self.encode, p))
+            else:
+                out.append(p)
+            if isinstance(out[-1], list) and len(out[-1]) >= limit:
+                raise bad_request(_named(param, f"prompt has {len(out[-1])} tokens; max_model_len is {limit}, so at "
+                                         f"most {limit - 1} prompt tokens leave room for one generated token"),
+                                  param=param)
+        return out
+
     def value_error(self, e: ValueError, body: BaseModel) -> OpenAIError:
         return from_value_error(e, type(body).model_fields, self.aliases_for(body))
 
@@ -248,6 +296,11 @@ class OpenAIServing:
     @staticmethod
     def created() -> int:
         return int(time.time())
+
+
+def _named(param: str, message: str) -> str:
+    """Messages start with the request's field (as from_value_error writes them)."""
+    return message if message.startswith(param) else f"{param}: {message}"
 
 
 def sse(obj: Any) -> str:
