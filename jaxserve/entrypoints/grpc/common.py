@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from jaxserve.engine.async_llm import AsyncLLM, EngineDeadError
+from jaxserve.engine.async_llm import AsyncLLM, EngineDeadError, RequestError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -128,6 +128,8 @@ class EngineCaller:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except EngineDeadError as e:
                 self.on_engine_dead()
+                await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            except RequestError as e:  # this request failed; the engine serves the others
                 await context.abort(grpc.StatusCode.INTERNAL, str(e))
             finally:
                 await stream.aclose()  # aborts the request if it did not finish
