@@ -144,10 +144,13 @@ def _install_one(engine, faults: Faults) -> list[Callable[[], None]]:
     if faults.request_marker is not None:
         marker, outputs = faults.request_marker, engine.outputs
 
+        def prompt_text(group) -> str:  # front ends may send token ids: match their text too
+            return group.prompt if group.prompt is not None else engine.tokenizer.decode(group.prompt_token_ids)
+
         def make_output(output):
             def faulty_output(req, finish):
                 group = outputs.groups.get(req.parent_id)
-                if group is not None and group.prompt is not None and marker in group.prompt:
+                if group is not None and marker in prompt_text(group):
                     raise InjectedFault(f"injected output-processing failure for request {req.parent_id!r}")
                 return output(req, finish)
             return faulty_output

@@ -43,6 +43,11 @@ def engine_dead(e: BaseException) -> OpenAIError:
     return OpenAIError(503, f"the engine is not running: {e}", type="server_error", code="engine_dead")
 
 
+def request_failed(e: BaseException) -> OpenAIError:
+    """A failure traced to this request alone (the engine goes on serving the others)."""
+    return OpenAIError(500, str(e), type="server_error", code="request_failed")
+
+
 def from_validation_error(e: ValidationError, fields: Collection[str]) -> OpenAIError:
     first = e.errors(include_url=False)[0]
     loc = [str(p) for p in first["loc"]]

@@ -42,9 +42,9 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from jaxserve.engine.async_llm import EngineDeadError
+from jaxserve.engine.async_llm import EngineDeadError, RequestError
 from jaxserve.entrypoints.openai.errors import (OpenAIError, bad_request, engine_dead, from_validation_error,
-                                                from_value_error, model_not_found)
+                                                from_value_error, model_not_found, request_failed)
 from jaxserve.outputs import Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -269,6 +269,8 @@ class OpenAIServing:
             raise self.value_error(e, body) from None
         except EngineDeadError as e:
             raise engine_dead(e) from None
+        except RequestError as e:
+            raise request_failed(e) from None
         return requests
 
     # -- output -----------------------------------------------------------------------
@@ -314,6 +316,8 @@ def error_event(e: Exception) -> str:
     """An error in the middle of a stream (the status line has gone already)."""
     if isinstance(e, EngineDeadError):
         e = engine_dead(e)
+    elif isinstance(e, RequestError):
+        e = request_failed(e)
     elif not isinstance(e, OpenAIError):
         log.exception("error while streaming a response")
         e = OpenAIError(500, f"internal error: {type(e).__name__}", type="server_error")
@@ -351,6 +355,8 @@ async def unless_disconnected(request: Request, requests: EngineRequests,
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
     except EngineDeadError as e:
         raise engine_dead(e) from None
+    except RequestError as e:
+        raise request_failed(e) from None
     finally:
         if not task.done():
             task.cancel()
