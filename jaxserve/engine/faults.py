@@ -11,14 +11,17 @@ test on an engine it owns:
     JAXSERVE_FAULTS="request_marker=@@FAIL@@"       output processing of every request whose
                                                     prompt text contains the marker raises:
                                                     a traced failure, only that request ends
+    JAXSERVE_FAULTS="nan_logits_after=3"            from the 4th step on, the sampler sees NaN
+                                                    hidden states (so NaN logits): the engine
+                                                    must keep serving (tokens are garbage)
 
     with faults.installed(engine, Faults(request_marker="X")):  # a test; restored after
         ...
 
-Hooks are instance attributes wrapped around `runner.dispatch`, `runner.collect` and
+Hooks are instance attributes wrapped around `runner.dispatch`, `runner.collect`,
+`runner._sample` (the jitted sampler program: its hidden-state input is poisoned) and
 `OutputProcessor._output` of each (replica) engine, so an engine without faults runs exactly
-its own code. NaN logits are not offered: the logits never leave the jitted step (only the
-sampled tokens and logprobs come back), so that needs a hook inside the model runner.
+its own code.
 """
 
 from __future__ import annotations
@@ -45,11 +48,12 @@ class Faults:
     step_hang_after: int | None = None  # steps collected fine before one sleeps step_hang_s
     step_hang_s: float = 0.0
     request_marker: str | None = None  # a prompt containing this fails in output processing
+    nan_logits_after: int | None = None  # sampler calls fine before the hidden states turn NaN
 
     @property
     def active(self) -> bool:
         return (self.step_raise_after is not None or self.step_hang_after is not None
-                or self.request_marker is not None)
+                or self.request_marker is not None or self.nan_logits_after is not None)
 
     @classmethod
     def parse(cls, spec: str) -> "Faults":
@@ -141,6 +145,17 @@ def _install_one(engine, faults: Faults) -> list[Callable[[], None]]:
                 return collect(*args, **kwargs)
             return hanging_collect
         undo.append(_wrap(engine.runner, "collect", make_collect))
+    if faults.nan_logits_after is not None:
+        sampled = [0]
+
+        def make_sample(sample):
+            def nan_sample(params, state, hidden, inputs):
+                if sampled[0] >= faults.nan_logits_after:
+                    hidden = hidden * float("nan")
+                sampled[0] += 1
+                return sample(params, state, hidden, inputs)
+            return nan_sample
+        undo.append(_wrap(engine.runner, "_sample", make_sample))
     if faults.request_marker is not None:
         marker, outputs = faults.request_marker, engine.outputs
 

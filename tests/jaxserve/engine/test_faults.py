@@ -168,6 +168,26 @@ def test_hang_fault_delays_one_step(llm, engine):
     assert len(out.outputs[0].token_ids) == 4 and engine.healthy
 
 
+def test_nan_logits_do_not_stop_the_engine(llm, engine):
+    """NaN logits from some step on (greedy, sampled, top-k/p, penalties, logprobs): every
+    request still ends with in-vocabulary tokens, and afterwards outputs are exact again."""
+    assert engine.wait_idle(10)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    before = asyncio.run(collect(engine, "Hello world", greedy)).outputs[0].token_ids
+    kinds = [greedy, SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=1, ignore_eos=True),
+             SamplingParams(max_tokens=6, temperature=1.0, repetition_penalty=1.3, logprobs=2, ignore_eos=True)]
+    vocab = llm.engine.model_config.vocab_size
+    with faults.installed(llm.engine, faults.Faults(nan_logits_after=2)):
+        async def main():
+            return await asyncio.gather(*(collect(engine, f"Hello {i}", p) for i, p in enumerate(kinds)))
+        outs = asyncio.run(main())
+    for out in outs:
+        ids = out.outputs[0].token_ids
+        assert len(ids) == 6 and all(0 <= t < vocab for t in ids)
+    assert engine.healthy
+    assert asyncio.run(collect(engine, "Hello world", greedy)).outputs[0].token_ids == before
+
+
 def test_device_failure_kills_engine_every_request_gets_engine_dead(llm):
     """Last in the module: it leaves the shared LLMEngine dead."""
     dead = AsyncLLM(engine=llm.engine)
