@@ -41,7 +41,9 @@ broadcast is one collective of a fixed-size header (a second one only for a larg
 and happens at sync iterations only, which each broadcast announces: while requests run and
 no commands come, syncs thin out to one per MAX_SYNC_INTERVAL steps (or SYNC_LATENCY_S), and
 a command waits for the next sync (so there an abort frees its pages within that bound, not
-within one step).
+within one step). A broadcast that fails (a peer died: its connections closed) or takes
+over JAXSERVE_COLLECTIVE_TIMEOUT_S (a peer hangs) raises CollectiveError on the engine
+thread: the engine is dead, under the contract above, instead of hanging in the collective.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -76,6 +79,15 @@ HEADER_BYTES = 4096
 _FIELDS = 8  # header bytes before the inline payload: uint32 length, uint32 interval
 MAX_SYNC_INTERVAL = 16
 SYNC_LATENCY_S = 0.02
+# The longest one broadcast may take (JAXSERVE_COLLECTIVE_TIMEOUT_S; 0: no bound). Every
+# process reaches each sync within about a step of the others (the leader syncs at least
+# every 0.5 s while idle), so only a dead or hung process makes one wait this long; then the
+# engine dies (EngineDeadError for everyone, `jaxserve serve` exits 3) instead of hanging.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 60.0
+
+
+class CollectiveError(RuntimeError):
+    """A multi-host broadcast failed or timed out: a process of the run died or hangs."""
 
 
 class EngineDeadError(RuntimeError):
@@ -388,17 +400,79 @@ def _broadcast_bytes(payload: bytes, interval: int = 1) -> tuple[bytes, int]:
     so the collectives compile for a handful of shapes, not one per payload length.
     """
     import numpy as np
-    from jax.experimental import multihost_utils
 
     header = np.zeros(HEADER_BYTES, np.uint8)
     header[:_FIELDS] = np.frombuffer(np.array([len(payload), interval], "<u4").tobytes(), np.uint8)
     if len(payload) <= HEADER_BYTES - _FIELDS:
         header[_FIELDS:_FIELDS + len(payload)] = np.frombuffer(payload, np.uint8)
-    header = np.asarray(multihost_utils.broadcast_one_to_all(header), np.uint8)
+    header = np.asarray(_bounded_broadcast(header), np.uint8)
     n, interval = (int(v) for v in np.frombuffer(header[:_FIELDS].tobytes(), "<u4"))
     if n <= HEADER_BYTES - _FIELDS:
         return header[_FIELDS:_FIELDS + n].tobytes(), interval
     buf = np.zeros(1 << (n - 1).bit_length(), np.uint8)
     if len(payload) == n:  # the leader (the others pass b"")
         buf[:n] = np.frombuffer(payload, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)[:n].tobytes(), interval
+    return np.asarray(_bounded_broadcast(buf), np.uint8)[:n].tobytes(), interval
+
+
+def collective_timeout_s() -> float | None:
+    """JAXSERVE_COLLECTIVE_TIMEOUT_S (default DEFAULT_COLLECTIVE_TIMEOUT_S); None for 0 (no bound)."""
+    raw = os.environ.get("JAXSERVE_COLLECTIVE_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"JAXSERVE_COLLECTIVE_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else None
+
+
+def _bounded_broadcast(x):
+    """multihost_utils.broadcast_one_to_all(x) (process 0's x on every process), raising
+    CollectiveError when it fails (a peer closed its connection: it died) or takes longer than
+    collective_timeout_s() (a peer hangs, or its host vanished without closing the connection).
+
+    The collective is dispatched here, on the engine thread, exactly as broadcast_one_to_all
+    does it: dispatching it from another thread reorders it against the engine's in-flight
+    (asynchronously dispatched) step on some backends (the CPU client: gloo then sees
+    mismatched collectives and aborts the process). Only the wait for its result runs in a
+    daemon thread, so that the engine thread can give up on it; a timed-out wait stays
+    blocked there, harmless since the engine is dead then and the process about to exit."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec as P
+
+    if jax.process_count() == 1:
+        return multihost_utils.broadcast_one_to_all(x)
+    timeout = collective_timeout_s()
+    try:
+        devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+        mesh = jax.sharding.Mesh(devices, ("processes", "local_devices"))
+        inp = x if jax.process_index() == 0 else np.zeros_like(x)
+        inp = multihost_utils.host_local_array_to_global_array(np.expand_dims(inp, 0), mesh, P("processes"))
+        with jax.set_mesh(mesh):
+            out = jax.jit(_sum_over_processes, out_shardings=P())(inp)
+        if timeout is not None:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+
+            def wait() -> None:
+                try:
+                    done.set_result(out.block_until_ready())
+                except BaseException as e:  # noqa: BLE001 - handed to the engine thread
+                    done.set_exception(e)
+
+            threading.Thread(target=wait, name="jaxserve-broadcast-wait", daemon=True).start()
+            done.result(timeout=timeout)
+        return jax.device_get(out.addressable_data(0))
+    except concurrent.futures.TimeoutError:
+        raise CollectiveError(
+            f"a multi-host command broadcast did not complete within {timeout:g} s "
+            "(JAXSERVE_COLLECTIVE_TIMEOUT_S): another process of the run is dead or hung") from None
+    except Exception as e:  # noqa: BLE001
+        raise CollectiveError(f"a multi-host command broadcast failed (another process of the run "
+                              f"probably died): {type(e).__name__}: {e}") from e
+
+
+def _sum_over_processes(x):
+    import jax.numpy as jnp
+
+    return jnp.sum(x, dtype=x.dtype, axis=0)

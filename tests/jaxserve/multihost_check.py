@@ -27,6 +27,8 @@ def main(coordinator: str, num_processes: int, process_id: int, model_dir: str, 
               seq_buckets=[16])
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work]
     counts = None
+    if mode == "peer_dies":
+        return peer_dies(llm)
     if mode == "offline":  # every process makes the same call
         tokens = [o.outputs[0].token_ids for o in llm.generate([p for p, _ in work], params, use_tqdm=False)]
     else:  # serving: only process 0 takes requests; the others follow its broadcast commands
@@ -42,8 +44,6 @@ def serve(llm, work, params):
 
     import jax
 
-    from jax.experimental import multihost_utils
-
     from jaxserve import AsyncLLM
     from jaxserve.engine import async_llm
     from jaxserve.engine.llm import merge_delta
@@ -54,7 +54,7 @@ def serve(llm, work, params):
     # intervals grow whatever this machine's step time.
     async_llm.SYNC_LATENCY_S = 10.0
     counts = {"collectives": 0, "payload_collectives": 0, "steps": 0}
-    broadcast, step = multihost_utils.broadcast_one_to_all, llm.engine.step
+    broadcast, step = async_llm._bounded_broadcast, llm.engine.step
 
     def counted_broadcast(x, *args, **kwargs):
         counts["collectives"] += 1
@@ -65,7 +65,7 @@ def serve(llm, work, params):
         counts["steps"] += 1
         return step(*args, **kwargs)
 
-    multihost_utils.broadcast_one_to_all, llm.engine.step = counted_broadcast, counted_step
+    async_llm._bounded_broadcast, llm.engine.step = counted_broadcast, counted_step
     engine = AsyncLLM(engine=llm.engine)
     if jax.process_index() != 0:
         engine.wait()
@@ -83,6 +83,43 @@ def serve(llm, work, params):
     tokens = asyncio.run(run_all())
     engine.shutdown()
     return tokens, counts
+
+
+def peer_dies(llm):
+    """The test kills (or stops) the follower while the leader serves a long request: the
+    leader's request must end with EngineDeadError within the bound, and the engine report
+    unhealthy. The leader prints "STREAMING" once tokens flow, then its RESULT, and leaves
+    with os._exit (jax.distributed's exit barrier would wait for the dead peer)."""
+    import asyncio
+    import time
+
+    import jax
+
+    from jaxserve import AsyncLLM, SamplingParams
+
+    engine = AsyncLLM(engine=llm.engine)
+    if jax.process_index() != 0:
+        engine.wait()
+        return
+    result = {"process": 0, "tokens": 0}
+
+    async def run():
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        try:
+            async for delta in engine.generate([5, 6, 7], params):
+                result["tokens"] += len(delta.outputs[0].token_ids)
+                if "streaming_at" not in result:
+                    result["streaming_at"] = time.monotonic()
+                    print("STREAMING", flush=True)
+        except Exception as e:  # noqa: BLE001
+            result["error"] = f"{type(e).__name__}: {e}"
+            result["failed_after_s"] = time.monotonic() - result.pop("streaming_at")
+        result.pop("streaming_at", None)
+
+    asyncio.run(run())
+    result["healthy"] = engine.healthy
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,48 @@ def test_two_processes_serve_like_one(model8):
     assert 0 < counts["collectives"] < counts["steps"]
 
 
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_dead_follower_kills_the_leader_engine_within_the_bound(model8, how):
+    """Multi-host, the follower dies (SIGKILL: its connections close) or hangs (SIGSTOP: they
+    stay open, nothing answers) while the leader serves: the leader's next broadcast fails
+    (at once when killed, after JAXSERVE_COLLECTIVE_TIMEOUT_S when stopped), so its in-flight
+    request ends with EngineDeadError naming the broadcast and the engine reports unhealthy,
+    instead of the leader hanging in the collective forever."""
+    import signal
+    import time
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXSERVE_COLLECTIVE_TIMEOUT_S": "3"}
+    procs = [subprocess.Popen([sys.executable, "-u", str(HERE / "multihost_check.py"), f"127.0.0.1:{port}", "2",
+                               str(i), str(model8), CPU, "peer_dies"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env) for i in range(2)]
+    leader, follower = procs
+    try:
+        for line in leader.stdout:
+            if line.startswith("STREAMING"):
+                break
+        else:
+            pytest.fail("the leader never streamed")
+        follower.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        killed_at = time.monotonic()
+        out, _ = leader.communicate(timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    (result,) = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    print(result, f"{elapsed:.2f} s")
+    assert leader.returncode == 0
+    assert result["error"].startswith("EngineDeadError") and "broadcast" in result["error"], result
+    assert result["healthy"] is False
+    assert 0 < result["tokens"] < 400
+    assert elapsed < (10 if how == "killed" else 3 + 10)
+    if how == "stopped":
+        assert "did not complete within 3 s" in result["error"]
+
+
 def test_invalid_meshes_are_refused_with_what_to_change():
     cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
