@@ -29,6 +29,9 @@ MAX_LOGIT_BIAS = 100.0  # |logit_bias| bound, as OpenAI
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing logits by
 # a tiny temperature only amplifies noise and can overflow.
 GREEDY_TEMPERATURE_EPS = 1e-5
+# Stop strings are searched on every output chunk: bound their number and length.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
 INT32_MAX = 2**31 - 1  # counts (n, top_k, max_tokens, min_tokens) and token ids
 FLOAT32_MAX = 3.4028234663852886e38  # |float field| bound: the device columns are float32
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # signed or unsigned 64-bit
@@ -72,9 +75,13 @@ def _as_stop(value: Any) -> tuple[str, ...]:
         value = (value,)
     if not isinstance(value, (list, tuple)):
         raise _fail("stop", "None, a str or a list of str", value)
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(value)}")
     for s in value:
         if not isinstance(s, str) or not s:
             raise _fail("stop", "non-empty strings", s)
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters, got {len(s)}")
     return tuple(value)
 
 

@@ -150,6 +150,11 @@ class AsyncLLM:
         return self._error is None and not self._stopped and self._thread.is_alive()
 
     @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine, or None (running, or shut down on purpose)."""
+        return self._error
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 

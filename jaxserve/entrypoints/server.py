@@ -176,6 +176,11 @@ def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: 
     if not engine.is_leader:
         log.info("multi-host follower: running the engine for process 0, which serves")
         engine.wait()
+        if engine.error is not None:  # its engine died (a step failed, or the leader is gone)
+            log.critical("multi-host follower: the engine died (%s); exiting with status %d",
+                         engine.error, EXIT_ENGINE_DEAD)
+            _arm_exit_backstop()
+            return EXIT_ENGINE_DEAD
         return 0
     try:
         return asyncio.run(run(engine, [make(engine) for make in frontends], grace=grace,

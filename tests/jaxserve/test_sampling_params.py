@@ -134,3 +134,13 @@ def test_validate_for_model():
     SamplingParams(top_k=10).validate_for_model(vocab_size=10)  # the whole vocabulary, as vLLM
     with pytest.raises(ValueError, match=r"top_k must be <= vocab_size \(10\)"):
         SamplingParams(top_k=11).validate_for_model(vocab_size=10)
+
+
+def test_stop_strings_are_bounded_in_number_and_length():
+    from jaxserve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+    assert len(SamplingParams(stop=["x"] * MAX_STOP_STRINGS).stop) == MAX_STOP_STRINGS
+    with pytest.raises(ValueError, match=f"stop must hold at most {MAX_STOP_STRINGS} strings, got"):
+        SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))
+    with pytest.raises(ValueError, match="stop strings must be at most"):
+        SamplingParams(stop=["x" * (MAX_STOP_STRING_CHARS + 1)])
