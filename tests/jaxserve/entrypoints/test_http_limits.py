@@ -22,7 +22,7 @@ from http_helpers import CPU, MODEL, ServerThread, base_url
 from jaxserve import AsyncLLM, LLM
 
 LIMIT = 64 * 1024
-READ_TIMEOUT = 1.0
+READ_TIMEOUT = 3.0  # s; long enough that a whole request beside stalled uploads finishes first
 COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
 
 
