@@ -178,8 +178,6 @@ def test_duplicate_request_id_refused_without_touching_the_owner(engine):
 def test_bounds_checked_against_the_model(engine):
     """top_k up to the vocabulary, min_tokens within the resolved max_tokens, and a string
     prompt too long for any tokenization refused before the tokenizer runs."""
-    import time
-
     vocab = engine.engine.inputs.vocab_size
     limit = engine.max_model_len
 
