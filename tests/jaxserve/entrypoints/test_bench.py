@@ -13,31 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from engine_fixtures import write_engine_test_model
-from grpc_fixtures import LoopThread, wait_engine_idle
-from jaxserve import LLM, AsyncLLM
+from grpc_fixtures import wait_engine_idle
 from jaxserve.entrypoints import bench
 from jaxserve.entrypoints.cli import main as cli_main
 from jaxserve.entrypoints.client import Client
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench-model")
-    write_engine_test_model(path)
-    llm = LLM(str(path), config=CPU)
-    a = AsyncLLM(engine=llm.engine)
-    yield a
-    a.shutdown()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

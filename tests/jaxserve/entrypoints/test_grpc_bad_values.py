@@ -12,20 +12,18 @@ an int64 and every int64 is a valid seed (both extremes are sent and must be acc
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import grpc
 import pytest
 
-from engine_fixtures import VOCAB, write_engine_test_model
-from grpc_fixtures import LoopThread, wait_engine_idle
-from jaxserve import LLM, AsyncLLM, SamplingParams
+from engine_fixtures import VOCAB
+from grpc_fixtures import wait_engine_idle
+from jaxserve import SamplingParams
 from jaxserve.entrypoints.client import Client
 from jaxserve.protos import jetstream_pb2 as js
 from jaxserve.protos.v1 import generate_pb2 as pb
 from jaxserve.worker.input_batch import MAX_BIAS_ENTRIES
 
-CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 KEY = "test-key-bad-values-0123"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -134,23 +132,6 @@ def _decode_cases() -> list[tuple[str, js.DecodeRequest, str]]:
 
 GENERATE_CASES = _generate_cases()
 DECODE_CASES = _decode_cases()
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grpc-bad-values-model")
-    write_engine_test_model(path)
-    llm = LLM(str(path), config=CPU)
-    a = AsyncLLM(engine=llm.engine)
-    yield a
-    a.shutdown()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

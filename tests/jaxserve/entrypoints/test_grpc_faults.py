@@ -3,32 +3,22 @@ server keeps serving everyone else."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import pytest
 
-from engine_fixtures import write_engine_test_model
-from grpc_fixtures import LoopThread, wait_engine_idle
-from jaxserve import LLM, AsyncLLM, SamplingParams
+from grpc_fixtures import wait_engine_idle
+from jaxserve import SamplingParams
 from jaxserve.engine import faults
 from jaxserve.entrypoints.client import Client
 
-CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grpc-faults-model")
-    write_engine_test_model(path)
-    engine = AsyncLLM(engine=LLM(str(path), config=CPU).engine)
-    loop = LoopThread()
+def served(engine, loop):
     frontend = loop.start_frontend(engine)
     yield engine, frontend
     loop.run(frontend.stop(0))
-    loop.close()
-    engine.shutdown()
 
 
 def test_traced_request_failure_is_internal_for_that_call_only(served):

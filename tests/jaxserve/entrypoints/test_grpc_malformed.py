@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from engine_fixtures import write_engine_test_model
-from grpc_fixtures import LoopThread, wait_engine_idle
-from jaxserve import LLM, AsyncLLM, SamplingParams
+from grpc_fixtures import wait_engine_idle
+from jaxserve import SamplingParams
 from jaxserve.entrypoints.client import Client
 from jaxserve.entrypoints.grpc import common
 from jaxserve.protos import jetstream_pb2 as js
 from jaxserve.protos.v1 import generate_pb2 as pb
 
-CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 KEY = "test-key-malformed-0123"
 AUTH = (("authorization", f"Bearer {KEY}"),)
 NO_KEYS = [(), (("authorization", "Bearer wrong-key"),)]
@@ -31,23 +28,6 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 GEN = "/jaxserve.v1.GenerationService/"
 JET = "/jetstream_proto.Orchestrator/"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("grpc-malformed-model")
-    write_engine_test_model(path)
-    llm = LLM(str(path), config=CPU)
-    a = AsyncLLM(engine=llm.engine)
-    yield a
-    a.shutdown()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")
