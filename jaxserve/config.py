@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 import yaml
 
-ATTENTION_BACKENDS = ("auto", "reference", "tpu", "gpu")
+from pallas_kernels.backend import BACKENDS
+
+ATTENTION_BACKENDS = BACKENDS  # see pallas_kernels.backend for what each name runs
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

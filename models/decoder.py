@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         self.attention_backend = attention_backend
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
         self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
-                           and pallas_kernels.resolve_backend(attention_backend) != "reference" else None)
+                           and pallas_kernels.is_kernel(attention_backend) else None)
         self.kv_heads_sharded = kv_heads_sharded
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md: AttentionMetadata, sliding_window: int | None):

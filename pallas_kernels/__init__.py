@@ -1,12 +1,13 @@
 """Pallas kernels (TPU and GPU) for jaxserve, each with a pure-JAX reference.
 
 ragged_paged_attention: one attention op for flat batches mixing prefill chunks and
-decode tokens over a paged KV cache (reference | tpu | gpu behind one validated wrapper).
+decode tokens over a paged KV cache, with named backends behind one validated wrapper
+(pallas_kernels.backend: reference, xla, jax_tpu, pallas_tpu, pallas_gpu).
 write_kv: stores a step's new K/V into their page slots.
 """
 
 from pallas_kernels.attention_api import ragged_paged_attention
-from pallas_kernels.backend import AttentionBackend, resolve_backend
+from pallas_kernels.backend import AttentionBackend, is_kernel, resolve_backend
 from pallas_kernels.kv_write import write_kv
 
-__all__ = ["AttentionBackend", "ragged_paged_attention", "resolve_backend", "write_kv"]
+__all__ = ["AttentionBackend", "is_kernel", "ragged_paged_attention", "resolve_backend", "write_kv"]

@@ -24,8 +24,11 @@ from pallas_kernels.backend import resolve_backend
 # Tuning knobs each backend accepts (static keyword arguments).
 TUNING_KEYS: dict[str, frozenset[str]] = {
     "reference": frozenset({"token_chunk"}),
-    "tpu": frozenset({"num_q_per_block", "num_kv_pages_per_block", "vmem_limit_bytes"}),
-    "gpu": frozenset({"num_q_per_block", "num_kv_pages_per_block", "num_warps", "num_stages"}),
+    "xla": frozenset({"num_kv_pages_per_block", "num_q_per_block"}),
+    "jax_tpu": frozenset({"num_q_per_block", "num_kv_pages_per_block", "vmem_limit_bytes"}),
+    "pallas_tpu": frozenset({"num_q_per_block", "num_kv_pages_per_block", "vmem_limit_bytes"}),
+    "pallas_gpu": frozenset({"num_q_per_block", "num_kv_pages_per_block", "num_kv_splits",
+                             "num_warps", "num_stages"}),
 }
 
 
@@ -91,10 +94,16 @@ def _dispatch(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_sca
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   **dict(tuning))
     args = (q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
-    if backend == "tpu":
+    if backend == "xla":
+        from pallas_kernels.attention_xla import ragged_paged_attention_xla
+        return ragged_paged_attention_xla(*args, **kwargs)
+    if backend == "jax_tpu":
+        from pallas_kernels.attention_tpu_jax import ragged_paged_attention_jax_tpu
+        return ragged_paged_attention_jax_tpu(*args, **kwargs)
+    if backend == "pallas_tpu":
         from pallas_kernels.attention_tpu import ragged_paged_attention_tpu
         return ragged_paged_attention_tpu(*args, **kwargs)
-    if backend == "gpu":
+    if backend == "pallas_gpu":
         from pallas_kernels.attention_gpu import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(*args, **kwargs)
     return ragged_paged_attention_reference(*args, **kwargs)
@@ -109,8 +118,8 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
 
     See the module docstring for shapes. sliding_window W: a query at position p sees keys
     in (p - W, p]. soft_cap c: logits = c * tanh(logits / c) (after sm_scale). Softmax runs
-    in float32. backend: "auto" | "reference" | "tpu" | "gpu" (kernels are interpreted on
-    CPU). `tuning` holds backend-specific block sizes (see TUNING_KEYS). Usable inside jit.
+    in float32. backend: one of pallas_kernels.backend.BACKENDS ("auto" picks by platform;
+    kernels forced off their platform are interpreted). `tuning` holds backend-specific block sizes (see TUNING_KEYS). Usable inside jit.
     """
     validate_attention_args(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)

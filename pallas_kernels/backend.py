@@ -1,4 +1,15 @@
-"""Attention backend names and the platform -> backend choice."""
+"""Attention backend names and the platform -> backend choice.
+
+Concrete backends (what each name runs):
+  reference   dense pure-JAX oracle: every query token against its whole block table (tests)
+  xla         pure-JAX path whose work follows each sequence's real context (CPU default,
+              and the fallback on every platform)
+  jax_tpu     the ragged paged attention kernel jax ships for TPU, with its tuned block
+              sizes (TPU default)
+  pallas_tpu  our TPU kernel (Mosaic)
+  pallas_gpu  our GPU kernel (Pallas' Triton back end; GPU default)
+Aliases: "auto" picks by platform; "tpu" and "gpu" name the platform's default kernel.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +17,45 @@ from typing import Literal, get_args
 
 import jax
 
-AttentionBackend = Literal["auto", "reference", "tpu", "gpu"]
+AttentionBackend = Literal["auto", "reference", "xla", "jax_tpu", "pallas_tpu", "pallas_gpu", "tpu", "gpu"]
 BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+CONCRETE_BACKENDS: tuple[str, ...] = ("reference", "xla", "jax_tpu", "pallas_tpu", "pallas_gpu")
+ALIASES: dict[str, str] = {"tpu": "jax_tpu", "gpu": "pallas_gpu"}
+# The platform a kernel is written for; the others run anywhere XLA does.
+KERNEL_PLATFORM: dict[str, str] = {"jax_tpu": "tpu", "pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
 def resolve_backend(name: str = "auto") -> str:
-    """Map a backend name to a concrete one: "reference", "tpu" or "gpu".
+    """Map a backend name to a concrete one (see the module docstring).
 
-    "auto" picks "tpu" on TPU, "gpu" on an NVIDIA GPU and "reference" elsewhere (CPU).
-    Forcing "tpu" or "gpu" on CPU is allowed: the kernels then run in interpret mode.
+    "auto" picks "jax_tpu" on TPU, "pallas_gpu" on an NVIDIA GPU and "xla" elsewhere (CPU).
+    Forcing a kernel off its platform is allowed: it then runs in interpret mode.
     """
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    if name in ALIASES:
+        return ALIASES[name]
     if name != "auto":
         return name
     platform = jax.default_backend()
     if platform == "tpu":
-        return "tpu"
+        return "jax_tpu"
     if platform in ("gpu", "cuda"):
-        return "gpu"
-    return "reference"
+        return "pallas_gpu"
+    return "xla"
+
+
+def is_kernel(backend: str) -> bool:
+    """True for a Pallas kernel (opaque to XLA's partitioner: runs per device under shard_map)."""
+    return resolve_backend(backend) in KERNEL_PLATFORM
 
 
 def interpret_mode(backend: str) -> bool:
     """True when a kernel for `backend` cannot run natively and must be interpreted."""
     platform = jax.default_backend()
-    if backend == "tpu":
+    target = KERNEL_PLATFORM.get(resolve_backend(backend))
+    if target == "tpu":
         return platform != "tpu"
-    if backend == "gpu":
+    if target == "gpu":
         return platform not in ("gpu", "cuda")
     return False

@@ -163,7 +163,7 @@ def test_presets_load_with_valid_meshes(preset):
     assert (over.data_parallel_size, over.tensor_parallel_size) == (1, 2)
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 def test_pallas_kernels_through_shard_map_equal_reference(backend):
     """Kernels are opaque to XLA's partitioner: under a mesh they run per device through
     shard_map, with kv heads split over the devices or replicated and sliced."""

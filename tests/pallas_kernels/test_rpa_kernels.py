@@ -39,7 +39,7 @@ def _case_id(case):
             + "-".join(f"{k[4:9]}{v}" for k, v in tuning.items()))
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kernel_matches_reference(backend, case):
     page_size, (hq, hkv), dtype, mix, window, cap, tuning = case
@@ -60,7 +60,7 @@ def test_kernel_matches_reference(backend, case):
     assert (got32[n:] == 0).all(), "padding rows must be zeros"
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 def test_kernel_with_no_sequences_returns_zeros(backend):
     batch = make_batch(MIXES["mixed"], max_seqs=6, num_tokens=24)
     args = list(batch.args)

@@ -45,8 +45,8 @@ def test_bad_shapes_and_dtypes_name_the_argument(over, needle):
     (dict(sliding_window=0), "sliding_window"),
     (dict(soft_cap=-1.0), "soft_cap"),
     (dict(backend="cuda"), "backend"),
-    (dict(backend="tpu", bogus_block=4), "bogus_block"),
-    (dict(backend="tpu", num_q_per_block=0), "num_q_per_block"),
+    (dict(backend="pallas_tpu", bogus_block=4), "bogus_block"),
+    (dict(backend="pallas_tpu", num_q_per_block=0), "num_q_per_block"),
 ])
 def test_bad_options_name_the_option(kw, needle):
     with pytest.raises(ValueError, match=needle):
@@ -60,9 +60,10 @@ def test_validation_happens_at_trace_time_inside_jit():
 
 
 def test_resolve_backend():
-    assert resolve_backend("auto") == ("reference" if jax.default_backend() == "cpu"
-                                       else resolve_backend("auto"))
-    for name in ("reference", "tpu", "gpu"):
+    assert resolve_backend("auto") == {"cpu": "xla", "tpu": "jax_tpu"}.get(jax.default_backend(),
+                                                                          "pallas_gpu")
+    for name in ("reference", "xla", "jax_tpu", "pallas_tpu", "pallas_gpu"):
         assert resolve_backend(name) == name
+    assert resolve_backend("tpu") == "jax_tpu" and resolve_backend("gpu") == "pallas_gpu"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("triton")
