@@ -5,9 +5,15 @@ maps the model's logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, 
 mesh axes. `data` > 1 means data parallelism: one engine replica per slice of `model`
 devices (see jaxserve/data_parallel.py); inside a replica, `model` is tensor parallelism.
 
+Kv heads (as vLLM): the KV cache's kv-head axis is split over the model axis, whole heads per
+device. With fewer kv heads than devices each kv head is copied model / kv_heads times
+(`Placement.kv_head_replicas`, applied by models.loader), so a device holds one head, the one
+its query heads read, never all of them.
+
 Refused at start, with what to change: a mesh whose size is not the device count, a model
-axis that does not divide the attention heads, rules naming unknown axes, and rules that put
-two logical axes of one array on the same mesh axis.
+axis that does not divide the attention heads, a model axis and kv heads of which neither is a
+multiple of the other, rules naming unknown axes, and rules that put two logical axes of one
+array on the same mesh axis.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models.config import ModelConfig
+from models.config import ModelConfig, kv_head_replicas
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,11 @@ class MeshConfig:
         if cfg.num_heads % self.model:
             raise MeshError(f"the model axis ({self.model}) must divide num_attention_heads ({cfg.num_heads}); "
                             f"use a model size among {[m for m in range(1, cfg.num_heads + 1) if cfg.num_heads % m == 0]}")
+        if self.rule_table.get("kv_heads") == "model":
+            try:
+                kv_head_replicas(cfg.num_kv_heads, self.model)
+            except ValueError as e:
+                raise MeshError(str(e)) from None
         if self.num_devices < len(devices):
             log.info("mesh data=%d x model=%d uses %d of the %d visible devices", self.data, self.model,
                      self.num_devices, len(devices))
@@ -134,7 +145,11 @@ class Placement:
         self.mesh = mesh
         self.size = mesh.shape["model"]
         self.rules = dict(rules)
-        self.dims = {"embed": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+        # Copies of each kv head the model must be loaded with (load_model(kv_head_replicas=)).
+        self.kv_head_replicas = (kv_head_replicas(cfg.num_kv_heads, self.size)
+                                 if self.rules.get("kv_heads") == "model" else 1)
+        self.dims = {"embed": cfg.hidden_size, "heads": cfg.num_heads,
+                     "kv_heads": cfg.num_kv_heads * self.kv_head_replicas,
                      "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size}
         self.replicated_axes = sorted(a for a, m in self.rules.items()
                                       if m is not None and self.dims[a] % self.size)
@@ -159,10 +174,17 @@ class Placement:
 
     @property
     def kv_sharding(self) -> NamedSharding:
-        """The KV cache [layers, P, page, 2 * kv_heads, head_dim] (models.decoder.init_kv_caches):
-        split over kv heads when they divide, never over layers (no rule can name "layers")."""
+        """The KV cache [layers, P, page, 2 * cache_kv_heads, head_dim] (models.decoder.init_kv_caches):
+        split over the cached kv heads (whole heads per device), never over layers (no rule can
+        name "layers")."""
         return self.sharding(("layers", None, None, "kv_heads", None))
 
     @property
     def kv_heads_sharded(self) -> bool:
         return self.mesh_axis("kv_heads") is not None
+
+    @property
+    def kv_heads_per_device(self) -> int:
+        """Cached kv heads each device holds (all of them when the rules keep kv heads whole)."""
+        heads = self.dims["kv_heads"]
+        return heads // self.size if self.kv_heads_sharded else heads

@@ -50,6 +50,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None  # dtype the checkpoint was saved in, for information
+    # Tensor parallelism over more devices than kv heads: each kv head is computed and cached
+    # this many times (k_proj / v_proj columns copied at load), so every device holds only the
+    # one copy its query heads read. 1 otherwise; never read from a HF config (see
+    # `for_tensor_parallel`).
+    kv_head_replicas: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -62,6 +67,10 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+        if not isinstance(self.kv_head_replicas, int) or self.kv_head_replicas < 1 \
+                or self.num_heads % self.cache_kv_heads:
+            raise ModelConfigError(f"kv_head_replicas must be a positive integer with {self.num_kv_heads} kv heads x "
+                                   f"replicas dividing {self.num_heads} query heads, got {self.kv_head_replicas!r}")
         if self.head_dim % 2:
             raise ModelConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if len(self.sliding_windows) != self.num_layers:
@@ -79,6 +88,17 @@ class ModelConfig:
         return 1.0 / math.sqrt(self.head_dim)
 
     @property
+    def cache_kv_heads(self) -> int:
+        """The kv heads the model computes and the KV cache stores: num_kv_heads x kv_head_replicas.
+        Query head i reads cache head i // (num_heads // cache_kv_heads), a copy of the model's
+        kv head i // (num_heads // num_kv_heads)."""
+        return self.num_kv_heads * self.kv_head_replicas
+
+    def for_tensor_parallel(self, size: int) -> "ModelConfig":
+        """This config with kv heads replicated to cover `size` tensor-parallel devices."""
+        return dataclasses.replace(self, kv_head_replicas=kv_head_replicas(self.num_kv_heads, size))
+
+    @property
     def num_params(self) -> int:
         d, m, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -90,3 +110,20 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Builds the config from a parsed HF `config.json`, for any registered model type."""
         return cls(**config_fields(hf))
+
+
+def kv_head_replicas(num_kv_heads: int, tensor_parallel_size: int) -> int:
+    """How many copies of each kv head split `num_kv_heads` evenly over the devices, one or more
+    whole heads per device (as vLLM does): tp // kv when kv < tp, else 1. Refuses sizes where
+    neither divides the other, since then some device would need part of a head."""
+    kv, tp = num_kv_heads, tensor_parallel_size
+    if kv % tp and tp % kv:
+        raise ValueError(f"tensor parallel size {tp} with {kv} kv heads: the tensor parallel size must divide the "
+                         f"kv heads or be a multiple of them (e.g. {', '.join(map(str, _near_sizes(kv, tp)))})")
+    return max(1, tp // kv)
+
+
+def _near_sizes(kv: int, tp: int) -> list[int]:
+    """Valid tensor-parallel sizes around tp for kv heads: divisors of kv, then multiples."""
+    sizes = [m for m in range(1, kv + 1) if kv % m == 0] + [kv * m for m in range(2, 2 + max(2, tp // kv))]
+    return sorted(sizes, key=lambda m: (abs(m - tp), m))[:3]

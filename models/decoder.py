@@ -22,8 +22,14 @@ static argument, so the scan runs over groups of layers with static windows (`la
 one scan for uniform models, two for Qwen2's `max_window_layers`, one scan over the repeated
 pattern for alternating local/global layers.
 
-Shapes: T tokens, D hidden, N query heads, K kv heads, H head_dim, F mlp, V vocab,
-L layers, P pages, B page size.
+Kv heads under tensor parallelism (as vLLM): the KV cache's kv-head axis is split over the model
+axis, whole heads per device. With fewer kv heads than devices, each kv head is copied
+tp / kv_heads times (`ModelConfig.kv_head_replicas`; the loader repeats its k_proj / v_proj
+columns), so the model has tp kv heads and device d holds exactly the copy its query heads read:
+query head i reads cached head i // (N / K), a copy of kv head i // (N / num_kv_heads).
+
+Shapes: T tokens, D hidden, N query heads, K cached kv heads (cfg.cache_kv_heads), H head_dim,
+F mlp, V vocab, L layers, P pages, B page size.
 """
 
 from __future__ import annotations
@@ -68,9 +74,10 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs,
-                 mesh=None, kv_heads_sharded: bool = False):
-        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, mesh=None):
+        # K counts the cached kv heads: under tensor parallelism with fewer kv heads than devices
+        # each is stored cfg.kv_head_replicas times (models.loader copies its k/v columns).
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.cache_kv_heads, cfg.head_dim
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)  # [D, N, H]
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
@@ -89,7 +96,6 @@ class Attention(nnx.Module):
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
         self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
                            and pallas_kernels.is_kernel(attention_backend) else None)
-        self.kv_heads_sharded = kv_heads_sharded
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md: AttentionMetadata, sliding_window: int | None):
         """x [T, D]; cos, sin [T, H]; kv_pages [L*P, B, 2K, H], the pool of every layer's pages, of
@@ -108,8 +114,7 @@ class Attention(nnx.Module):
         kv_pages = pallas_kernels.write_kv(kv_pages, k, v, slots, backend=self.attention_backend)
         attend = pallas_kernels.ragged_paged_attention
         if self.shard_mesh is not None:
-            attend = functools.partial(sharded_ragged_paged_attention, self.shard_mesh, self.kv_heads_sharded,
-                                       num_kv_heads=cfg.num_kv_heads)
+            attend = functools.partial(sharded_ragged_paged_attention, self.shard_mesh)
         o = attend(q, kv_pages, md.kv_lens, md.block_tables + first_page, md.cu_q_lens, md.num_seqs,
                    sm_scale=cfg.sm_scale, sliding_window=sliding_window,
                    backend=self.attention_backend)  # [T, N, H]
@@ -205,15 +210,14 @@ class CausalLM(nnx.Module):
     """Decoder-only LM: embed, N decoder layers (scanned) over paged KV, final norm, LM head."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, attention_backend: str = "auto",
-                 rngs: nnx.Rngs | None = None, mesh=None, kv_heads_sharded: bool = False):
-        """mesh / kv_heads_sharded: the tensor-parallel ('model',) mesh the parameters live on,
-        needed only to run a Pallas attention kernel per device."""
+                 rngs: nnx.Rngs | None = None, mesh=None):
+        """mesh: the tensor-parallel ('model',) mesh the parameters live on, needed only to run a
+        Pallas attention kernel per device (cfg.cache_kv_heads must then split over it)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = stacked_layers(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, mesh=mesh,
-                                     kv_heads_sharded=kv_heads_sharded)
+        self.layers = stacked_layers(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, mesh=mesh)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
@@ -281,9 +285,9 @@ class CausalLM(nnx.Module):
 
 
 def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int, int]:
-    """Shape of the KV cache: [num_layers, num_pages, page_size, 2 * kv_heads, head_dim]
-    (K of kv head h at index 2h, V at 2h + 1)."""
-    return (cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+    """Shape of the KV cache: [num_layers, num_pages, page_size, 2 * cache_kv_heads, head_dim]
+    (K of cached kv head h at index 2h, V at 2h + 1; cache_kv_heads counts each replica)."""
+    return (cfg.num_layers, num_pages, page_size, 2 * cfg.cache_kv_heads, cfg.head_dim)
 
 
 def copy_pages(kv_caches: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
@@ -294,7 +298,8 @@ def copy_pages(kv_caches: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Arra
 
 def init_kv_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> jax.Array:
     """Allocates the KV cache once (zeros), optionally placed with a sharding of its five axes
-    (jaxserve.sharding.Placement.kv_sharding: split over kv heads, never over layers)."""
+    (jaxserve.sharding.Placement.kv_sharding: split over the cached kv heads, whole heads per
+    device, never over layers)."""
     shape = kv_cache_shape(cfg, num_pages, page_size)
     if cfg.num_layers * num_pages * page_size > jnp.iinfo(jnp.int32).max:
         raise ValueError(f"{cfg.num_layers} layers x {num_pages} pages x {page_size} slots overflow the int32 "

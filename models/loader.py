@@ -7,6 +7,11 @@ shape, transform to our layout, cast to the requested dtype, place with the shar
 its logical axes -> merge into a real model. A decoder layer's tensor goes into index i of
 its layer-stacked parameter, which is allocated once on its devices and updated in place
 (donated), so nothing is materialised twice and the host holds one tensor at a time.
+
+Tensor parallelism over more devices than kv heads (`kv_head_replicas` r > 1): every
+parameter with a `kv_heads` axis (k_proj, v_proj, their biases) has each head's slice
+repeated r times along it (head j of the model is head j // r of the checkpoint), on the host
+for safetensors, on the devices after an Orbax restore.
 """
 
 from __future__ import annotations
@@ -62,19 +67,19 @@ def load_model(
     attention_backend: str = "auto",
     sharding_fn: ShardingFn | None = None,
     mesh=None,
-    kv_heads_sharded: bool = False,
+    kv_head_replicas: int = 1,
 ) -> LoadedModel:
     """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory.
-    With `sharding_fn`, each tensor goes straight to its shards; `mesh` and
-    `kv_heads_sharded` tell the model how to run a Pallas attention kernel on that mesh."""
+    With `sharding_fn`, each tensor goes straight to its shards; `mesh` tells the model how to
+    run a Pallas attention kernel on it; `kv_head_replicas` copies each kv head that many times
+    (jaxserve.sharding.Placement.kv_head_replicas; the returned config carries it)."""
     model_dir = resolve_model_dir(model)
-    cfg = ModelConfig.from_hf(read_hf_config(model_dir))
+    cfg = dataclasses.replace(ModelConfig.from_hf(read_hf_config(model_dir)), kv_head_replicas=kv_head_replicas)
     jdtype = resolve_dtype(dtype, cfg)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh,
-                                               kv_heads_sharded=kv_heads_sharded))
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh))
     graphdef, state = nnx.split(abstract)
     if is_orbax_checkpoint(model_dir):
-        state = restore_state(model_dir / ORBAX_DIR, state, sharding_fn)
+        state = _restore_orbax(model_dir, cfg, state, jdtype, sharding_fn)
     else:
         state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn)
     return LoadedModel(nnx.merge(graphdef, state), cfg, model_dir, jdtype)
@@ -132,8 +137,11 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
                 f"from config.json ({cfg.model_type})"
             )
         var = variables[spec.path]
-        value = spec.transform(tensor).astype(dtype)
         axes = var.get_metadata().get("out_sharding")
+        value = spec.transform(tensor).astype(dtype)
+        if cfg.kv_head_replicas > 1 and axes is not None and "kv_heads" in axes:
+            axis = axes.index("kv_heads") - (spec.layer is not None)  # the tensor has no layers axis
+            value = np.repeat(value, cfg.kv_head_replicas, axis=axis)
         if spec.layer is None:
             var.set_value(place(value, axes, sharding_fn))
         else:
@@ -150,6 +158,29 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
         log.warning("ignored %d tensors the model does not use: %s", len(unexpected), ", ".join(unexpected[:5]))
     for path, value in stacked.items():
         variables[path].set_value(value)
+    return nnx.from_flat_state(flat)
+
+
+def _restore_orbax(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, sharding_fn) -> nnx.State:
+    """Restores a checkpoint (saved with the model's own kv heads); with kv_head_replicas > 1,
+    restores into the unreplicated shapes (kv-head axes unsplit) and copies the heads on the
+    devices into their final shards."""
+    if cfg.kv_head_replicas == 1:
+        return restore_state(model_dir / ORBAX_DIR, state, sharding_fn)
+    base = dataclasses.replace(cfg, kv_head_replicas=1)
+    _, saved = nnx.split(nnx.eval_shape(lambda: CausalLM(base, dtype=dtype)))
+    unsplit = None if sharding_fn is None else (
+        lambda axes: sharding_fn(tuple(None if a == "kv_heads" else a for a in axes)))
+    saved = dict(nnx.to_flat_state(restore_state(model_dir / ORBAX_DIR, saved, unsplit)))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        axes = var.get_metadata().get("out_sharding")
+        value = saved[path].get_value()
+        if axes is not None and "kv_heads" in axes:
+            sharding = sharding_fn(tuple(axes)) if sharding_fn is not None else None
+            value = jax.jit(functools.partial(jnp.repeat, repeats=cfg.kv_head_replicas, axis=axes.index("kv_heads")),
+                            out_shardings=sharding)(value)
+        var.set_value(value)
     return nnx.from_flat_state(flat)
 
 

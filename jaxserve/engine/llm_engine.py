@@ -45,7 +45,7 @@ from jaxserve.engine.output_processor import OutputProcessor, child_request_id
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import Placement
-from jaxserve.worker.memory_profile import kv_pages_for, profile_step_memory
+from jaxserve.worker.memory_profile import KVLayout, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner, StepHandle
 from models.config import ModelConfig
 from models.decoder import init_kv_caches
@@ -95,10 +95,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)
-        log.info("KV cache: %d pages x %d tokens (%s), %d layers, %s over %d device(s)", num_pages, config.page_size,
-                 np.dtype(kv_dtype).name, mc.num_layers,
-                 "split by kv head" if placement.kv_heads_sharded and placement.size > 1 else "replicated",
-                 placement.size)
+        log.info("KV cache (%s): %s", np.dtype(kv_dtype).name,
+                 KVLayout.of(mc, placement, config.page_size, kv_dtype).describe(num_pages))
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
@@ -129,15 +127,14 @@ class LLMEngine:
         self.model_path = model_path
         loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
                             sharding_fn=placement.sharding, mesh=placement.mesh,
-                            kv_heads_sharded=placement.kv_heads_sharded)
+                            kv_head_replicas=placement.kv_head_replicas)
         return loaded, devices
 
     def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device) -> int:
         """Pages from kv_cache_memory_bytes, or from the device's free memory less what the
         largest step needs besides the KV cache (a profile of its compiled programs)."""
         mc, cfg = self.model_config, self.config
-        kv_heads_per_device = mc.num_kv_heads // self.placement.size if self.placement.kv_heads_sharded else mc.num_kv_heads
-        page_bytes = mc.num_layers * cfg.page_size * 2 * kv_heads_per_device * mc.head_dim * np.dtype(kv_dtype).itemsize
+        page_bytes = KVLayout.of(mc, self.placement, cfg.page_size, kv_dtype).page_bytes  # per device
         useful = cfg.max_num_seqs * max_pages_per_seq + 1  # more pages than this can never be used
         stats = device.memory_stats() or {}
         if cfg.kv_cache_memory_bytes is not None or "bytes_limit" not in stats:

@@ -82,6 +82,43 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """Per-device sizes of the KV cache [L, P, B, 2K, H] on one replica's mesh."""
+
+    num_layers: int
+    page_size: int
+    head_dim: int
+    itemsize: int
+    num_kv_heads: int  # the model's own kv heads
+    cache_kv_heads: int  # K: kv heads in the cache, each of the model's copied kv_head_replicas times
+    heads_per_device: int  # of K, held by each device
+    num_devices: int
+
+    @classmethod
+    def of(cls, cfg, placement, page_size: int, dtype) -> "KVLayout":
+        """cfg: the loaded ModelConfig (with its kv_head_replicas); placement: jaxserve.sharding.Placement."""
+        return cls(cfg.num_layers, page_size, cfg.head_dim, np.dtype(dtype).itemsize, cfg.num_kv_heads,
+                   cfg.cache_kv_heads, placement.kv_heads_per_device, placement.size)
+
+    @property
+    def token_bytes(self) -> int:
+        """One token's K and V in every layer, on one device."""
+        return self.num_layers * 2 * self.heads_per_device * self.head_dim * self.itemsize
+
+    @property
+    def page_bytes(self) -> int:
+        return self.token_bytes * self.page_size
+
+    def describe(self, num_pages: int) -> str:
+        copies = self.cache_kv_heads // self.num_kv_heads
+        heads = f"{self.heads_per_device} of {self.cache_kv_heads} cached kv heads" + (
+            f" ({self.num_kv_heads} kv heads x {copies} copies)" if copies > 1 else "")
+        return (f"{num_pages} pages x {self.page_size} tokens, {self.num_layers} layers; per device "
+                f"({self.num_devices}): {heads}, {self.token_bytes} B per token, {self.page_bytes} B per page, "
+                f"{_mib(num_pages * self.page_bytes)} in all")
+
+
 def kv_pages_for(free_bytes: int, *, memory_fraction: float, step: StepMemory, page_bytes: int,
                  useful_pages: int) -> int:
     """Pages that fit in memory_fraction of the free bytes once the step's own memory is

@@ -1,6 +1,8 @@
 """Run in a subprocess with 4 fake CPU devices: the Pallas kernels (interpret mode) through
 shard_map on a ('model',) mesh equal the unsharded reference, for kv heads split over the
-devices and for replicated kv heads. Prints the max errors as JSON."""
+devices (more kv heads than devices, and as many) and for fewer kv heads than devices, each
+copied model / kv_heads times as the loader does (ModelConfig.kv_head_replicas), so every
+device holds one head. Prints the max errors as JSON."""
 
 from __future__ import annotations
 
@@ -23,20 +25,27 @@ from models.sharded_attention import sharded_ragged_paged_attention  # noqa: E40
 from pallas_kernels import ragged_paged_attention  # noqa: E402
 
 
+def copy_kv_heads(kv_pages, replicas: int):
+    """[P, B, 2K, H] -> [P, B, 2K*r, H]: kv head h's K/V pair becomes heads h*r .. h*r + r - 1."""
+    p, b, two_k, h = kv_pages.shape
+    pairs = np.asarray(kv_pages).reshape(p, b, two_k // 2, 2, h)
+    return np.repeat(pairs, replicas, axis=2).reshape(p, b, two_k * replicas, h)
+
+
 def main(backend: str) -> None:
     errors = {}
     seqs = [(1, 9), (5, 5), (3, 14)]
-    for model, hkv in ((2, 2), (4, 2), (4, 1)):  # kv split 1 per device; kv replicated (2 and 1 kv heads)
+    for model, hkv in ((2, 4), (2, 2), (4, 2), (4, 1)):  # kv > tp, kv == tp, kv < tp (copied 2x and 4x)
         mesh = Mesh(np.asarray(jax.devices()[:model]), ("model",))
         batch = make_batch(seqs, page_size=4, num_q_heads=8, num_kv_heads=hkv, head_dim=16, max_seqs=5,
                            num_tokens=12, max_pages_per_seq=5, seed=model + hkv)
         opts = dict(sm_scale=0.25, sliding_window=None, soft_cap=None)
         want = np.asarray(ragged_paged_attention(*batch.args, backend="reference", **opts))
-        kv_sharded = hkv % model == 0
         q = jax.device_put(batch.q, NamedSharding(mesh, P(None, "model", None)))
-        kv = jax.device_put(batch.kv_pages, NamedSharding(mesh, P(None, None, "model" if kv_sharded else None, None)))
-        got = sharded_ragged_paged_attention(mesh, kv_sharded, q, kv, *batch.args[2:], num_kv_heads=hkv,
-                                             backend=backend, **opts)
+        pages = copy_kv_heads(batch.kv_pages, max(1, model // hkv))
+        kv = jax.device_put(pages, NamedSharding(mesh, P(None, None, "model", None)))
+        assert kv.addressable_shards[0].data.shape[2] == 2 * max(1, hkv // model)  # whole heads, never all
+        got = sharded_ragged_paged_attention(mesh, q, kv, *batch.args[2:], backend=backend, **opts)
         n = batch.num_valid_rows
         errors[f"model={model},kv_heads={hkv}"] = float(np.abs(np.asarray(got)[:n] - want[:n]).max())
     print("RESULT " + json.dumps(errors))

@@ -25,7 +25,7 @@ CPU = str(ROOT / "configs" / "cpu.yaml")
 @pytest.fixture(scope="module")
 def model8(tmp_path_factory):
     """The engine test model with 8 query heads over 2 kv heads (so model=8 divides the heads
-    and kv heads replicate from model=4 up)."""
+    and kv heads are copied from model=4 up)."""
     path = tmp_path_factory.mktemp("model8")
     write_engine_test_model(path, num_heads=8)
     return path
@@ -51,7 +51,9 @@ def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8):
         assert runs[mesh]["q_spec"] == "P(None, None, 'model', None)"  # [layers, embed, heads, head_dim]
         assert runs[mesh]["q_shard"][1:] == [64, 8 // model, 8]  # heads split over the model axis
     assert runs["model=2"]["kv_spec"] == "P(None, None, None, 'model', None)"  # 2 kv heads split over 2
-    assert runs["model=8"]["kv_spec"] == "P(None, None, None, None, None)"  # 2 kv heads over 8: replicated
+    # 2 kv heads over 4 or 8 devices: each copied 2 or 4 times, split one head per device.
+    for mesh in ("model=4", "model=8", "data=2,model=4"):
+        assert runs[mesh]["kv_spec"] == "P(None, None, None, 'model', None)", mesh
     assert runs["data=2,model=4"]["replicas"] == 2
     assert runs["data=2,model=4"]["replica_devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
@@ -166,9 +168,9 @@ def test_presets_load_with_valid_meshes(preset):
 @pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 def test_pallas_kernels_through_shard_map_equal_reference(backend):
     """Kernels are opaque to XLA's partitioner: under a mesh they run per device through
-    shard_map, with kv heads split over the devices or replicated and sliced."""
+    shard_map on their own kv heads: split over the devices, or copied when fewer than them."""
     (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend])
-    assert set(errors) == {"model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
+    assert set(errors) == {"model=2,kv_heads=4", "model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
     assert max(errors.values()) < 2e-5, errors
 
 

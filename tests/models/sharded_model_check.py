@@ -1,7 +1,7 @@
 """Run in a subprocess with 4 fake CPU devices: the layer-scanned model with its parameters and
-its stacked KV cache placed by jaxserve.sharding.Placement (kv heads split, or replicated when
-they do not divide) gives the single-device logits, keeps the KV sharding, and updates the
-cache in place. Prints one RESULT line of JSON."""
+its stacked KV cache placed by jaxserve.sharding.Placement (kv heads split over the devices, or
+copied so each device holds one when there are fewer than devices) gives the single-device
+logits, keeps the KV sharding, and updates the cache in place. Prints one RESULT line of JSON."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def run(model_dir: str, model: int, backend: str) -> dict:
     placement = Placement(mesh_cfg.replica_meshes(jax.devices()[:model])[0], mesh_cfg.rule_table, probe)
     sharded = model > 1
     loaded = load_model(model_dir, attention_backend=backend, sharding_fn=placement.sharding if sharded else None,
-                        mesh=placement.mesh if sharded else None, kv_heads_sharded=placement.kv_heads_sharded)
+                        mesh=placement.mesh if sharded else None, kv_head_replicas=placement.kv_head_replicas)
     graphdef, state = nnx.split(loaded.model)
     kv = init_kv_caches(loaded.config, PAGES, PAGE_SIZE, jnp.float32, placement.kv_sharding if sharded else None)
     md = jax.tree.map(jnp.asarray, single_sequence_metadata([1, 2, 3], PAGE_SIZE, 3, 0, len(IDS)))
@@ -44,16 +44,18 @@ def run(model_dir: str, model: int, backend: str) -> dict:
 
     f = jax.jit(step, donate_argnums=(1,), out_shardings=out_shardings)
     compiled = f.lower(state, kv, ids, md).compile()
-    kv_bytes = kv.nbytes // (model if placement.kv_heads_sharded and sharded else 1)  # per device
+    kv_bytes = kv.addressable_shards[0].data.nbytes  # per device
     kv, logits = f(state, kv, ids, md)
     return dict(logits=np.asarray(logits).tolist(), kv_spec=str(getattr(kv.sharding, "spec", None)),
                 want_spec=str(placement.kv_sharding.spec), kv_heads_sharded=placement.kv_heads_sharded,
+                kv_shard=list(kv.addressable_shards[0].data.shape), kv_head_replicas=placement.kv_head_replicas,
                 in_place=compiled.memory_analysis().alias_size_in_bytes == kv_bytes)
 
 
 def main(model_dir: str) -> None:
     runs = {f"model={m},{b}": run(model_dir, m, b) for m, b in ((1, "reference"), (2, "reference"),
-                                                                (4, "reference"), (2, "pallas_gpu"))}
+                                                                (4, "reference"), (2, "pallas_gpu"),
+                                                                (4, "pallas_gpu"))}
     print("RESULT " + json.dumps(runs))
 
 

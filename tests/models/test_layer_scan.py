@@ -132,8 +132,8 @@ def test_a_list_of_per_layer_arrays_is_refused():
 
 
 def test_sharded_stacked_kv_cache_gives_single_device_logits(hf_model_dir):
-    """Four fake devices in a subprocess: kv heads split over 2 devices (XLA and a Pallas kernel
-    through shard_map) and replicated over 4, against one device."""
+    """Four fake devices in a subprocess: 2 kv heads split over 2 devices, and copied over 4 (XLA
+    and a Pallas kernel through shard_map), against one device."""
     path, _ = hf_model_dir("llama3")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(HERE / "sharded_model_check.py"), str(path)], capture_output=True,
@@ -149,4 +149,7 @@ def test_sharded_stacked_kv_cache_gives_single_device_logits(hf_model_dir):
         if name != "model=1,reference":
             assert run["kv_spec"] == run["want_spec"], name
     assert runs["model=2,reference"]["kv_heads_sharded"] and "'model'" in runs["model=2,reference"]["kv_spec"]
-    assert not runs["model=4,reference"]["kv_heads_sharded"]
+    # 2 kv heads over 4 devices: each copied twice, one whole head (K and V) per device.
+    for name in ("model=4,reference", "model=4,pallas_gpu"):
+        assert runs[name]["kv_head_replicas"] == 2 and "'model'" in runs[name]["kv_spec"], name
+        assert runs[name]["kv_shard"][3] == 2, name
