@@ -1,14 +1,24 @@
-"""Ragged paged attention as a Pallas GPU kernel (Triton back end).
+"""Ragged paged attention as a Pallas GPU kernel (Triton back end), organised by sequence.
 
-Grid: (q block of Bq rows, kv head). One program owns rows [b*Bq, (b+1)*Bq) of q for the
-G query heads of one kv head, laid out as a [Bq*Gp, D] tile (G padded to a power of two,
-Gp, because Triton tiles are powers of two). It walks the sequences with rows in its
-block (first one precomputed by XLA), and for each sequence the kv blocks its rows can
-see (causal bound, sliding-window bound). A kv block is Bkp pages gathered by page id
-straight from HBM (kv_pages[pages, :, 2h, :] -> [Bkp*ps, D]); Triton pipelines the loads.
-Each block is one online-softmax update in float32; rows of other sequences are kept by
-a row mask. Page slots past the needed range are replaced by zeros with jnp.where before
-any arithmetic, so NaN in unused pages cannot leak.
+Work list (XLA, before the kernel). The step's q rows are cut into q tiles that never mix
+sequences: sequence i gets cdiv(q_len_i, Bq) tiles of up to Bq tokens, a decode exactly one,
+a sequence with no new rows none. The list has a static length, num_tiles =
+min(T, (T + S*(Bq-1)) // Bq) (an upper bound on sum_i cdiv(q_len_i, Bq)); entries past the
+real tiles are empty. Each tile is (sequence id, first q row, rows).
+
+Kernel. grid = (num_tiles, num_kv_heads, num_kv_splits). Program (t, h, s) holds the G query
+heads of kv head h for the Bq tokens of tile t as the rows of one MMA tile, [Bq*Gp, D]
+(G padded to a power of two Gp; Bq*Gp >= 16 rows, as Triton's dot needs). It finds the keys
+the tile can see, [lo, hi) (causal bound of its last token, sliding-window bound of its
+first), cuts that range into num_kv_splits equal runs of kv blocks, and walks run s: a kv
+block is Bkp pages gathered by page id straight from HBM (kv_pages[pages, :, 2h, :] ->
+[Bkp*ps, D]), one online-softmax update in float32. An empty tile or run loops zero times
+and writes zeros. Page slots outside [lo, hi) are pointed at the null page and replaced by
+zeros with jnp.where before any arithmetic, so NaN in unused pages cannot leak.
+
+Combine (XLA). With one split the kernel writes the normalised output in q.dtype; with
+several, each split writes its normalised partial output and log-sum-exp in float32 and a
+small jnp pass merges them. Either way the tile rows are gathered back to [T, Hq, D].
 """
 
 from __future__ import annotations
@@ -21,124 +31,245 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_reference import MASK_VALUE
-from pallas_kernels.attention_tpu import q_block_first_seq
+from pallas_kernels.attention_reference import MASK_VALUE, token_metadata
 from pallas_kernels.backend import interpret_mode
 
+MIN_MMA_ROWS = 16          # Triton's dot needs >= 16 rows
+KEYS_PER_SPLIT = 512       # a context split covers at least this many keys
+MAX_KV_SPLITS = 16
+TARGET_PROGRAMS = 2048     # enough programs to fill a large GPU (132 SMs) several times
 
-def _kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, first_seq_ref, q_ref, kv_ref,
-            o_ref, *, sm_scale, sliding_window, soft_cap, group, pages_per_blk):
-    # q_ref/o_ref [Bq, Gp, D] (this kv head's q heads); kv_ref [P, ps, 2Hkv, D] in HBM.
+
+def default_block_q(num_tokens: int, max_seqs: int, group_padded: int) -> int:
+    """Tokens per q tile: 16 MMA rows for decode buckets (T <= S), 64 rows otherwise."""
+    rows = MIN_MMA_ROWS if num_tokens <= max_seqs else 64
+    return max(1, rows // group_padded)
+
+
+def num_tiles_bound(num_tokens: int, max_seqs: int, block_q: int) -> int:
+    """Static upper bound on sum_i cdiv(q_len_i, Bq) over sequences with sum_i q_len_i <= T."""
+    return max(1, min(num_tokens, (num_tokens + max_seqs * (block_q - 1)) // block_q))
+
+
+def default_pages_per_block(page_size: int, max_pages: int, rows: int) -> int:
+    """Pages per kv block: 128 keys beside a 16-32 row q tile, 64 beside a bigger one."""
+    keys = 128 if rows <= 32 else 64
+    return max(1, min(keys // page_size, pl.next_power_of_2(max_pages)))
+
+
+def default_num_kv_splits(max_context: int, num_tiles: int, num_kv_heads: int) -> int:
+    """Context splits: each covers >= KEYS_PER_SPLIT keys; stop once the grid is big enough."""
+    by_length = pl.cdiv(max_context, KEYS_PER_SPLIT)
+    by_occupancy = pl.cdiv(TARGET_PROGRAMS, num_tiles * num_kv_heads)
+    return max(1, min(by_length, by_occupancy, MAX_KV_SPLITS))
+
+
+def tile_work_list(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tiles: int,
+                   block_q: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """-> (seq [n], first row [n], rows [n], first tile of each sequence [S]), n = num_tiles.
+
+    Tiles past the real ones have rows 0 (and a clamped, valid sequence id).
+    """
+    max_seqs = cu_q_lens.shape[0] - 1
+    live = jnp.arange(max_seqs) < num_seqs[0]
+    q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    tiles_per_seq = (q_lens + block_q - 1) // block_q
+    tile_ends = jnp.cumsum(tiles_per_seq)                       # inclusive
+    first_tile = (tile_ends - tiles_per_seq).astype(jnp.int32)
+    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(tile_ends, tiles, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, max_seqs - 1)
+    start = cu_q_lens[seq] + (tiles - first_tile[seq]) * block_q
+    rows = jnp.clip(cu_q_lens[seq + 1] - start, 0, block_q)
+    rows = jnp.where(tiles < tile_ends[-1], rows, 0).astype(jnp.int32)
+    return seq, start.astype(jnp.int32), rows, first_tile
+
+
+def _key_range(kv_len, q_end, start, rows, sliding_window):
+    """Keys [lo, hi) the tile's rows can see; first_pos = position of the tile's first token."""
+    first_pos = kv_len - q_end + start
+    hi = jnp.where(rows > 0, jnp.clip(first_pos + rows, 0, kv_len), 0)
+    lo = jnp.int32(0)
+    if sliding_window is not None:
+        lo = jnp.minimum(jnp.maximum(first_pos - sliding_window + 1, 0), hi)
+    return first_pos, lo, hi
+
+
+def _split_blocks(lo, hi, block_k, num_splits):
+    """This program's run of kv blocks [b0, b1): the tile's blocks cut into equal runs."""
+    blk_lo, blk_hi = lo // block_k, (hi + block_k - 1) // block_k
+    per_split = (jnp.maximum(blk_hi - blk_lo, 0) + num_splits - 1) // num_splits
+    b0 = blk_lo + pl.program_id(2) * per_split
+    return b0, jnp.minimum(b0 + per_split, blk_hi)
+
+
+def _kernel(seq_ref, start_ref, rows_ref, kv_lens_ref, tables_ref, cu_ref, q_ref, kv_ref,
+            *out_refs, sm_scale, sliding_window, soft_cap, group, pages_per_blk, num_splits):
+    # q_ref [Bq, Gp, D] (tile t, kv head h); kv_ref [P, ps, 2Hkv, D] in HBM.
     bq, gp, head_dim = q_ref.shape
-    page_size = kv_ref.shape[1]
-    max_seqs, max_pages = tables_ref.shape
+    num_pages, page_size = kv_ref.shape[:2]
+    max_pages = tables_ref.shape[1]
     block_k = pages_per_blk * page_size
-    b, h = pl.program_id(0), pl.program_id(1)
-    blk_start = b * bq
-    blk_end = blk_start + bq
-    num_seqs = num_seqs_ref[0]
-    rows = bq * gp
-    # 16-bit caches: P @ V on 16-bit operands (tensor cores), as flash attention does.
+    num_rows = bq * gp
+    t, h = pl.program_id(0), pl.program_id(1)
+    seq, start, rows = seq_ref[t], start_ref[t], rows_ref[t]
+    first_pos, lo, hi = _key_range(kv_lens_ref[seq], cu_ref[seq + 1], start, rows,
+                                   sliding_window)
+    b0, b1 = _split_blocks(lo, hi, block_k, num_splits)
+    # 16-bit caches: both dots on 16-bit operands (tensor cores); f32 without TF32, so
+    # float32 inputs match the reference.
     pv_dtype = kv_ref.dtype if jnp.dtype(kv_ref.dtype).itemsize == 2 else jnp.float32
-    exact_pv = pv_dtype == jnp.float32
-    exact_qk = jnp.dtype(q_ref.dtype).itemsize == 4
+    tf32 = lambda dt: False if jnp.dtype(dt).itemsize == 4 else None
 
-    q = q_ref[...].reshape(rows, head_dim)
-    row_tok = blk_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // gp
-    row_head_ok = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) % gp < group
+    q = q_ref[...].reshape(num_rows, head_dim)
+    row = lax.broadcasted_iota(jnp.int32, (num_rows,), 0)
+    row_ok = (row // gp < rows) & (row % gp < group)
+    q_pos = first_pos + row // gp                                     # [rows]
 
-    def seq_update(seq, carry):
-        q_start, q_end = cu_ref[seq], cu_ref[seq + 1]
-        kv_len = kv_lens_ref[seq]
-        first_row = jnp.maximum(q_start, blk_start)
-        last_row = jnp.minimum(q_end, blk_end)
-        hi = jnp.clip(kv_len - q_end + last_row, 0, kv_len)   # keys [lo, hi) are needed
-        lo = jnp.int32(0)
+    def kv_block(j, carry):
+        m, l, acc = carry
+        slot = j * pages_per_blk + lax.broadcasted_iota(jnp.int32, (pages_per_blk,), 0)
+        pages = tables_ref[seq, jnp.minimum(slot, max_pages - 1)]     # [Bkp] page ids
+        # Slots outside [lo, hi) read the null page (no traffic, no stray ids).
+        pages = jnp.where((slot * page_size < hi) & ((slot + 1) * page_size > lo),
+                          jnp.clip(pages, 0, num_pages - 1), 0)
+        k = kv_ref[pages, :, 2 * h, :].reshape(block_k, head_dim)
+        v = kv_ref[pages, :, 2 * h + 1, :].reshape(block_k, head_dim)
+        k_pos = j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        key_ok = ((k_pos >= lo) & (k_pos < hi))[:, None]
+        k = jnp.where(key_ok, k, 0).astype(q.dtype)
+        v = jnp.where(key_ok, v, 0).astype(pv_dtype)
+        s = pltriton.dot(q, k, trans_b=True, allow_tf32=tf32(q.dtype))   # [rows, Bk]
+        s = s.astype(jnp.float32) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = row_ok[:, None] & (k_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
-            lo = jnp.maximum(kv_len - q_end + first_row - sliding_window + 1, 0)
-        row_in_seq = (row_tok >= q_start) & (row_tok < q_end) & row_head_ok  # [rows, 1]
-        q_pos = kv_len - q_end + row_tok
+            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m, s.max(axis=1))
+        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+        alpha = jnp.exp(m - m_next)
+        pv = pltriton.dot(p.astype(pv_dtype), v, allow_tf32=tf32(pv_dtype))
+        return m_next, alpha * l + p.sum(axis=1), alpha[:, None] * acc + pv
 
-        def kv_block(j, carry):
-            m, l, acc = carry
-            page_idx = j * pages_per_blk + jnp.arange(pages_per_blk, dtype=jnp.int32)
-            pages = tables_ref[seq, jnp.minimum(page_idx, max_pages - 1)]  # [Bkp] page ids
-            k = kv_ref[pages, :, 2 * h, :].reshape(block_k, head_dim)
-            v = kv_ref[pages, :, 2 * h + 1, :].reshape(block_k, head_dim)
-            k_pos = j * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-            key_ok = (k_pos >= lo) & (k_pos < hi)
-            k = jnp.where(key_ok.reshape(block_k, 1), k, 0).astype(q.dtype)
-            v = jnp.where(key_ok.reshape(block_k, 1), v, 0).astype(pv_dtype)
-            # [rows, Bk]; f32 operands use full-precision dots (no TF32) to match the reference.
-            s = pltriton.dot(q, k, trans_b=True, allow_tf32=False if exact_qk else None)
-            s = s.astype(jnp.float32) * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            mask = row_in_seq & key_ok & (k_pos <= q_pos)
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
-            s = jnp.where(mask, s, MASK_VALUE)
-            m_next = jnp.maximum(m, s.max(axis=1, keepdims=True))
-            p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
-            alpha = jnp.exp(m - m_next)
-            l_next = alpha * l + p.sum(axis=1, keepdims=True)
-            acc_next = alpha * acc + pltriton.dot(p.astype(pv_dtype), v,
-                                                  allow_tf32=False if exact_pv else None)
-            return (jnp.where(row_in_seq, m_next, m), jnp.where(row_in_seq, l_next, l),
-                    jnp.where(row_in_seq, acc_next, acc))
-
-        return lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), kv_block, carry)
-
-    def seq_cond(state):
-        seq = state[0]
-        return (seq < num_seqs) & (cu_ref[jnp.minimum(seq, max_seqs)] < blk_end)
-
-    def seq_body(state):
-        seq, carry = state
-        return seq + 1, seq_update(seq, carry)
-
-    init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
-    _, (_, l, acc) = lax.while_loop(seq_cond, seq_body, (first_seq_ref[b], init))
-    out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+    init = (jnp.full((num_rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_rows,), jnp.float32),
+            jnp.zeros((num_rows, head_dim), jnp.float32))
+    m, l, acc = lax.fori_loop(b0, b1, kv_block, init)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[:, None]                      # 0 where nothing seen
+    o_ref = out_refs[0]
     o_ref[...] = out.reshape(bq, gp, head_dim).astype(o_ref.dtype)
+    if num_splits > 1:
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), MASK_VALUE)
+        out_refs[1][...] = lse.reshape(bq, gp)
+
+
+def _gather_q_tiles(q, start, rows, block_q, num_kv_heads, gp):
+    """q [T, Hq, D] -> [num_tiles * Bq, Hkv, Gp, D]: each tile's rows, zeros past its end."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    offs = jnp.arange(block_q, dtype=jnp.int32)
+    idx = jnp.minimum(start[:, None] + offs, num_tokens - 1).reshape(-1)
+    ok = (offs < rows[:, None]).reshape(-1, 1, 1, 1)
+    qt = q[idx].reshape(-1, num_kv_heads, group, head_dim)
+    qt = jnp.where(ok, qt, 0)        # padding q rows may be NaN
+    return jnp.pad(qt, ((0, 0), (0, 0), (0, gp - group), (0, 0)))
+
+
+def _combine(o, lse, row_idx, num_splits):
+    """Per token row: the tile row's output, splits merged by their log-sum-exp.
+
+    o [(splits,) num_tiles*Bq, Hkv, Gp, D]; lse [splits, num_tiles*Bq, Hkv, Gp].
+    """
+    if num_splits == 1:
+        return o[row_idx]
+    o, lse = o[:, row_idx], lse[:, row_idx]              # [splits, T, Hkv, Gp, (D)]
+    w = jnp.exp(lse - lse.max(axis=0))                   # the max split has weight 1
+    return (w[..., None] * o).sum(axis=0) / w.sum(axis=0)[..., None]
 
 
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                                sm_scale, sliding_window=None, soft_cap=None,
                                num_q_per_block=None, num_kv_pages_per_block=None,
-                               num_warps=None, num_stages=None):
-    """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off GPU."""
+                               num_kv_splits=None, num_warps=None, num_stages=None):
+    """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off GPU.
+
+    num_q_per_block: tokens per q tile (Bq); num_kv_pages_per_block: pages per kv block;
+    num_kv_splits: context splits per tile. On a GPU, Bq*Gp and pages*page_size must be
+    powers of two (Triton tensor sizes).
+    """
     num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, num_combined, _ = kv_pages.shape
+    num_pages, page_size, num_combined, _ = kv_pages.shape
+    max_seqs, max_pages = block_tables.shape
     num_kv_heads = num_combined // 2
     group = num_q_heads // num_kv_heads
     gp = pl.next_power_of_2(group)
-    # Triton dots need >= 16 rows: aim for 16..64 rows of [Bq*Gp, D].
-    bq = num_q_per_block or max(1, min(64, max(16, pl.next_power_of_2(num_tokens) * gp)) // gp)
-    pages_per_blk = num_kv_pages_per_block or max(1, min(block_tables.shape[1],
-                                                         64 // page_size))
-    num_q_blocks = pl.cdiv(num_tokens, bq)
-    padded = num_q_blocks * bq
-    # [T, Hq, D] -> [T_pad, Hkv, Gp, D]: each program reads one kv head's q heads.
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    qg = jnp.pad(qg, ((0, padded - num_tokens), (0, 0), (0, gp - group), (0, 0)))
-    first_seq = q_block_first_seq(cu_q_lens, num_seqs, num_q_blocks, bq)
+    bq = num_q_per_block or default_block_q(num_tokens, max_seqs, gp)
+    num_tiles = num_tiles_bound(num_tokens, max_seqs, bq)
+    pages_per_blk = num_kv_pages_per_block or default_pages_per_block(page_size, max_pages,
+                                                                      bq * gp)
+    splits = num_kv_splits or default_num_kv_splits(max_pages * page_size, num_tiles,
+                                                    num_kv_heads)
+    interpret = interpret_mode("gpu")
+    if not interpret:
+        _check_triton_sizes(bq * gp, pages_per_blk * page_size, head_dim)
 
-    q_spec = pl.BlockSpec((bq, None, gp, head_dim), lambda b, h: (b, h, 0, 0))
-    full = lambda x: pl.BlockSpec(x.shape, lambda b, h: (0,) * x.ndim)
-    scalars = (kv_lens, block_tables, cu_q_lens, num_seqs, first_seq)
-    kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap, group=group, pages_per_blk=pages_per_blk)
-    out = pl.pallas_call(
+    seq, start, rows, first_tile = tile_work_list(cu_q_lens, num_seqs, num_tiles, bq)
+    qt = _gather_q_tiles(q, start, rows, bq, num_kv_heads, gp)
+    out = _call_kernel(qt, kv_pages, (seq, start, rows, kv_lens, block_tables, cu_q_lens),
+                       q.dtype, bq=bq, splits=splits, interpret=interpret,
+                       compiler_params=pltriton.CompilerParams(num_warps=num_warps or 4,
+                                                               num_stages=num_stages or 2),
+                       kernel=functools.partial(
+                           _kernel, sm_scale=sm_scale, sliding_window=sliding_window,
+                           soft_cap=soft_cap, group=group, pages_per_blk=pages_per_blk,
+                           num_splits=splits))
+
+    tok_seq, _, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    in_seq = jnp.arange(num_tokens, dtype=jnp.int32) - cu_q_lens[tok_seq]
+    row_idx = (first_tile[tok_seq] + in_seq // bq) * bq + in_seq % bq
+    row_idx = jnp.where(valid, row_idx, 0)
+    o = _combine(*out, row_idx, splits)[:, :, :group]      # [T, Hkv, G, D]
+    o = jnp.where(valid[:, None, None, None], o, 0)
+    return o.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _check_triton_sizes(rows: int, block_k: int, head_dim: int) -> None:
+    for name, n in (("q tile rows (num_q_per_block * padded group)", rows),
+                    ("kv block (num_kv_pages_per_block * page_size)", block_k),
+                    ("head_dim", head_dim)):
+        if n & (n - 1) or n < 16:
+            raise ValueError(f"the Triton kernel needs {name} to be a power of two >= 16, "
+                             f"got {n}")
+
+
+def _call_kernel(qt, kv_pages, scalars, dtype, *, bq, splits, interpret, compiler_params,
+                 kernel):
+    """The pallas_call. qt [num_tiles*Bq, Hkv, Gp, D] -> ((splits,) rows, Hkv, Gp, D)[, lse]."""
+    tiles_x_bq, num_kv_heads, gp, head_dim = qt.shape
+    num_tiles = tiles_x_bq // bq
+    full = lambda x: pl.BlockSpec(x.shape, lambda t, h, s: (0,) * x.ndim)
+    q_spec = pl.BlockSpec((bq, None, gp, head_dim), lambda t, h, s: (t, h, 0, 0))
+    if splits == 1:
+        out_specs = [q_spec]
+        out_shape = [jax.ShapeDtypeStruct(qt.shape, dtype)]
+    else:
+        out_specs = [
+            pl.BlockSpec((None, bq, None, gp, head_dim), lambda t, h, s: (s, t, h, 0, 0)),
+            pl.BlockSpec((None, bq, None, gp), lambda t, h, s: (s, t, h, 0)),
+        ]
+        out_shape = [jax.ShapeDtypeStruct((splits,) + qt.shape, jnp.float32),
+                     jax.ShapeDtypeStruct((splits,) + qt.shape[:3], jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
-        grid=(num_q_blocks, num_kv_heads),
+        grid=(num_tiles, num_kv_heads, splits),
         in_specs=[*(full(x) for x in scalars), q_spec, full(kv_pages)],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps or 4,
-                                                num_stages=num_stages or 2),
-        interpret=interpret_mode("gpu"),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params,
+        interpret=interpret,
         name="ragged_paged_attention_gpu",
-    )(*scalars, qg, kv_pages)
-    return out[:num_tokens, :, :group].reshape(num_tokens, num_q_heads, head_dim)
+    )(*scalars, qt, kv_pages)
+    return outs[0], (outs[1] if splits > 1 else None)
