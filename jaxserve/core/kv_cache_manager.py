@@ -21,6 +21,26 @@ written again, so only a shared, partially filled page that a request is about t
 into needs copying: ``allocate_slots`` gives the writer a fresh page in its block table and
 records ``(src, dst)`` for the model runner.
 
+Sliding window (``sliding_window=W``, only when every layer attends through the same
+window, see ``uniform_sliding_window``): a query at position ``p`` sees keys in
+``(p - W, p]``, so once a request's next queries start at ``q``, the block-table pages whose
+last position is ``< q - W + 1`` are dead. ``slide_window`` returns them to the pool and puts
+the null page in their block-table entries (the table keeps its length, so the block table
+still indexes pages by position; attention masks those entries by the window and never reads
+them). A running request then holds at most ``ceil(W / page_size) + 1`` pages besides the
+pages of the chunk it computes. Dead pages are always a leading run of the table
+(``num_null_pages``), since a request's queries only move forward.
+
+Prefix cache with a window: a slid-out page is freed like any other page. If it was
+registered it keeps its hash while its contents are intact, in the free queue, and is
+evicted (hash dropped) when it is reused, so a lookup never returns a page whose KV was
+overwritten. ``slide_window`` registers a full page before freeing it, so a long prompt
+stays cached although its first pages slide out before the step that computed them has
+returned; a page whose tokens were still placeholders stays uncached. Lookups still
+need the whole chain from the first page (the simplest rule: a chain with a hole is never a
+hit). On a new request's admission, the hit pages that are already dead for its first
+query are not taken at all: its table gets null entries there.
+
 Assumption: a request's ``token_ids`` only grow by appending between calls, and its
 ``num_computed_tokens`` never falls below the pages already registered in the cache.
 """
@@ -31,6 +51,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from jaxserve.core.block_pool import NULL_PAGE, ROOT_HASH, BlockPool, hash_page
+
+
+def uniform_sliding_window(per_layer_windows: Sequence[int | None]) -> int | None:
+    """The window pages may slide out of: W when every layer has the same window W, else None.
+
+    A model where only some layers are windowed (Gemma's local/global layers, Qwen2's
+    ``max_window_layers``) must keep every page: its full-attention layers read all of them.
+    Two different windows would need per-layer-group tables; the smallest window is not
+    safe, so such models keep every page too.
+    """
+    windows = set(per_layer_windows)
+    if len(windows) != 1:
+        return None
+    (window,) = windows
+    return window
 
 
 @dataclass
@@ -73,7 +108,10 @@ class KVCacheManager:
         max_pages_per_seq: int,
         *,
         enable_prefix_caching: bool,
+        sliding_window: int | None = None,
     ) -> None:
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if max_pages_per_seq < 1:
@@ -87,6 +125,10 @@ class KVCacheManager:
         self._num_cached: dict[str, int] = {}
         self._chains: dict[str, _HashChain] = {}
         self._pending_copies: list[tuple[int, int]] = []
+        self.sliding_window = sliding_window
+        # Leading block-table entries that are the null page (slid out of the window).
+        self._num_null: dict[str, int] = {}
+        self.num_slid_pages = 0  # block-table entries nulled by the window since start
 
     # -- sizes and stats -------------------------------------------------------------
 
@@ -119,6 +161,7 @@ class KVCacheManager:
             "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
             "num_evictions": self.pool.num_evictions,
             "num_requests": len(self._tables),
+            "num_slid_pages": self.num_slid_pages,
         }
 
     # -- requests --------------------------------------------------------------------
@@ -135,6 +178,49 @@ class KVCacheManager:
         """The request's live page list (no copy, for the per-step hot path): read only,
         and valid until the next call that changes this request's pages."""
         return self._tables[request_id]
+
+    def num_null_pages(self, request_id: str) -> int:
+        """Leading block-table entries of the request that are the null page (slid out)."""
+        return self._num_null.get(request_id, 0)
+
+    def num_held_pages(self, request_id: str) -> int:
+        """Pages the request holds: its block table less the null entries."""
+        return len(self._tables[request_id]) - self._num_null[request_id]
+
+    def first_live_page(self, first_query_position: int) -> int:
+        """Index of the first block-table page a query at ``first_query_position`` (or
+        later) can see: 0 without a window. Pages before it are dead."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, (first_query_position - self.sliding_window + 1) // self.page_size)
+
+    def slide_window(self, request_id: str, token_ids: Sequence[int], first_query_position: int) -> int:
+        """Frees the request's pages that no query at ``>= first_query_position`` can see
+        and nulls their block-table entries. Returns how many were nulled now.
+
+        Call with the request's ``num_computed_tokens`` (safe at any time: queries only
+        move forward). Full dead pages whose tokens are all in ``token_ids`` are registered
+        in the prefix cache first: their KV is written by a step dispatched earlier, which
+        the device runs before any later step can read or overwrite the page. Without that,
+        a long prefill chunk's first pages would slide out before ``cache_full_pages`` (after
+        the step) could register them. A no-op without a window or for an unknown request.
+        """
+        table = self._tables.get(request_id)
+        if table is None or self.sliding_window is None:
+            return 0
+        lo = self._num_null[request_id]
+        hi = min(self.first_live_page(first_query_position), len(table))
+        if hi <= lo:
+            return 0
+        if self.enable_prefix_caching and self._num_cached[request_id] < hi:
+            self.cache_full_pages(request_id, token_ids, min(hi * self.page_size, len(token_ids)),
+                                  extra_key=self._chain_key(request_id))
+        dead = table[lo:hi]
+        table[lo:hi] = [NULL_PAGE] * (hi - lo)
+        self._num_null[request_id] = hi
+        self._release(dead)
+        self.num_slid_pages += hi - lo
+        return hi - lo
 
     def get_computed_pages(
         self,
@@ -214,8 +300,11 @@ class KVCacheManager:
         if plan.num_free_pages_needed > self.pool.num_free_pages:
             return None
         if table is None:
-            self.pool.touch(computed_pages)
-            table = self._tables[request_id] = list(computed_pages)
+            # Hit pages already dead for the first query are not taken (null entries).
+            num_null = min(self.first_live_page(num_computed_tokens), len(computed_pages))
+            self.pool.touch(computed_pages[num_null:])
+            table = self._tables[request_id] = [NULL_PAGE] * num_null + list(computed_pages[num_null:])
+            self._num_null[request_id] = num_null
             self._num_cached[request_id] = len(computed_pages)
             if self.enable_prefix_caching:
                 self.pool.record_prefix_lookup(len(token_ids), num_computed_tokens)
@@ -257,6 +346,8 @@ class KVCacheManager:
         chain = self._chain(request_id, extra_key)
         registered = 0
         for i in range(start, num_full):
+            if table[i] == NULL_PAGE:
+                continue  # slid out of the window uncached (its tokens were placeholders)
             page_hash = chain.hash_at(i, token_ids, self.page_size)
             registered += self.pool.cache_page(table[i], page_hash)
         self._num_cached[request_id] = num_full
@@ -269,10 +360,14 @@ class KVCacheManager:
         """
         self._chains.pop(request_id, None)
         self._num_cached.pop(request_id, None)
+        num_null = self._num_null.pop(request_id, 0)
         table = self._tables.pop(request_id, None)
-        if not table:
-            return
-        freed = set(self.pool.free_pages(reversed(table)))
+        if table:
+            self._release(reversed(table[num_null:]))
+
+    def _release(self, ordered_pages) -> None:
+        """free_pages, then drops copy-on-write copies into pages nobody holds any more."""
+        freed = set(self.pool.free_pages(ordered_pages))
         if freed and self._pending_copies:
             # A copy into a page nobody holds any more is moot (and the page may be reused).
             self._pending_copies = [(s, d) for s, d in self._pending_copies if d not in freed]
@@ -282,8 +377,10 @@ class KVCacheManager:
         parent = self._table(parent_id)
         if child_id in self._tables:
             raise ValueError(f"request {child_id!r} already has pages")
-        self.pool.touch(parent)
+        num_null = self._num_null[parent_id]
+        self.pool.touch(parent[num_null:])
         self._tables[child_id] = list(parent)
+        self._num_null[child_id] = num_null
         num_cached = self._num_cached[parent_id]
         self._num_cached[child_id] = num_cached
         self._chains.pop(child_id, None)
@@ -314,6 +411,10 @@ class KVCacheManager:
             raise ValueError(f"unknown request {request_id!r}")
         return table
 
+    def _chain_key(self, request_id: str) -> bytes | None:
+        chain = self._chains.get(request_id)
+        return chain.extra_key if chain is not None else None
+
     def _chain(self, request_id: str | None, extra_key: bytes | None) -> _HashChain:
         if request_id is None:
             return _HashChain(extra_key)
@@ -340,7 +441,8 @@ class KVCacheManager:
         if table is None:
             self._check_computed_pages(request_id, num_computed_tokens, computed_pages)
             held: Sequence[int] = computed_pages
-            num_touched_free = sum(self.pool.is_free(p) for p in computed_pages)
+            num_null = min(self.first_live_page(num_computed_tokens), len(computed_pages))
+            num_touched_free = sum(self.pool.is_free(p) for p in computed_pages[num_null:])
         else:
             if computed_pages:
                 raise ValueError("computed_pages are only accepted on a request's first call")

@@ -20,6 +20,14 @@ checks stops (a request that stopped at N may have a token in N+1: it is dropped
 forks. A request whose placeholders already reach its length limit is not scheduled again.
 Requests whose pages were released (finish, abort, preemption) are reported once in the
 next SchedulerOutput so that the model runner frees their device slots.
+
+Sliding window (the KV manager has one only when every layer shares it): each step first
+slides every running request's window to its next query position, so the pages no query
+will see again are back in the pool before anything is allocated or preempted. A windowed
+request then needs at most ceil(W / page_size) + 1 held pages beyond the pages of its chunk,
+and the allocation plan counts exactly that (it only grows the table at its end).
+`ScheduledSeq.num_null_pages` tells the model runner which leading block-table entries are
+the null page now.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens computed this step; those at >= len(token_ids) are placeholders
     num_samples: int  # 0: a prefill chunk that does not reach the end; 1; or n (fork group)
     num_new_pages: int  # pages this step added or replaced (copy-on-write), all at or after start's page
+    num_null_pages: int = 0  # leading block-table entries that are the null page (slid out of the window)
 
 
 @dataclasses.dataclass
@@ -89,6 +98,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted = False
+        if self.kv.sliding_window is not None:
+            for req in self.running:
+                self.kv.slide_window(req.request_id, req.token_ids, req.num_computed_tokens)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -144,7 +156,8 @@ class Scheduler:
         """Records the step for the request and advances it past the step (placeholders)."""
         reaches_end = req.num_computed_tokens + n_new == req.num_tokens_with_pending
         samples = (req.params.n if req.samples_group else 1) if reaches_end else 0
-        seq = ScheduledSeq(req, req.num_computed_tokens, n_new, samples, num_new_pages)
+        seq = ScheduledSeq(req, req.num_computed_tokens, n_new, samples, num_new_pages,
+                           self.kv.num_null_pages(req.request_id))
         req.num_computed_tokens += n_new
         req.num_pending += 1 if samples else 0
         return seq

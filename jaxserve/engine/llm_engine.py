@@ -36,7 +36,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from jaxserve.config import EngineConfig
-from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.kv_cache_manager import KVCacheManager, uniform_sliding_window
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler, SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes
@@ -90,8 +90,11 @@ class LLMEngine:
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         self.shapes = StepShapes(config.token_buckets, config.seq_buckets, config.max_num_seqs)
         num_pages = config.num_pages or self._pages_from_budget(loaded.model, kv_dtype, max_pages_per_seq, devices[0])
+        # Pages slide out of the window only when every layer shares one window (Mistral);
+        # mixed local/global models (Gemma, Qwen2 max_window_layers) keep all their pages.
         self.kv = KVCacheManager(num_pages, config.page_size, max_pages_per_seq,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+                                 enable_prefix_caching=config.enable_prefix_caching,
+                                 sliding_window=uniform_sliding_window(mc.sliding_windows))
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len)

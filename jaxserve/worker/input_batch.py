@@ -7,7 +7,8 @@ on the device is written once, when it gets its slot: its sampling parameters, l
 min_tokens ban, its block table row and, when it uses penalties, its prompt mask and output
 counts. After that a step only sends what changed:
 
-    block-table cells      pages a step appended (or replaced copy-on-write)
+    block-table cells      pages a step appended (or replaced copy-on-write), and null
+                           pages where a sliding window freed the leading pages
     per-step inputs        host token ids (-1 where the device feeds the token forward),
                            the sequences' slots and query lengths, the sampled rows
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.core.request import Request
-from jaxserve.core.scheduler import SchedulerOutput
+from jaxserve.core.scheduler import ScheduledSeq, SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes, pick_bucket
 from jaxserve.worker.sampler import SEED_MODULUS
 
@@ -178,6 +179,7 @@ class InputBatch:
         self.page_size = page_size
         self.block_table_fn = block_table_fn  # request id -> its live page list
         self.slot_of: dict[str, int] = {}
+        self._num_null = [0] * self.num_slots  # leading null block-table entries on the device
         self._free = list(range(self.max_num_seqs - 1, -1, -1))  # pop() hands out low slots first
         self.assignment_buckets = tuple(sorted({min(16, self.max_num_seqs), self.max_num_seqs}))
 
@@ -206,12 +208,10 @@ class InputBatch:
             req = s.request
             slot = self.slot_of.get(req.request_id)
             if slot is None:
-                slot = self._assign(req, s.start, new, resets, cells)
-            elif s.num_new_pages:  # appended pages, or copy-on-write of the page written into:
-                table = self.block_table_fn(req.request_id)  # both at or after start's page
-                first = s.start // self.page_size
-                cells.table_index.append(slot * self.max_pages + np.arange(first, len(table)))
-                cells.table_value.append(np.asarray(table[first:], np.int32))
+                slot = self._assign(req, s.start, new, resets, cells)  # the whole row, nulls too
+                self._num_null[slot] = s.num_null_pages
+            else:
+                self._table_diff(slot, s, cells)
             seq_slots[i], q_lens[i] = slot, s.num_new_tokens
             end = s.start + s.num_new_tokens
             known = min(end, req.num_tokens)
@@ -237,6 +237,21 @@ class InputBatch:
             sample=SampleInputs(self._pad(row_slots, r, self.pad_slot), self._pad(row_index, r, 0),
                                 self._pad(row_owner, r, False, np.bool_)),
             num_rows=len(row_slots), want_logprobs=want_logprobs)
+
+    def _table_diff(self, slot: int, s: ScheduledSeq, cells: _CellWriter) -> None:
+        """Block-table cells of a slot that already holds its row: the null page where the
+        window freed pages since the last step, then the pages appended or replaced
+        copy-on-write (both at or after start's page)."""
+        lo, hi = self._num_null[slot], s.num_null_pages
+        if hi > lo:
+            cells.table_index.append(slot * self.max_pages + np.arange(lo, hi))
+            cells.table_value.append(np.zeros(hi - lo, np.int32))
+            self._num_null[slot] = hi
+        if s.num_new_pages:
+            table = self.block_table_fn(s.request.request_id)
+            first = s.start // self.page_size
+            cells.table_index.append(slot * self.max_pages + np.arange(first, len(table)))
+            cells.table_value.append(np.asarray(table[first:], np.int32))
 
     def _assign(self, req: Request, start: int, new: list, resets: list, cells: _CellWriter) -> int:
         """Gives the request a slot; its rows are written by this step's diff."""

@@ -1,9 +1,10 @@
 """KVCacheManager: exact page ids on tiny pools, then a stateful property test.
 
 The property test drives the manager the way the scheduler does (admit with a prefix
-lookup, chunked prefill, decode, fork, preempt, finish) against a fake device that stores
-in each slot the token prefix whose KV it would hold. Reading every request's tokens back
-through its block table checks copy-on-write and the prefix cache end to end.
+lookup, chunked prefill, decode, fork, preempt, finish), with or without a sliding window,
+against a fake device that stores in each slot the token prefix whose KV it would hold.
+Reading every request's tokens back through its block table (those inside the window)
+checks copy-on-write, the prefix cache and window sliding end to end.
 """
 
 import pytest
@@ -375,10 +376,11 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     MAX_PAGES = 6
 
-    @initialize(num_pages=st.sampled_from([5, 9, 14]), prefix=st.booleans())
-    def setup(self, num_pages, prefix):
+    @initialize(num_pages=st.sampled_from([5, 9, 14]), prefix=st.booleans(),
+                window=st.sampled_from([None, None, 1, 3, 6, 9]))
+    def setup(self, num_pages, prefix, window):
         self.mgr = KVCacheManager(
-            num_pages, PS, self.MAX_PAGES, enable_prefix_caching=prefix
+            num_pages, PS, self.MAX_PAGES, enable_prefix_caching=prefix, sliding_window=window
         )
         self.tokens: dict[str, list[int]] = {}  # every live request (running or waiting)
         self.computed: dict[str, int] = {}  # running requests
@@ -486,6 +488,10 @@ class KVCacheMachine(RuleBasedStateMachine):
     def step(self, chunk, data):
         """One scheduler step over all running requests, oldest first."""
         scheduled = []
+        for rid in self.running:  # the scheduler slides every window first
+            self.mgr.slide_window(rid, self.tokens[rid], self.computed[rid])
+            table = self.mgr.get_block_table(rid)
+            assert self.mgr.num_null_pages(rid) == min(self.mgr.first_live_page(self.computed[rid]), len(table))
         for rid in list(self.running):
             if rid not in self.running:  # preempted earlier in this step
                 continue
@@ -547,9 +553,14 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert mgr.stats()["num_requests"] == len(self.running)
         assert not any(mgr.has_request(rid) for rid in self.waiting)
         holders = [0] * pool.num_pages
-        for table in tables.values():
-            assert len(set(table)) == len(table) and NULL_PAGE not in table
-            for page in table:
+        for rid, table in tables.items():
+            num_null = mgr.num_null_pages(rid)
+            # Only pages no future query of the request can see are gone.
+            assert num_null <= mgr.first_live_page(self.computed[rid])
+            assert table[:num_null] == [NULL_PAGE] * num_null
+            live = table[num_null:]
+            assert len(set(live)) == len(live) and NULL_PAGE not in live
+            for page in live:
                 holders[page] += 1
         assert [pool.ref_count(p) for p in range(pool.num_pages)] == holders
         free = pool.free_page_ids()
@@ -573,7 +584,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         for rid in self.running:
             table, toks = self.mgr.get_block_table(rid), self.tokens[rid]
             assert len(table) * PS >= self.computed[rid]
-            for pos in range(self.computed[rid]):
+            for pos in range(self.mgr.num_null_pages(rid) * PS, self.computed[rid]):
                 assert self.device[table[pos // PS]][pos % PS] == kv(toks, pos), (rid, pos)
 
     def teardown(self):
