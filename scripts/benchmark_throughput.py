@@ -1,34 +1,48 @@
-"""Offline throughput: jaxserve's engine vs Hugging Face transformers on the same weights.
+"""Offline throughput: jaxserve's engine vs Hugging Face transformers (and vLLM) on the same weights.
 
 A synthetic workload (prompt and output lengths drawn from a fixed seed, random token ids,
-EOS ignored so every request produces exactly its output length) runs through:
-  1. jaxserve `LLM.generate` (continuous batching, paged KV cache; warm-up excluded);
+greedy, EOS ignored so every request produces exactly its output length) runs through:
+  1. jaxserve `LLM` (continuous batching, paged KV cache; warm-up excluded), once per
+     --max-model-len value, each a fresh engine, so one run shows what max_model_len costs;
   2. transformers `generate`, one request at a time (on the first --hf-single requests);
-  3. transformers `generate` in static batches of --hf-batch-size with left padding.
-Prints requests/s and output tokens/s for each and the ratios, the KV memory waste of our
-engine (allocated page slots vs tokens held, averaged over steps) and its compile count,
-then appends the table to BENCHMARKS.md with the date and machine.
+  3. transformers `generate` in static batches of --hf-batch-size with left padding;
+  4. vLLM's offline `LLM` when --vllm-python names the python of a venv that has vLLM
+     (scripts/vllm_peer.py runs there as a subprocess, on the same model directory and the
+     same token ids; see BENCHMARKS.md, "How to make the vLLM CPU venv").
+Prints requests/s and output tokens/s for each, the ratios to the first jaxserve run, the
+ratio between the jaxserve runs, the load average before and after each run (the machine
+may be shared) and the git commit, then appends the table to --out (BENCHMARKS.md).
 
     python scripts/benchmark_throughput.py                       # demo model, CPU preset
-    python scripts/benchmark_throughput.py --model DIR --config configs/... --num-requests 256
+    python scripts/benchmark_throughput.py --model DIR --config configs/cpu-throughput.yaml \\
+        --max-model-len 512,8192 --no-hf                         # what max_model_len costs
+    python scripts/benchmark_throughput.py --model DIR --config configs/cpu-throughput.yaml \\
+        --num-requests 128 --max-prompt 512 --max-output 256 --max-model-len 1024 \\
+        --vllm-python /work/vllm-venv/bin/python                 # against transformers and vLLM
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import os
 import platform
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT / "scripts" / "vllm_peer.py"
+
+Work = list[tuple[list[int], int]]  # (prompt token ids, output length) per request
 
 
-def workload(args, vocab: int) -> list[tuple[list[int], int]]:
+def workload(args, vocab: int) -> Work:
     rng = random.Random(args.seed)
     out = []
     for _ in range(args.num_requests):
@@ -38,11 +52,44 @@ def workload(args, vocab: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_jaxserve(args, work) -> dict:
-    from jaxserve import LLM, SamplingParams
+def load_avg() -> tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())
 
-    overrides = {k: v for k, v in dict(num_pages=args.num_pages, dtype=args.dtype,
-                                       max_num_seqs=args.max_num_seqs).items() if v is not None}
+
+def git_commit() -> str:
+    """HEAD's short hash, '+dirty' when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def parse_lens(text: str | None) -> list[int | None]:
+    """'512,8192' -> [512, 8192]; None -> [None] (the config's max_model_len)."""
+    if not text:
+        return [None]
+    try:
+        lens = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--max-model-len must be a comma list of integers, got {text!r}") from None
+    if not lens or min(lens) <= 0:
+        raise SystemExit(f"--max-model-len must be a comma list of positive integers, got {text!r}")
+    return lens
+
+
+def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
+    """One fresh engine; the timed part starts after warm-up, with every request queued."""
+    from jaxserve import LLM, SamplingParams
+    from pallas_kernels.backend import resolve_backend
+
+    overrides = {k: v for k, v in dict(num_pages=args.num_pages, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       max_model_len=max_model_len,
+                                       attention_backend=args.attention_backend).items() if v is not None}
+    load_before = load_avg()
     t0 = time.perf_counter()
     llm = LLM(args.model, config=args.config, **overrides)
     warm = time.perf_counter() - t0
@@ -52,20 +99,41 @@ def run_jaxserve(args, work) -> dict:
     for i, (prompt, n) in enumerate(work):
         engine.add_request(f"b{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
     slots = held = 0
-    generated = 0
+    outputs: dict[str, list[int]] = {}
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        generated += sum(len(c.token_ids) for o in outs for c in o.outputs)
+        for o in engine.step():
+            outputs.setdefault(o.request_id, []).extend(t for c in o.outputs for t in c.token_ids)
         for req in engine.scheduler.running:
             slots += len(engine.kv.get_block_table(req.request_id)) * page
             held += req.num_computed_tokens
     elapsed = time.perf_counter() - start
     stats = engine.stats()
-    return dict(name="jaxserve (continuous batching, paged KV)", elapsed=elapsed, requests=len(work),
-                tokens=generated, waste=1 - held / max(slots, 1), compiles=stats["compile_count"],
-                new_compiles=stats["compile_count"] - compiles_after_warmup, warmup=warm,
-                preemptions=stats["num_preemptions"], model_dir=engine.model_path)
+    cfg = engine.config
+    if max_model_len is not None and engine.max_model_len != max_model_len:
+        print(f"[benchmark] warning: max_model_len {max_model_len} was clamped to the model's "
+              f"{engine.max_model_len}", file=sys.stderr)
+    result = dict(name="jaxserve (continuous batching, paged KV)", engine="jaxserve", elapsed=elapsed,
+                  requests=len(work), tokens=sum(len(t) for t in outputs.values()),
+                  token_ids=[outputs.get(f"b{i}", []) for i in range(len(work))],
+                  max_model_len=engine.max_model_len, waste=1 - held / max(slots, 1),
+                  compiles=stats["compile_count"], new_compiles=stats["compile_count"] - compiles_after_warmup,
+                  warmup=warm, preemptions=stats["num_preemptions"], model_dir=str(engine.model_path),
+                  backend=resolve_backend(cfg.attention_backend), max_num_seqs=cfg.max_num_seqs,
+                  max_num_batched_tokens=cfg.max_num_batched_tokens, num_pages=engine.kv.num_total_pages,
+                  load_before=load_before, load_after=load_avg())
+    del llm, engine
+    _release_jax()
+    return result
+
+
+def _release_jax() -> None:
+    """Drops the last engine's compiled programs and buffers before the next one starts."""
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
 
 
 def load_hf(model_dir: str, dtype: str):
@@ -78,10 +146,11 @@ def load_hf(model_dir: str, dtype: str):
     return model.to(device), device
 
 
-def run_hf_single(model, device, work) -> dict:
+def run_hf_single(model, device, work: Work) -> dict:
     import torch
 
     generated = 0
+    load_before = load_avg()
     start = time.perf_counter()
     with torch.no_grad():
         for prompt, n in work:
@@ -89,16 +158,17 @@ def run_hf_single(model, device, work) -> dict:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, pad_token_id=0)
             generated += out.shape[1] - len(prompt)
-    return dict(name="transformers, one request at a time", elapsed=time.perf_counter() - start,
-                requests=len(work), tokens=generated)
+    return dict(name="transformers, one request at a time", engine="hf", elapsed=time.perf_counter() - start,
+                requests=len(work), tokens=generated, load_before=load_before, load_after=load_avg())
 
 
-def run_hf_static(model, device, work, batch_size: int) -> dict:
+def run_hf_static(model, device, work: Work, batch_size: int) -> dict:
     """Static batches, left padded; a batch runs until its longest output; only the tokens
     each request asked for count as output."""
     import torch
 
     useful = 0
+    load_before = load_avg()
     start = time.perf_counter()
     with torch.no_grad():
         for b in range(0, len(work), batch_size):
@@ -113,8 +183,36 @@ def run_hf_static(model, device, work, batch_size: int) -> dict:
             model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
             useful += sum(o for _, o in batch)
-    return dict(name=f"transformers, static batches of {batch_size} (left padded)",
-                elapsed=time.perf_counter() - start, requests=len(work), tokens=useful)
+    return dict(name=f"transformers, static batches of {batch_size} (left padded)", engine="hf",
+                elapsed=time.perf_counter() - start, requests=len(work), tokens=useful,
+                load_before=load_before, load_after=load_avg())
+
+
+def run_vllm(args, work: Work, model_dir: str, max_model_len: int) -> dict:
+    """scripts/vllm_peer.py in the --vllm-python interpreter; the workload goes in and the
+    result comes back as JSON files. A failure becomes a row that says why."""
+    name = "vLLM CPU (offline LLM.generate)"
+    with tempfile.TemporaryDirectory(prefix="jaxserve-vllm-") as tmp:
+        wl, res, log_path = Path(tmp) / "workload.json", Path(tmp) / "result.json", Path(tmp) / "peer.log"
+        wl.write_text(json.dumps({"prompts": [p for p, _ in work], "max_tokens": [n for _, n in work]}))
+        cmd = [args.vllm_python, str(PEER), "--model", model_dir, "--workload", str(wl), "--out", str(res),
+               "--max-model-len", str(max_model_len), "--dtype", args.dtype or "float32", "--seed", str(args.seed),
+               "--engine-args", args.vllm_engine_args]
+        print(f"[benchmark] vLLM peer: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        with open(log_path, "w") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.vllm_timeout).returncode
+            except (OSError, subprocess.TimeoutExpired) as e:
+                rc, why = -1, f"{type(e).__name__}: {e}"
+            else:
+                why = f"exit status {rc}"
+        if rc != 0 or not res.is_file():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            print(f"[benchmark] vLLM peer failed ({why}); last lines:\n  " + "\n  ".join(tail), file=sys.stderr)
+            return dict(name=name, engine="vllm", failed=f"{why}: {tail[-1] if tail else 'no output'}",
+                        requests=len(work), max_model_len=max_model_len)
+        peer = json.loads(res.read_text())
+    return dict(peer, name=name + f", vllm {peer.get('vllm_version', '?')}", engine="vllm", max_model_len=max_model_len)
 
 
 def machine() -> str:
@@ -124,49 +222,108 @@ def machine() -> str:
     return f"{dev.platform}:{dev.device_kind} x{jax.device_count()}, host {platform.machine()} ({os.cpu_count()} CPUs)"
 
 
-def table(args, results: list[dict], ours: dict) -> str:
+def same_outputs(ours: dict, other: dict) -> str:
+    """How many requests got jaxserve's greedy tokens (first token / whole output)."""
+    a, b = ours["token_ids"], other.get("token_ids")
+    if not b or len(a) != len(b):
+        return ""
+    first = sum(bool(x) and bool(y) and x[0] == y[0] for x, y in zip(a, b))
+    whole = sum(x == y for x, y in zip(a, b))
+    return f"; same greedy tokens as jaxserve: first token {first}/{len(a)}, whole output {whole}/{len(a)}"
+
+
+def _load(r: dict) -> str:
+    fmt = lambda t: "/".join(f"{x:.2f}" for x in t)  # noqa: E731
+    return f"{fmt(r['load_before'])} -> {fmt(r['load_after'])}" if "load_before" in r else "-"
+
+
+def table(args, results: list[dict]) -> str:
+    ours = next(r for r in results if r["engine"] == "jaxserve")
+    ours_tps = ours["tokens"] / ours["elapsed"]
+    fits = args.max_prompt + args.max_output
     lines = [
-        f"### Throughput ({datetime.date.today().isoformat()}, {machine()})",
+        f"### Throughput ({datetime.date.today().isoformat()}, {machine()}, commit {git_commit()})",
         "",
         f"Model: `{ours['model_dir']}` ({args.dtype or 'config dtype'}), config `{args.config}`. Workload: "
         f"{args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, outputs "
-        f"{args.min_output}-{args.max_output} tokens (seed {args.seed}, EOS ignored). The one-at-a-time "
-        f"baseline ran the first {args.hf_single} requests.",
+        f"{args.min_output}-{args.max_output} tokens (random token ids, seed {args.seed}, greedy, EOS ignored); "
+        f"every request fits {fits} tokens, so it is the same workload at each max_model_len >= {fits}. "
+        f"The one-at-a-time baseline ran the first {args.hf_single} requests. Speed-up: the first jaxserve "
+        f"row's output tokens/s over the row's. Load average: 1/5/15 min, before the engine was built -> "
+        f"after its timed run.",
         "",
-        "| engine | requests | wall s | requests/s | output tokens/s | jaxserve speed-up (tok/s) |",
-        "|---|---|---|---|---|---|",
+        "| engine | max_model_len | requests | wall s | requests/s | output tokens/s | jaxserve speed-up "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    ours_tps = ours["tokens"] / ours["elapsed"]
     for r in results:
+        if "failed" in r:
+            lines.append(f"| {r['name']} | {r['max_model_len']} | {r['requests']} | failed: {r['failed']} "
+                         f"| | | | - |")
+            continue
         tps = r["tokens"] / r["elapsed"]
-        lines.append(f"| {r['name']} | {r['requests']} | {r['elapsed']:.1f} | {r['requests'] / r['elapsed']:.2f} "
-                     f"| {tps:.1f} | {ours_tps / tps:.2f}x |" if r is not ours else
-                     f"| {r['name']} | {r['requests']} | {r['elapsed']:.1f} | {r['requests'] / r['elapsed']:.2f} "
-                     f"| {tps:.1f} | 1.00x |")
-    lines += ["", f"jaxserve: KV memory waste {100 * ours['waste']:.1f}% (allocated page slots not holding a token, "
-              f"averaged over steps), {ours['compiles']} compilations at warm-up ({ours['warmup']:.1f} s), "
-              f"{ours['new_compiles']} during the run, {ours['preemptions']} preemptions.", ""]
+        lines.append(f"| {r['name']} | {r.get('max_model_len', '-')} | {r['requests']} | {r['elapsed']:.1f} "
+                     f"| {r['requests'] / r['elapsed']:.2f} | {tps:.1f} | {ours_tps / tps:.2f}x | {_load(r)} |")
+    lines.append("")
+    for r in results:
+        if r["engine"] == "jaxserve":
+            lines.append(f"- jaxserve at max_model_len {r['max_model_len']}: attention `{r['backend']}`, "
+                         f"max_num_seqs {r['max_num_seqs']}, token budget {r['max_num_batched_tokens']}, "
+                         f"{r['num_pages']} KV pages; KV memory waste {100 * r['waste']:.1f}% (allocated page "
+                         f"slots not holding a token, averaged over steps), {r['compiles']} compilations at "
+                         f"warm-up ({r['warmup']:.1f} s), {r['new_compiles']} during the run, {r['preemptions']} "
+                         f"preemptions.")
+        elif r["engine"] == "vllm" and "failed" not in r:
+            env = ", ".join(f"{k}={v}" for k, v in r.get("cpu_env", {}).items())
+            lines.append(f"- vLLM: torch {r.get('torch_version', '?')}, {env}, LD_PRELOAD "
+                         f"`{r.get('preload') or '-'}`, max_num_seqs {r.get('max_num_seqs', '?')}, token budget "
+                         f"{r.get('max_num_batched_tokens', '?')}, start-up and warm-up {r.get('startup', 0):.1f} s"
+                         f"{same_outputs(ours, r)}.")
+    runs = [r for r in results if r["engine"] == "jaxserve"]
+    for r in runs[1:]:
+        ratio = (r["tokens"] / r["elapsed"]) / ours_tps
+        lines.append(f"- jaxserve output tokens/s at max_model_len {r['max_model_len']} / at {ours['max_model_len']}: "
+                     f"{ratio:.3f} ({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10%).")
+    lines.append("")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model directory (default: the demo model)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "cpu.yaml"))
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--max-model-len", default=None,
+                        help="comma list, e.g. 512,8192: one fresh jaxserve engine per value (default: the config's)")
+    parser.add_argument("--attention-backend", default=None, help="default: the config's attention_backend")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=256)
     parser.add_argument("--min-output", type=int, default=32)
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline")
+    parser.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline (0: skip)")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
-    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--vllm-python", default=None,
+                        help="python of a venv with vLLM: runs scripts/vllm_peer.py there on the same workload")
+    parser.add_argument("--vllm-engine-args", default="{}",
+                        help="JSON of extra vllm.LLM keyword arguments, e.g. '{\"max_num_seqs\": 64}'")
+    parser.add_argument("--vllm-timeout", type=float, default=7200.0, help="seconds before the vLLM peer is killed")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file the table is appended to "
+                        "('' : print only)")
+    parser.add_argument("--json", default=None, help="also write every row (without token ids) to this JSON file")
     args = parser.parse_args(argv)
+    json.loads(args.vllm_engine_args)  # refuse bad JSON before an hour of benchmarking
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    lens = parse_lens(args.max_model_len)
     if args.model is None:
         from jaxserve.demo_model import ensure_demo_model
 
@@ -175,16 +332,29 @@ def main(argv=None) -> int:
 
     vocab = int(read_hf_config(resolve_model_dir(args.model))["vocab_size"])
     work = workload(args, vocab)
-    ours = run_jaxserve(args, work)
-    results = [ours]
+    need = args.max_prompt + args.max_output
+    if any(n is not None and n < need for n in lens):
+        raise SystemExit(f"--max-model-len {args.max_model_len}: the workload needs max_model_len >= {need} "
+                         f"(--max-prompt {args.max_prompt} + --max-output {args.max_output})")
+    results = [run_jaxserve(args, work, n) for n in lens]
+    model_dir = results[0]["model_dir"]
     if not args.no_hf:
-        model, device = load_hf(ours["model_dir"], args.dtype or "float32")
-        results.append(run_hf_single(model, device, work[:args.hf_single]))
+        model, device = load_hf(model_dir, args.dtype or "float32")
+        if args.hf_single > 0:
+            results.append(run_hf_single(model, device, work[:args.hf_single]))
         results.append(run_hf_static(model, device, work, args.hf_batch_size))
-    text = table(args, results, ours)
+        del model
+        gc.collect()
+    if args.vllm_python:
+        results.append(run_vllm(args, work, model_dir, results[0]["max_model_len"]))
+    text = table(args, results)
     print(text)
-    with open(args.out, "a") as f:
-        f.write("\n" + text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    if args.json:
+        rows = [{k: v for k, v in r.items() if k != "token_ids"} for r in results]
+        Path(args.json).write_text(json.dumps(dict(commit=git_commit(), args=vars(args), rows=rows), indent=1) + "\n")
     return 0
 
 

@@ -7,6 +7,7 @@ index, one tensor at a time. Both jaxserve and transformers load the result.
 
     python scripts/make_random_model.py llama3-8b /tmp/llama3-8b-random
     python scripts/benchmark_throughput.py --model /tmp/llama3-8b-random --config configs/gpu-h200-1.yaml
+    python scripts/make_random_model.py bench-medium /tmp/bench-medium --dtype float32   # CPU benchmarks
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ PRESETS = {
     "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256, 500000.0, 8192),
     "llama3-70b": (8192, 28672, 80, 64, 8, 128256, 500000.0, 8192),
     "small": (512, 1408, 8, 8, 4, 32000, 10000.0, 4096),
+    # CPU throughput benchmarks (BENCHMARKS.md): max_position 8192 so that max_model_len 8192
+    # is not clamped. bench-small is the demo model's shape (and vocabulary size).
+    "bench-small": (256, 688, 4, 8, 4, 1024, 10000.0, 8192),
+    "bench-medium": (1024, 2816, 8, 16, 4, 32000, 10000.0, 8192),
 }
 SHARD_BYTES = 4 << 30
 
@@ -63,6 +68,9 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
     dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
+    if len(tokenizer) > v:
+        raise ValueError(f"preset {name}: vocab {v} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    tokenizer.model_max_length = max_pos
     tokenizer.save_pretrained(out)
     eos = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
