@@ -1,25 +1,43 @@
-"""Ragged paged attention as a Pallas TPU (Mosaic) kernel.
+"""Ragged paged attention as a Pallas TPU (Mosaic) kernel, and the SMEM-fit check for both
+TPU backends.
 
-Grid: one step per block of `num_q_per_block` (Bq) query rows; steps are independent
-("parallel", so megacore TPUs split them). Scalar prefetch (SMEM): kv_lens, block_tables,
-cu_q_lens, num_seqs and first_seq[q_block] (the first sequence with rows in each block,
-computed by XLA before the call). q/out blocks [Bq, Hq, D] are pipelined by BlockSpecs;
-kv_pages stays in HBM (memory_space=ANY) and is copied page by page into a VMEM
-double buffer [2, Bkp, page_size, 2*Hkv, D].
+Work list. XLA splits every sequence's new q rows into tiles of at most Bq tokens of that
+ONE sequence (`q_tiles`); a sequence with no new rows gets no tile. One grid step runs one
+tile. Its rows on the MXU are tokens x the G query heads of a kv head (decode: one token,
+G rows), so no row of another sequence rides along. Tiles of at most `small` tokens (a
+decode token, short chunks) run a variant sized for them: Bs = max(1, 8 // G) tokens, so
+a decode step uses Bs*G rows of scratch and MXU work, not Bq*G.
 
-Inside a step the work is a flat list of items (seq, kv_block) over the sequences whose
-rows fall in the block and, per sequence, only the kv blocks its rows can see (causal
-upper bound, sliding-window lower bound). Each item first starts the DMA of the NEXT item
-(possibly of the next sequence) into the other buffer, then waits for its own, then runs
-one online-softmax (flash) update per kv head on the MXU: q rows [Bq*G, D] x K [Bk, D].
-Rows of the block that belong to other sequences are left untouched by a row mask.
-Pages a block does not need are not copied; buffer slots holding stale or unused data
-(and NaN pages) are neutralised by jnp.where before any arithmetic.
+Memory. q, kv_pages, block_tables and out stay in HBM (memory_space=ANY):
+  * the tile's block-table row is DMAed into an SMEM double buffer [2, max_pages], so SMEM
+    holds 2 rows, not the whole table (see `smem_bytes_needed`);
+  * q rows of the tile are copied row by row into a VMEM double buffer [2, Bq, Hq, D], the
+    output rows back from [Bq, Hq, D] (only the tile's rows are written; rows outside every
+    tile are zeroed by XLA after the call);
+  * kv pages are copied page by page into a VMEM double buffer [2, Bkp, page_size, 2Hkv, D]:
+    per tile only the kv blocks its rows can see (causal upper bound, sliding-window lower
+    bound), per block only the pages that hold visible keys.
+
+Pipeline. Each kv block first starts the copy of the NEXT block into the other buffer;
+after the tile's last block the next block is the first block of the NEXT grid step's tile
+(its block-table row was fetched at the start of this step, its q rows are copied with it),
+so the DMA pipeline never drains between steps. That carried state (which buffer slot is
+next) lives in SMEM scratch and needs the grid to run in order: the grid dimension is
+"arbitrary" (on megacore chips both cores then do not split the grid).
+
+Loads. K and V of kv head h are read from the buffer ref one head at a time (never the
+whole buffer as one vector): f32 with a strided ref index (row 2h / 2h+1 of the combined
+axis); bf16 through a uint32 bitcast of the ref, where one word holds K (low half) and V
+(high half) of a head, split by shifts (Mosaic has no strided sublane load of packed
+types). Interpreted off TPU, where the interpreter resolves only index transforms of refs,
+bf16 K and V are read by the same strided index as f32. Stale or unused buffer slots (and
+NaN pages) are neutralised by jnp.where before any arithmetic.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,188 +49,254 @@ from pallas_kernels.attention_reference import MASK_VALUE
 from pallas_kernels.backend import interpret_mode
 
 LANES = 128  # m/l scratch is lane-broadcast: Mosaic dislikes width-1 minor dims.
+SMEM_BYTES_PER_CORE = 1 << 20  # TPU v4/v5e/v5p/v6e: 1 MiB of scalar memory per core
+SMEM_RESERVE_BYTES = 16 << 10  # left to Mosaic's own scalars and padding
 
 
-def q_block_first_seq(cu_q_lens, num_seqs, num_q_blocks: int, block: int) -> jax.Array:
-    """int32 [num_q_blocks]: first sequence with a row in each q block (>= num_seqs: none)."""
-    max_seqs = cu_q_lens.shape[0] - 1
-    ends = jnp.where(jnp.arange(max_seqs) < num_seqs[0], cu_q_lens[1:],
-                     jnp.iinfo(jnp.int32).max)
-    starts = jnp.arange(num_q_blocks, dtype=jnp.int32) * block
-    first = jnp.searchsorted(ends, starts, side="right").astype(jnp.int32)
-    return jnp.where(starts < cu_q_lens[num_seqs[0]], first, max_seqs)
+# ----------------------------------------------------------------------------- SMEM fit
 
+def smem_bytes_needed(backend: str, max_num_seqs: int, max_pages_per_seq: int,
+                      max_num_tokens: int | None = None) -> int:
+    """Bytes of SMEM the backend's scalar operands take at these engine limits (int32s;
+    Mosaic's padding of SMEM arrays comes on top, hence SMEM_RESERVE_BYTES).
 
-def _kv_range(seq, kv_lens_ref, cu_ref, blk_start, blk_end, block_k, sliding_window):
-    """Keys [lo, hi) that the sequence's rows inside this q block can see, and kv blocks."""
-    q_end = cu_ref[seq + 1]
-    kv_len = kv_lens_ref[seq]
-    first_row = jnp.maximum(cu_ref[seq], blk_start)
-    last_row = jnp.minimum(q_end, blk_end)            # exclusive
-    hi = jnp.clip(kv_len - q_end + last_row, 0, kv_len)
-    lo = jnp.int32(0)
-    if sliding_window is not None:
-        lo = jnp.maximum(kv_len - q_end + first_row - sliding_window + 1, 0)
-    # lax.div (round toward zero) is exact here since lo, hi >= 0, and unlike `//` it
-    # lowers to Mosaic without a sign computation.
-    first_blk = lax.div(lo, block_k)
-    last_blk = jnp.maximum(lax.div(hi + block_k - 1, block_k), first_blk + 1)  # >= 1 item
-    return lo, hi, first_blk, last_blk
-
-
-def _load_kv_heads(kv_buf, slot) -> list[tuple[jax.Array, jax.Array]]:
-    """[(K, V)] per kv head, each [Bk, D], from buffer slot `slot`.
-
-    kv_buf [2, Bkp, ps, 2Hkv, D]: K at 2h, V at 2h+1 on the second-minor (sublane) axis.
+    jax_tpu scalar-prefetches kv_lens, the whole block table [S, max_pages], cu_q_lens,
+    two carried indices and num_seqs. pallas_tpu prefetches kv_lens, cu_q_lens, num_seqs
+    and the tile list (3 x max_tiles + 1), and holds 2 block-table rows plus 1 carried slot.
     """
-    _, pages, page_size, num_combined, head_dim = kv_buf.shape
+    s, pages = max_num_seqs, max_pages_per_seq
+    if backend == "jax_tpu":
+        words = s + s * pages + (s + 1) + 2 + 1
+    elif backend == "pallas_tpu":
+        tokens = max_num_tokens if max_num_tokens is not None else s
+        tiles = tokens + min(s, tokens)            # bound of max_tiles for any Bq >= 1
+        words = s + (s + 1) + 1 + 3 * tiles + 1 + 2 * pages + 1
+    else:
+        raise ValueError(f"smem_bytes_needed knows jax_tpu and pallas_tpu, got {backend!r}")
+    return 4 * words
+
+
+def check_smem_fit(backend: str, max_num_seqs: int, max_model_len: int, page_size: int,
+                   max_num_tokens: int | None = None,
+                   smem_bytes: int = SMEM_BYTES_PER_CORE) -> None:
+    """Raise ValueError if the backend's SMEM operands do not fit one core's SMEM.
+
+    Call at engine start for TPU backends; max_pages_per_seq = ceil(max_model_len/page_size).
+    """
+    pages = -(-max_model_len // page_size)
+    need = smem_bytes_needed(backend, max_num_seqs, pages, max_num_tokens)
+    avail = smem_bytes - SMEM_RESERVE_BYTES
+    if need > avail:
+        raise ValueError(
+            f"attention backend {backend!r} needs {need} bytes of SMEM for max_num_seqs="
+            f"{max_num_seqs} x max_pages_per_seq={pages} (max_model_len={max_model_len} / "
+            f"page_size={page_size}), but {avail} of {smem_bytes} are available: lower "
+            f"max_model_len or max_num_seqs, raise page_size, or use backend 'pallas_tpu' "
+            f"(fetches block-table rows per sequence)")
+
+
+# ----------------------------------------------------------------------------- work list
+
+def max_tiles(num_tokens: int, max_seqs: int, bq: int) -> int:
+    """Static bound on tiles: sum_i ceil(q_i / Bq) <= T / Bq + (sequences with rows)."""
+    return pl.cdiv(num_tokens, bq) + min(max_seqs, num_tokens)
+
+
+def q_tiles(cu_q_lens, num_seqs, num_tiles: int, bq: int):
+    """Split each real sequence's q rows into tiles of <= bq rows of that sequence.
+
+    -> (seq [NT], start [NT], length [NT], count [1]) int32; tiles >= count have length 0.
+    """
+    max_seqs = cu_q_lens.shape[0] - 1
+    real = jnp.arange(max_seqs) < num_seqs[0]
+    q_lens = jnp.where(real, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    per_seq = (q_lens + bq - 1) // bq
+    ends = jnp.cumsum(per_seq)
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, t, side="right"), max_seqs - 1).astype(jnp.int32)
+    start = cu_q_lens[seq] + (t - (ends[seq] - per_seq[seq])) * bq
+    count = ends[-1]
+    length = jnp.where(t < count, jnp.minimum(bq, cu_q_lens[seq + 1] - start), 0)
+    return seq, start.astype(jnp.int32), length.astype(jnp.int32), count.reshape(1).astype(
+        jnp.int32)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+def _load_kv_head(kv_buf, slot, h, interpret):
+    """(K, V) of kv head h from buffer slot `slot`, each [Bk, D]."""
+    _, pages, page_size, _, head_dim = kv_buf.shape
     flat = lambda x: x.reshape(pages * page_size, head_dim)
-    if jnp.dtype(kv_buf.dtype).itemsize == 4:
-        return [(flat(kv_buf[slot, :, :, 2 * h, :]), flat(kv_buf[slot, :, :, 2 * h + 1, :]))
-                for h in range(num_combined // 2)]
-    # 16-bit: rows 2h and 2h+1 share one packed 32-bit sublane row; split them by bit
-    # shifts (Mosaic has no strided sublane load for packed types). bf16 is the top half
-    # of a float32, so the shifted words are exact float32 values.
+    if jnp.dtype(kv_buf.dtype).itemsize == 4 or interpret:
+        return flat(kv_buf[slot, :, :, 2 * h, :]), flat(kv_buf[slot, :, :, 2 * h + 1, :])
     assert kv_buf.dtype == jnp.bfloat16, kv_buf.dtype
-    packed = pltpu.bitcast(kv_buf[slot], jnp.uint32)                 # [Bkp, ps, Hkv, D]
-    out = []
-    for h in range(num_combined // 2):
-        word = packed[:, :, h, :]
-        out.append((flat(pltpu.bitcast(word << 16, jnp.float32)),
-                    flat(pltpu.bitcast(word & jnp.uint32(0xFFFF0000), jnp.float32))))
-    return out
+    word = kv_buf.bitcast(jnp.uint32)[slot, :, :, h, :]        # [Bkp, ps, D]: K low, V high
+    # bf16 is the top half of a float32, so the shifted words are exact float32 values.
+    return (flat(pltpu.bitcast(word << 16, jnp.float32)),
+            flat(pltpu.bitcast(word & jnp.uint32(0xFFFF0000), jnp.float32)))
 
 
-def _kernel(kv_lens_ref, tables_ref, cu_ref, num_seqs_ref, first_seq_ref,   # SMEM prefetch
-            q_ref, kv_hbm_ref,                                             # inputs
-            o_ref,                                                         # output
-            kv_buf, sems, m_ref, l_ref, acc_ref,                           # scratch
-            *, sm_scale, sliding_window, soft_cap):
-    # q_ref/o_ref [Bq, Hq, D]; kv_hbm_ref [P, ps, 2Hkv, D]; kv_buf [2, Bkp, ps, 2Hkv, D]
+def _kernel(kv_lens_ref, cu_ref, tile_seq_ref, tile_start_ref, tile_len_ref, count_ref,  # SMEM
+            q_hbm, kv_hbm, tables_hbm,                                               # inputs
+            o_hbm,                                                                   # output
+            bt_buf, kv_slot_ref, q_buf, o_buf, kv_buf, sems, m_ref, l_ref, acc_ref,  # scratch
+            *, sm_scale, sliding_window, soft_cap, small, interpret):
+    # q_hbm/o_hbm [T, Hq, D]; kv_hbm [P, ps, 2Hkv, D]; tables_hbm [S, max_pages]
+    # bt_buf SMEM [2, max_pages]; q_buf [2, Bq, Hq, D]; o_buf [Bq, Hq, D]
+    # kv_buf [2, Bkp, ps, 2Hkv, D]; sems DMA [4, 2] (kv, q, block table, out) x slot
     # m_ref/l_ref [Hkv, Bq*G, LANES] f32; acc_ref [Hkv, Bq*G, D] f32
-    bq, num_q_heads, head_dim = q_ref.shape
+    _, bq, num_q_heads, head_dim = q_buf.shape
     _, pages_per_blk, page_size, num_combined, _ = kv_buf.shape
     num_kv_heads = num_combined // 2
     group = num_q_heads // num_kv_heads
     block_k = pages_per_blk * page_size
-    max_pages = tables_ref.shape[1]
-    # 16-bit caches: P @ V on 16-bit operands (one MXU pass), as flash attention does.
+    max_pages = bt_buf.shape[1]
     pv_dtype = kv_buf.dtype if jnp.dtype(kv_buf.dtype).itemsize == 2 else jnp.float32
-    blk_start = pl.program_id(0) * bq
-    blk_end = blk_start + bq
-    num_seqs = num_seqs_ref[0]
-    kv_range = functools.partial(_kv_range, kv_lens_ref=kv_lens_ref, cu_ref=cu_ref,
-                                 blk_start=blk_start, blk_end=blk_end, block_k=block_k,
-                                 sliding_window=sliding_window)
+    t = pl.program_id(0)
+    count = count_ref[0]
 
-    def has_rows(seq):
-        return (seq < num_seqs) & (cu_ref[jnp.minimum(seq, num_seqs)] < blk_end)
+    def tile(i):
+        """(seq, first row, rows, lo, hi, first kv block, end kv block) of tile i."""
+        seq, start, n = tile_seq_ref[i], tile_start_ref[i], tile_len_ref[i]
+        kv_len, q_end = kv_lens_ref[seq], cu_ref[seq + 1]
+        hi = kv_len - q_end + start + n               # keys [lo, hi) are visible to the tile
+        lo = jnp.int32(0)
+        if sliding_window is not None:
+            lo = jnp.maximum(kv_len - q_end + start - sliding_window + 1, 0)
+        first = lax.div(lo, block_k)                  # lo, hi >= 0: lax.div is floor here
+        return seq, start, n, lo, hi, first, jnp.maximum(lax.div(hi + block_k - 1, block_k),
+                                                         first + 1)
 
-    def page_copies(seq, kv_blk, slot):
-        """(needed, descriptor) per page of the block; unneeded pages are never copied."""
-        lo, hi, _, _ = kv_range(seq)
-        copies = []
-        for i in range(pages_per_blk):
-            idx = kv_blk * pages_per_blk + i                 # page index within the sequence
+    def kv_copies(i, kv_blk, slot):
+        """(needed, copy) per page of kv block kv_blk of tile i; block-table row in SMEM."""
+        _, _, _, lo, hi, _, _ = tile(i)
+        out = []
+        for p in range(pages_per_blk):
+            idx = kv_blk * pages_per_blk + p
             needed = (idx * page_size < hi) & ((idx + 1) * page_size > lo) & (idx < max_pages)
-            page = tables_ref[seq, jnp.minimum(idx, max_pages - 1)]
-            copies.append((needed, pltpu.make_async_copy(kv_hbm_ref.at[page],
-                                                         kv_buf.at[slot, i], sems.at[slot])))
-        return copies
+            page = bt_buf[lax.rem(i, 2), jnp.minimum(idx, max_pages - 1)]
+            out.append((needed, pltpu.make_async_copy(kv_hbm.at[page], kv_buf.at[slot, p],
+                                                      sems.at[0, slot])))
+        return out
 
-    def start_copies(seq, kv_blk, slot):
-        for needed, copy in page_copies(seq, kv_blk, slot):
+    def q_copies(i):
+        _, start, n, *_ = tile(i)
+        return [(r < n, pltpu.make_async_copy(q_hbm.at[start + r], q_buf.at[lax.rem(i, 2), r],
+                                              sems.at[1, lax.rem(i, 2)])) for r in range(bq)]
+
+    def bt_copy(i):
+        return pltpu.make_async_copy(tables_hbm.at[tile_seq_ref[i]], bt_buf.at[lax.rem(i, 2)],
+                                     sems.at[2, lax.rem(i, 2)])
+
+    def start(copies):
+        for needed, copy in copies:
             pl.when(needed)(copy.start)
 
-    def wait_copies(seq, kv_blk, slot):
-        for needed, copy in page_copies(seq, kv_blk, slot):
+    def wait(copies):
+        for needed, copy in copies:
             pl.when(needed)(copy.wait)
 
-    def next_item(seq, kv_blk):
-        _, _, _, last = kv_range(seq)
-        same = kv_blk + 1 < last
-        nseq = jnp.where(same, seq, seq + 1)
-        _, _, nfirst, _ = kv_range(jnp.minimum(nseq, tables_ref.shape[0] - 1))
-        return nseq, jnp.where(same, kv_blk + 1, nfirst)
+    def start_tile(i, slot):
+        """Start q rows and the first kv block of tile i (its block-table row is in SMEM)."""
+        start(q_copies(i))
+        start(kv_copies(i, tile(i)[5], slot))
 
-    def init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    @pl.when((t == 0) & (count > 0))
+    def prologue():
+        bt_copy(0).start()
+        bt_copy(0).wait()
+        kv_slot_ref[0] = 0
+        start_tile(0, 0)
 
-    init()  # every grid step is independent: accumulators start fresh
+    def run_tile(n_tok):
+        """The tile at grid step t, with n_tok (static) >= its rows."""
+        rows = n_tok * group
+        has_next = t + 1 < count
+        seq, q_start, n, lo, hi, first_blk, end_blk = tile(t)
+        kv_len, q_end = kv_lens_ref[seq], cu_ref[seq + 1]
 
-    def flash_update(seq, kv_blk, slot):
-        q_start, q_end = cu_ref[seq], cu_ref[seq + 1]
-        kv_len = kv_lens_ref[seq]
-        lo, hi, _, _ = kv_range(seq)
-        rows = blk_start + lax.div(lax.broadcasted_iota(jnp.int32, (bq * group, 1), 0),
-                                   jnp.int32(group))
-        row_in_seq = (rows >= q_start) & (rows < q_end)            # [Bq*G, 1]
-        q_pos = kv_len - q_end + rows
-        k_pos = kv_blk * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        mask = row_in_seq & (k_pos <= q_pos) & (k_pos >= lo) & (k_pos < hi)
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        key_ok = (k_pos >= lo) & (k_pos < hi)                       # [1, Bk]
-        key_ok_col = key_ok.reshape(block_k, 1)
-        for h, (k, v) in enumerate(_load_kv_heads(kv_buf, slot)):  # [Bk, D] each
-            k = jnp.where(key_ok_col, k, 0).astype(q_ref.dtype)     # select, never 0 * NaN
-            v = jnp.where(key_ok_col, v, 0).astype(pv_dtype)
-            q = q_ref[:, h * group:(h + 1) * group, :].reshape(bq * group, head_dim)
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            s = jnp.where(mask, s, MASK_VALUE)                      # [Bq*G, Bk]
-            m_prev = m_ref[h][:, :1]
-            m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-            p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
-            alpha = jnp.exp(m_prev - m_next)
-            l_next = alpha * l_ref[h][:, :1] + p.sum(axis=1, keepdims=True)
-            acc_next = alpha * acc_ref[h] + jnp.dot(p.astype(pv_dtype), v,
-                                                    preferred_element_type=jnp.float32)
-            m_ref[h] = jnp.where(row_in_seq, jnp.broadcast_to(m_next, (bq * group, LANES)),
-                                 m_ref[h])
-            l_ref[h] = jnp.where(row_in_seq, jnp.broadcast_to(l_next, (bq * group, LANES)),
-                                 l_ref[h])
-            acc_ref[h] = jnp.where(row_in_seq, acc_next, acc_ref[h])
+        @pl.when(has_next)
+        def fetch_next_table_row():
+            bt_copy(t + 1).start()
 
-    first_seq = first_seq_ref[pl.program_id(0)]
+        wait(q_copies(t))
+        m_ref[:, :rows] = jnp.full((num_kv_heads, rows, LANES), MASK_VALUE, jnp.float32)
+        l_ref[:, :rows] = jnp.zeros((num_kv_heads, rows, LANES), jnp.float32)
+        acc_ref[:, :rows] = jnp.zeros((num_kv_heads, rows, head_dim), jnp.float32)
+        row_tok = lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), jnp.int32(group))
+        q_pos = kv_len - q_end + q_start + row_tok               # [rows, 1]
 
-    @pl.when(has_rows(first_seq))
-    def prefetch_first():
-        start_copies(first_seq, kv_range(first_seq)[2], 0)
+        def flash_update(kv_blk, slot):
+            k_pos = kv_blk * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            mask = (row_tok < n) & (k_pos <= q_pos) & (k_pos >= lo)       # [rows, Bk]
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            k_col = kv_blk * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            key_ok = (k_col >= lo) & (k_col < hi)                        # [Bk, 1]
+            for h in range(num_kv_heads):
+                k, v = _load_kv_head(kv_buf, slot, h, interpret)         # [Bk, D] each
+                q = q_buf[lax.rem(t, 2), :n_tok, h * group:(h + 1) * group, :]   # [n_tok, G, D]
+                if jnp.dtype(q.dtype).itemsize == 2 and group % 2:
+                    q = q.astype(jnp.float32)      # packed rows fold only in pairs
+                q = q.reshape(rows, head_dim)
+                k = jnp.where(key_ok, k, 0).astype(q.dtype)              # select, never 0*NaN
+                v = jnp.where(key_ok, v, 0).astype(pv_dtype)
+                s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * sm_scale
+                if soft_cap is not None:
+                    s = soft_cap * jnp.tanh(s / soft_cap)
+                s = jnp.where(mask, s, MASK_VALUE)                       # [rows, Bk]
+                m_prev = m_ref[h, :rows, :1]
+                m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+                p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
+                alpha = jnp.exp(m_prev - m_next)
+                l_next = alpha * l_ref[h, :rows, :1] + p.sum(axis=1, keepdims=True)
+                acc_ref[h, :rows] = alpha * acc_ref[h, :rows] + jnp.dot(
+                    p.astype(pv_dtype), v, preferred_element_type=jnp.float32)
+                m_ref[h, :rows] = jnp.broadcast_to(m_next, (rows, LANES))
+                l_ref[h, :rows] = jnp.broadcast_to(l_next, (rows, LANES))
 
-    def body(state):
-        seq, kv_blk, slot = state
-        nseq, nblk = next_item(seq, kv_blk)
+        def body(kv_blk, slot):
+            last = kv_blk + 1 >= end_blk
 
-        @pl.when(has_rows(nseq))
-        def prefetch_next():
-            start_copies(nseq, nblk, 1 - slot)
+            @pl.when(~last)
+            def prefetch_next_block():
+                start(kv_copies(t, kv_blk + 1, 1 - slot))
 
-        wait_copies(seq, kv_blk, slot)
-        flash_update(seq, kv_blk, slot)
-        return nseq, nblk, 1 - slot
+            @pl.when(last & has_next)
+            def prefetch_next_tile():
+                bt_copy(t + 1).wait()
+                start_tile(t + 1, 1 - slot)
 
-    lax.while_loop(lambda st: has_rows(st[0]), body,
-                   (first_seq, kv_range(jnp.minimum(first_seq, tables_ref.shape[0] - 1))[2],
-                    jnp.int32(0)))
+            wait(kv_copies(t, kv_blk, slot))
+            flash_update(kv_blk, slot)
+            return 1 - slot
 
-    def finalize():
+        kv_slot_ref[0] = lax.fori_loop(first_blk, end_blk, body, kv_slot_ref[0])
+
         for h in range(num_kv_heads):
-            l = l_ref[h][:, :1]
-            out = jnp.where(l > 0, acc_ref[h] / jnp.where(l > 0, l, 1.0), 0.0)
-            o_ref[:, h * group:(h + 1) * group, :] = (
-                out.reshape(bq, group, head_dim).astype(o_ref.dtype))
+            l = l_ref[h, :rows, :1]
+            out = jnp.where(l > 0, acc_ref[h, :rows] / jnp.where(l > 0, l, 1.0), 0.0)
+            o_buf[:n_tok, h * group:(h + 1) * group, :] = (
+                out.reshape(n_tok, group, head_dim).astype(o_buf.dtype))
+        out_copies = [(r < n, pltpu.make_async_copy(o_buf.at[r], o_hbm.at[q_start + r],
+                                                    sems.at[3, 0])) for r in range(n_tok)]
+        start(out_copies)
+        wait(out_copies)
 
-    finalize()
+    n_rows = tile_len_ref[t]
+    if small < bq:
+        pl.when((t < count) & (n_rows <= small))(functools.partial(run_tile, small))
+        pl.when((t < count) & (n_rows > small))(functools.partial(run_tile, bq))
+    else:
+        pl.when(t < count)(functools.partial(run_tile, bq))
 
 
-def default_block_sizes(num_tokens: int, page_size: int, max_pages: int) -> tuple[int, int]:
-    """(num_q_per_block, num_kv_pages_per_block): ~128 keys per kv block, <= 32 q rows."""
-    num_q = min(32, max(8, pl.next_power_of_2(num_tokens)))
+def default_block_sizes(num_tokens: int, group: int, page_size: int,
+                        max_pages: int) -> tuple[int, int]:
+    """(num_q_per_block, num_kv_pages_per_block): q tiles of ~128 MXU rows (Bq*G), ~128
+    keys per kv block. Untuned: no TPU was available to measure."""
+    num_q = max(1, min(128 // group, pl.next_power_of_2(num_tokens)))
     pages = max(1, min(max_pages, 128 // page_size))
     return num_q, pages
 
@@ -221,43 +305,50 @@ def ragged_paged_attention_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
                                sm_scale, sliding_window=None, soft_cap=None,
                                num_q_per_block=None, num_kv_pages_per_block=None,
                                vmem_limit_bytes=None):
-    """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off TPU."""
+    """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off TPU.
+
+    num_q_per_block: tokens (of one sequence) per q tile; num_kv_pages_per_block: pages
+    per kv block.
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
-    num_kv_heads = num_combined // 2
-    group = num_q_heads // num_kv_heads
-    bq_default, pages_default = default_block_sizes(num_tokens, page_size,
-                                                    block_tables.shape[1])
-    bq = num_q_per_block or bq_default
-    pages_per_blk = num_kv_pages_per_block or pages_default
-    num_q_blocks = pl.cdiv(num_tokens, bq)
-    padded = num_q_blocks * bq
-    q_padded = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
-    first_seq = q_block_first_seq(cu_q_lens, num_seqs, num_q_blocks, bq)
-
-    q_spec = pl.BlockSpec((bq, num_q_heads, head_dim), lambda b, *_: (b, 0, 0))
+    max_seqs, max_pages = block_tables.shape
+    group = num_q_heads // (num_combined // 2)
+    bq_default, pages_default = default_block_sizes(num_tokens, group, page_size, max_pages)
+    bq = min(num_q_per_block or bq_default, num_tokens)
+    pages_per_blk = min(num_kv_pages_per_block or pages_default, max_pages)
+    small = min(bq, max(1, 8 // group))
+    num_tiles = max_tiles(num_tokens, max_seqs, bq)
+    tiles = q_tiles(cu_q_lens, num_seqs, num_tiles, bq)
+    interpret = interpret_mode("pallas_tpu")
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
-        grid=(num_q_blocks,),
-        in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY)],
-        out_specs=q_spec,
+        num_scalar_prefetch=6,
+        grid=(num_tiles,),
+        in_specs=[any_spec, any_spec, any_spec],
+        out_specs=any_spec,
         scratch_shapes=[
+            pltpu.SMEM((2, max_pages), jnp.int32),
+            pltpu.SMEM((1,), jnp.int32),
+            pltpu.VMEM((2, bq, num_q_heads, head_dim), q.dtype),
+            pltpu.VMEM((bq, num_q_heads, head_dim), q.dtype),
             pltpu.VMEM((2, pages_per_blk, page_size, num_combined, head_dim), kv_pages.dtype),
-            pltpu.SemaphoreType.DMA((2,)),
-            pltpu.VMEM((num_kv_heads, bq * group, LANES), jnp.float32),
-            pltpu.VMEM((num_kv_heads, bq * group, LANES), jnp.float32),
-            pltpu.VMEM((num_kv_heads, bq * group, head_dim), jnp.float32),
+            pltpu.SemaphoreType.DMA((4, 2)),
+            pltpu.VMEM((num_combined // 2, bq * group, LANES), jnp.float32),
+            pltpu.VMEM((num_combined // 2, bq * group, LANES), jnp.float32),
+            pltpu.VMEM((num_combined // 2, bq * group, head_dim), jnp.float32),
         ],
     )
     kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               soft_cap=soft_cap, small=small, interpret=interpret)
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(q_padded.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",),
                                              vmem_limit_bytes=vmem_limit_bytes),
-        interpret=pltpu.InterpretParams() if interpret_mode("tpu") else False,
+        interpret=pltpu.InterpretParams() if interpret else False,
         name="ragged_paged_attention_tpu",
-    )(kv_lens, block_tables, cu_q_lens, num_seqs, first_seq, q_padded, kv_pages)
-    return out[:num_tokens]
+    )(kv_lens, cu_q_lens, *tiles, q, kv_pages, block_tables)
+    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
