@@ -42,6 +42,7 @@ CASES = [
     (8, (8, 2), jnp.bfloat16, "long_decode", None, None,
      dict(num_kv_splits=2, num_kv_pages_per_block=1)),
     (4, (4, 4), jnp.float32, "with_empty", 3, None, dict(num_kv_splits=5, num_q_per_block=2)),
+    (128, (8, 2), jnp.bfloat16, "long_decode", 64, 5.0, dict(num_kv_splits=2)),
 ]
 
 
