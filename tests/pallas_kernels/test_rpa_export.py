@@ -1,34 +1,71 @@
-"""Without an accelerator, the kernels must at least lower: Mosaic MLIR for TPU and Triton
-IR for GPU (this catches primitives the back ends do not support, e.g. gather in Triton).
-Compiling that IR needs libtpu / a GPU and is not covered here."""
+"""Every attention kernel exports for its real platform from CPU (jax.export), at Llama-3-8B
+shapes: 32 q heads, 8 kv heads, head_dim 128. This catches lowering errors (primitives
+or layouts a back end's lowering rejects) without an accelerator; it does not run the
+kernels, and Mosaic's / Triton's own compilers (libtpu, a GPU) are not exercised here.
+Interpret mode is switched off while exporting, as it would be on the real platform.
+Some Mosaic lowering rules ask which TPU is attached (jax's kernel uses integer `//`, whose
+sign lowering reads tpu_info.get_tpu_info()); exporting from CPU, the test answers for a
+TPU v6e (`_off_platform`)."""
 
+import contextlib
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from jax._src.pallas.mosaic import tpu_info
+
 import pallas_kernels.attention_gpu as gpu
 import pallas_kernels.attention_tpu as tpu
-from rpa_batch import make_batch
+import pallas_kernels.attention_tpu_jax as tpu_jax
+
+TRITON_TARGET = "__gpu$xla.gpu.triton"     # the custom call Pallas' Triton lowering emits
+KERNELS = {   # backend: (module, function, platform, custom call expected in the module)
+    "pallas_tpu": (tpu, tpu.ragged_paged_attention_tpu, "tpu", "tpu_custom_call"),
+    "jax_tpu": (tpu_jax, tpu_jax.ragged_paged_attention_jax_tpu, "tpu", "tpu_custom_call"),
+    "pallas_gpu": (gpu, gpu.ragged_paged_attention_gpu, "cuda", TRITON_TARGET),
+}
+MIXES = {"decode": (64, 64), "mixed": (512, 64)}           # (tokens, max sequences)
+MAX_MODEL_LEN = 4096
 
 
-def _lower(module, fn, platform, dtype, **opts):
-    batch = make_batch([(1, 40), (20, 20), (3, 50)], page_size=16, num_q_heads=8,
-                       num_kv_heads=2, head_dim=128, max_seqs=4, num_tokens=32, dtype=dtype)
-    with mock.patch.object(module, "interpret_mode", lambda _: False):
-        step = jax.jit(lambda *a: fn(*a, sm_scale=0.1, **opts))
-        return step.trace(*batch.args).lower(lowering_platforms=(platform,)).as_text()
+def _args(mix, page_size, dtype):
+    tokens, seqs = MIXES[mix]
+    pages = MAX_MODEL_LEN // page_size
+    spec = jax.ShapeDtypeStruct
+    return (spec((tokens, 32, 128), dtype), spec((seqs * pages + 1, page_size, 16, 128), dtype),
+            spec((seqs,), jnp.int32), spec((seqs, pages), jnp.int32),
+            spec((seqs + 1,), jnp.int32), spec((1,), jnp.int32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_tpu_kernel_lowers_to_mosaic(dtype):
-    text = _lower(tpu, tpu.ragged_paged_attention_tpu, "tpu", dtype, sliding_window=8,
-                  soft_cap=3.0)
-    assert "tpu_custom_call" in text
+def _off_platform(stack):
+    """Interpret mode off and a TPU v6e as the attached chip, for the `with` block."""
+    for m in (tpu, tpu_jax, gpu):
+        stack.enter_context(mock.patch.object(m, "interpret_mode", lambda _: False))
+    v6e = lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V6E, 1)
+    stack.enter_context(mock.patch.dict(tpu_info.registry, {jax.devices()[0].device_kind: v6e}))
 
 
-def test_gpu_kernel_lowers_to_triton():
-    text = _lower(gpu, gpu.ragged_paged_attention_gpu, "cuda", jnp.bfloat16, sliding_window=8,
-                  soft_cap=3.0)
-    assert "triton" in text
+def _export(backend, mix, page_size, dtype, window, cap):
+    _, fn, platform, _ = KERNELS[backend]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)] if platform == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        _off_platform(stack)
+        step = jax.jit(lambda *a: fn(*a, sm_scale=0.088, sliding_window=window, soft_cap=cap))
+        exported = jax.export.export(step, platforms=(platform,), disabled_checks=checks)(
+            *_args(mix, page_size, dtype))
+    return exported.mlir_module()
+
+
+# A fraction of mix x page size x dtype x window: each value twice, every (mix, other) pair.
+CASES = [("decode", 16, jnp.bfloat16, None, None), ("decode", 128, jnp.float32, 1024, None),
+         ("mixed", 16, jnp.float32, 1024, 30.0), ("mixed", 128, jnp.bfloat16, None, None)]
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+@pytest.mark.parametrize("mix,page_size,dtype,window,cap", CASES,
+                         ids=[f"{m}-ps{p}-{jnp.dtype(d).name}-w{w}-c{c}" for m, p, d, w, c in CASES])
+def test_kernel_exports_for_its_platform(backend, mix, page_size, dtype, window, cap):
+    text = _export(backend, mix, page_size, dtype, window, cap)
+    assert KERNELS[backend][3] in text
