@@ -75,14 +75,15 @@ def save_model(path: Path, heads: int, kv: int, seed: int = 0):
 
 def test_kv_heads_split_or_copied_over_8_devices_give_the_hf_logits(tmp_path):
     """8 fake devices: 2 kv heads at tp 8 (copied 4x), 4 kv heads at tp 2, 4 and 8 (split,
-    split one each, copied 2x), through XLA and a Pallas kernel under shard_map, and an Orbax
+    split one each, copied 2x), through XLA's partitioner (reference and xla backends), a Pallas
+    kernel under shard_map, and an Orbax
     checkpoint copied after restore. Every device holds its own heads only."""
     kv2, kv4 = tmp_path / "kv2", tmp_path / "kv4"
     want = {"kv2": save_model(kv2, 8, 2), "kv4": save_model(kv4, 8, 4, seed=1)}
     orbax = convert(str(kv2), tmp_path / "kv2_orbax", dtype="float32")
     runs = {"kv2,tp1": f"{kv2}:1:reference", "kv2,tp8": f"{kv2}:8:reference", "kv2,tp8,pallas": f"{kv2}:8:pallas_gpu",
             "kv2,tp8,orbax": f"{orbax}:8:reference", "kv4,tp2": f"{kv4}:2:reference",
-            "kv4,tp4": f"{kv4}:4:reference", "kv4,tp8": f"{kv4}:8:reference"}
+            "kv4,tp4": f"{kv4}:4:reference", "kv4,tp8,xla": f"{kv4}:8:xla"}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(HERE / "kv_replicas_check.py"), *(f"{k}={v}" for k, v in runs.items())],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -104,6 +105,6 @@ def test_kv_heads_split_or_copied_over_8_devices_give_the_hf_logits(tmp_path):
     # 2 kv heads at tp 8: one head per device, half of the old layout (both heads on every device).
     for name in ("kv2,tp8", "kv2,tp8,pallas", "kv2,tp8,orbax"):
         assert got[name]["kv_shard"][3] == 2 and got[name]["kv_shard_bytes"] * 2 == got[name]["old_shard_bytes"]
-    assert got["kv4,tp8"]["kv_shard_bytes"] * 4 == got["kv4,tp8"]["old_shard_bytes"]
+    assert got["kv4,tp8,xla"]["kv_shard_bytes"] * 4 == got["kv4,tp8,xla"]["old_shard_bytes"]
     for name in ("kv4,tp2", "kv4,tp4"):  # kv >= tp: as before
         assert got[name]["kv_shard_bytes"] == got[name]["old_shard_bytes"]
