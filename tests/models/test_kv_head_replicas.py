@@ -76,8 +76,8 @@ def save_model(path: Path, heads: int, kv: int, seed: int = 0):
 def test_kv_heads_split_or_copied_over_8_devices_give_the_hf_logits(tmp_path):
     """8 fake devices: 2 kv heads at tp 8 (copied 4x), 4 kv heads at tp 2, 4 and 8 (split,
     split one each, copied 2x), through XLA's partitioner (reference and xla backends), a Pallas
-    kernel under shard_map, and an Orbax
-    checkpoint copied after restore. Every device holds its own heads only."""
+    kernel under shard_map, and an Orbax checkpoint copied after restore. Every device holds its
+    own heads only."""
     kv2, kv4 = tmp_path / "kv2", tmp_path / "kv4"
     want = {"kv2": save_model(kv2, 8, 2), "kv4": save_model(kv4, 8, 4, seed=1)}
     orbax = convert(str(kv2), tmp_path / "kv2_orbax", dtype="float32")
