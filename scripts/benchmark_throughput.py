@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,8 @@ def parse_lens(text: str | None) -> list[int | None]:
 
 def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
     """One fresh engine; the timed part starts after warm-up, with every request queued."""
+    import numpy as np
+
     from jaxserve import LLM, SamplingParams
     from pallas_kernels.backend import resolve_backend
 
@@ -116,7 +119,7 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
     result = dict(name="jaxserve (continuous batching, paged KV)", engine="jaxserve", elapsed=elapsed,
                   requests=len(work), tokens=sum(len(t) for t in outputs.values()),
                   token_ids=[outputs.get(f"b{i}", []) for i in range(len(work))],
-                  max_model_len=engine.max_model_len, waste=1 - held / max(slots, 1),
+                  max_model_len=engine.max_model_len, dtype=str(np.dtype(engine.dtype)), waste=1 - held / max(slots, 1),
                   compiles=stats["compile_count"], new_compiles=stats["compile_count"] - compiles_after_warmup,
                   warmup=warm, preemptions=stats["num_preemptions"], model_dir=str(engine.model_path),
                   backend=resolve_backend(cfg.attention_backend), max_num_seqs=cfg.max_num_seqs,
@@ -188,7 +191,7 @@ def run_hf_static(model, device, work: Work, batch_size: int) -> dict:
                 load_before=load_before, load_after=load_avg())
 
 
-def run_vllm(args, work: Work, model_dir: str, max_model_len: int) -> dict:
+def run_vllm(args, work: Work, model_dir: str, max_model_len: int, dtype: str) -> dict:
     """scripts/vllm_peer.py in the --vllm-python interpreter; the workload goes in and the
     result comes back as JSON files. A failure becomes a row that says why."""
     name = "vLLM CPU (offline LLM.generate)"
@@ -196,7 +199,7 @@ def run_vllm(args, work: Work, model_dir: str, max_model_len: int) -> dict:
         wl, res, log_path = Path(tmp) / "workload.json", Path(tmp) / "result.json", Path(tmp) / "peer.log"
         wl.write_text(json.dumps({"prompts": [p for p, _ in work], "max_tokens": [n for _, n in work]}))
         cmd = [args.vllm_python, str(PEER), "--model", model_dir, "--workload", str(wl), "--out", str(res),
-               "--max-model-len", str(max_model_len), "--dtype", args.dtype or "float32", "--seed", str(args.seed),
+               "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", str(args.seed),
                "--engine-args", args.vllm_engine_args]
         print(f"[benchmark] vLLM peer: {' '.join(cmd)}", file=sys.stderr, flush=True)
         with open(log_path, "w") as log:
@@ -212,6 +215,8 @@ def run_vllm(args, work: Work, model_dir: str, max_model_len: int) -> dict:
             return dict(name=name, engine="vllm", failed=f"{why}: {tail[-1] if tail else 'no output'}",
                         requests=len(work), max_model_len=max_model_len)
         peer = json.loads(res.read_text())
+        cores = re.search(r"local_rank=0, core ids=(\[[0-9, ]*\])", log_path.read_text(errors="replace"))
+    peer["worker_cores"] = cores.group(1) if cores else "?"  # where vLLM's worker bound its OpenMP threads
     return dict(peer, name=name + f", vllm {peer.get('vllm_version', '?')}", engine="vllm", max_model_len=max_model_len)
 
 
@@ -244,11 +249,13 @@ def table(args, results: list[dict]) -> str:
     lines = [
         f"### Throughput ({datetime.date.today().isoformat()}, {machine()}, commit {git_commit()})",
         "",
-        f"Model: `{ours['model_dir']}` ({args.dtype or 'config dtype'}), config `{args.config}`. Workload: "
+        f"Model: `{ours['model_dir']}` ({ours['dtype']}), config `{args.config}`. Workload: "
         f"{args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, outputs "
         f"{args.min_output}-{args.max_output} tokens (random token ids, seed {args.seed}, greedy, EOS ignored); "
         f"every request fits {fits} tokens, so it is the same workload at each max_model_len >= {fits}. "
-        f"The one-at-a-time baseline ran the first {args.hf_single} requests. Speed-up: the first jaxserve "
+        + (f"The one-at-a-time baseline ran the first {args.hf_single} requests. "
+           if any(r["name"].endswith("one request at a time") for r in results) else "")
+        + f"Speed-up: the first jaxserve "
         f"row's output tokens/s over the row's. Load average: 1/5/15 min, before the engine was built -> "
         f"after its timed run.",
         "",
@@ -275,7 +282,8 @@ def table(args, results: list[dict]) -> str:
                          f"preemptions.")
         elif r["engine"] == "vllm" and "failed" not in r:
             env = ", ".join(f"{k}={v}" for k, v in r.get("cpu_env", {}).items())
-            lines.append(f"- vLLM: torch {r.get('torch_version', '?')}, {env}, LD_PRELOAD "
+            lines.append(f"- vLLM: torch {r.get('torch_version', '?')}, worker threads on cores "
+                         f"{r.get('worker_cores', '?')} ({env}), LD_PRELOAD "
                          f"`{r.get('preload') or '-'}`, max_num_seqs {r.get('max_num_seqs', '?')}, token budget "
                          f"{r.get('max_num_batched_tokens', '?')}, start-up and warm-up {r.get('startup', 0):.1f} s"
                          f"{same_outputs(ours, r)}.")
@@ -318,6 +326,15 @@ def parse_args(argv):
     parser.add_argument("--json", default=None, help="also write every row (without token ids) to this JSON file")
     args = parser.parse_args(argv)
     json.loads(args.vllm_engine_args)  # refuse bad JSON before an hour of benchmarking
+    if args.vllm_python:
+        check = [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"]
+        try:
+            ok = subprocess.run(check, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SystemExit(f"--vllm-python {args.vllm_python}: {e}") from None
+        if ok.returncode != 0:
+            last = (ok.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"--vllm-python {args.vllm_python} cannot import vllm: {last}")
     return args
 
 
@@ -339,14 +356,14 @@ def main(argv=None) -> int:
     results = [run_jaxserve(args, work, n) for n in lens]
     model_dir = results[0]["model_dir"]
     if not args.no_hf:
-        model, device = load_hf(model_dir, args.dtype or "float32")
+        model, device = load_hf(model_dir, results[0]["dtype"])
         if args.hf_single > 0:
             results.append(run_hf_single(model, device, work[:args.hf_single]))
         results.append(run_hf_static(model, device, work, args.hf_batch_size))
         del model
         gc.collect()
     if args.vllm_python:
-        results.append(run_vllm(args, work, model_dir, results[0]["max_model_len"]))
+        results.append(run_vllm(args, work, model_dir, results[0]["max_model_len"], results[0]["dtype"]))
     text = table(args, results)
     print(text)
     if args.out:
