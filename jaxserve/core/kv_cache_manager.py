@@ -31,15 +31,14 @@ them). A running request then holds at most ``ceil(W / page_size) + 1`` pages be
 pages of the chunk it computes. Dead pages are always a leading run of the table
 (``num_null_pages``), since a request's queries only move forward.
 
-Prefix cache with a window: a slid-out page is freed like any other page. If it was
-registered it keeps its hash while its contents are intact, in the free queue, and is
-evicted (hash dropped) when it is reused, so a lookup never returns a page whose KV was
-overwritten. ``slide_window`` registers a full page before freeing it, so a long prompt
+Prefix cache with a window: a slid-out page is freed like any other page. A registered one
+keeps its hash in the free queue while its contents are intact and loses it when the page
+is reused (eviction), so a lookup never returns a page whose KV was overwritten. Lookups
+still need the whole chain from the first page (the simplest rule: a chain with a hole is
+never a hit). ``slide_window`` registers full pages before freeing them, so a long prompt
 stays cached although its first pages slide out before the step that computed them has
-returned; a page whose tokens were still placeholders stays uncached. Lookups still
-need the whole chain from the first page (the simplest rule: a chain with a hole is never a
-hit). On a new request's admission, the hit pages that are already dead for its first
-query are not taken at all: its table gets null entries there.
+returned; a page whose tokens were still placeholders slides out uncached. A new request's
+hit pages that are already dead for its first query are not taken: null entries there.
 
 Assumption: a request's ``token_ids`` only grow by appending between calls, and its
 ``num_computed_tokens`` never falls below the pages already registered in the cache.

@@ -114,8 +114,8 @@ def test_window_bounds_pages_and_matches_transformers(mistral, hf_tokens, backen
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)
     ours = [o.outputs[0].token_ids for o in outs]
-    print(f"\n[{backend}] start {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, steps={seen['steps']} max pages held={seen['max_held']} "
-          f"(decoding: {seen['max_held_decoding']}, bound {BOUND}), slid={llm.engine.kv.num_slid_pages}")
+    print(f"\n[{backend}] start {t1 - t0:.1f}s, generate {time.perf_counter() - t1:.1f}s, "
+          f"steps={seen['steps']} max pages held={seen['max_held']} (decoding: {seen['max_held_decoding']}, bound {BOUND}), slid={llm.engine.kv.num_slid_pages}")
     assert seen["steps"] >= NEW_TOKENS and seen["device_checks"] >= 3 * len(PROMPTS)
     assert seen["max_held_decoding"] <= BOUND
     assert [len(t) for t in ours] == [NEW_TOKENS] * len(PROMPTS)
