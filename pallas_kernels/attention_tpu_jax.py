@@ -104,7 +104,7 @@ def ragged_paged_attention_jax_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                 num_kv_pages_per_block=min(num_kv_pages_per_block or bkv_default,
                                            block_tables.shape[1]),
-                num_queries_per_block=num_q_per_block or bq_default,
+                num_queries_per_block=min(num_q_per_block or bq_default, q.shape[0]),
                 vmem_limit_bytes=vmem_limit_bytes)
     args = (q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     if interpret_mode("jax_tpu"):
