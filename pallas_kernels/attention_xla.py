@@ -32,53 +32,73 @@ from jax import lax
 
 from pallas_kernels.attention_reference import MASK_VALUE
 
-# Keys per kv block in a decode step: R sequences x Bk keys x 2*Hkv x D floats are gathered
-# per iteration; ~8k (row, key) pairs keep that working set near the CPU's L2.
-DECODE_ROW_KEYS = 8192
+# A decode iteration gathers R sequences x Bk keys x 2*Hkv x D values; on a 2-core x86 CPU
+# ~2 MiB per iteration was fastest (64 decodes x 400 keys: blocks of 16-32 keys beat blocks
+# of 128 by 2-4x; smaller blocks only add loop trips).
+DECODE_BLOCK_BYTES = 2 << 20
 PREFILL_BLOCK_KEYS = 128
 PREFILL_TILE_ROWS = 32
 
 
-def default_block_sizes(num_tokens: int, max_seqs: int, page_size: int,
-                        max_pages: int) -> tuple[int, int, int]:
-    """(decode pages per block, prefill pages per block, prefill q rows per tile)."""
+def default_block_sizes(num_tokens: int, max_seqs: int, page_size: int, max_pages: int,
+                        kv_row_bytes: int) -> tuple[int, int, int]:
+    """(decode pages per block, prefill pages per block, prefill q rows per tile).
+
+    kv_row_bytes: bytes of one key slot across all kv heads (2 * Hkv * D * itemsize).
+    """
     rows = max(1, min(num_tokens, max_seqs))
-    decode_keys = max(page_size, min(512, DECODE_ROW_KEYS // rows))
+    decode_keys = DECODE_BLOCK_BYTES // (rows * kv_row_bytes)
     decode_pages = max(1, min(max_pages, decode_keys // page_size))
     prefill_pages = max(1, min(max_pages, PREFILL_BLOCK_KEYS // page_size))
     tile = max(1, min(num_tokens, PREFILL_TILE_ROWS))
     return decode_pages, prefill_pages, tile
 
 
-def _gather_block(kv_pages, tables, blk, pages_per_blk: int):
-    """kv rows of kv block `blk` for each table row.
+def _gather_block(kv_pages, tables, blk, pages_per_blk: int, key_ok, dtype):
+    """K and V of kv block `blk` for each table row, head-major, unseen keys zeroed.
 
-    tables int32 [..., max_pages]; blk int32 [...] -> kv [..., Bk, Hkv, 2, D] (dtype of kv_pages).
+    tables int32 [..., max_pages]; blk int32 [...]; key_ok bool [..., Bk]
+    -> (k, v), each [..., Hkv, Bk, D] in `dtype`.
+    The head-major copy makes every dot a plain batched matmul over (..., head); on CPU
+    that measured 2.5-4x faster than contracting the page layout [Bk, Hkv, D] in place.
     """
     max_pages = tables.shape[-1]
     _, page_size, two_hkv, d = kv_pages.shape
     idx = blk[..., None] * pages_per_blk + jnp.arange(pages_per_blk, dtype=jnp.int32)
     pages = jnp.take_along_axis(tables, jnp.minimum(idx, max_pages - 1), axis=-1)  # [..., nb]
     kv = kv_pages[pages]                                          # [..., nb, ps, 2Hkv, D]
-    return kv.reshape(*blk.shape, pages_per_blk * page_size, two_hkv // 2, 2, d)
+    kv = kv.reshape(*blk.shape, pages_per_blk * page_size, two_hkv // 2, 2, d)
+    kv = jnp.where(key_ok[..., None, None, None], kv, 0).astype(dtype)  # select, never 0*NaN
+    n = blk.ndim
+    kv = jnp.moveaxis(kv, (n + 1, n + 2), (n, n + 1))              # [..., Hkv, 2, Bk, D]
+    return kv[..., 0, :, :], kv[..., 1, :, :]
 
 
 def _online_update(carry, logits, mask, v):
-    """One flash step. logits/mask [..., Hkv, G, Bk] (mask broadcastable); v [..., Bk, Hkv, D]."""
+    """One flash step. logits/mask [..., Hkv, G, Bk] (mask broadcastable); v [..., Hkv, Bk, D]."""
     m, l, acc = carry                                             # [..., Hkv, G, (1|D)]
     s = jnp.where(mask, logits, MASK_VALUE)
     m_next = jnp.maximum(m, s.max(axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_next), 0.0)
     alpha = jnp.exp(m - m_next)
     l_next = alpha * l + p.sum(axis=-1, keepdims=True)
-    pv = jnp.einsum("...kgl,...lkd->...kgd", p.astype(v.dtype), v,
+    pv = jnp.einsum("...kgl,...kld->...kgd", p.astype(v.dtype), v,
                     preferred_element_type=jnp.float32)
     return m_next, l_next, alpha * acc + pv
 
 
-def _logits(q, k, sm_scale, soft_cap):
-    """q [..., Hkv, G, D], k [..., Bk, Hkv, D] -> float32 [..., Hkv, G, Bk]."""
-    s = jnp.einsum("...kgd,...lkd->...kgl", q, k, preferred_element_type=jnp.float32) * sm_scale
+def _logits(q, k, sm_scale, soft_cap, *, elementwise: bool = False):
+    """q [..., Hkv, G, D], k [..., Hkv, Bk, D] -> float32 [..., Hkv, G, Bk].
+
+    elementwise: multiply and reduce instead of a dot. For decode rows on CPU the dot is a
+    batch of R*Hkv tiny [G, D] x [D, Bk] products; the fused multiply-reduce measured about
+    1.4x faster per engine step (48 decodes, demo model) there.
+    """
+    if elementwise:
+        s = (q[..., :, :, None, :].astype(jnp.float32) * k[..., :, None, :, :]).sum(-1) * sm_scale
+    else:
+        s = jnp.einsum("...kgd,...kld->...kgl", q, k,
+                       preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     return s
@@ -116,18 +136,18 @@ def _decode_part(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_
     first_blk = lo // block_k
     num_blk = jnp.where(kv_len > 0, (kv_len + block_k - 1) // block_k - first_blk, 0)
     dtype = _compute_dtype(q.dtype)
+    on_cpu = jax.default_backend() == "cpu"
     qr = q[jnp.minimum(rows, num_tokens - 1)].astype(dtype).reshape(r, hkv, group, d)
     tables = block_tables[:r]
 
     def body(state):
         j, carry = state
         blk = first_blk + j                                        # [R]
-        kv = _gather_block(kv_pages, tables, blk, pages_per_blk)   # [R, Bk, Hkv, 2, D]
         k_pos = blk[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [R, Bk]
         key_ok = (k_pos >= lo[:, None]) & (k_pos < kv_len[:, None])
-        kv = jnp.where(key_ok[:, :, None, None, None], kv, 0).astype(dtype)
-        s = _logits(qr, kv[..., 0, :], sm_scale, soft_cap)        # [R, Hkv, G, Bk]
-        carry = _online_update(carry, s, key_ok[:, None, None, :], kv[..., 1, :])
+        k, v = _gather_block(kv_pages, tables, blk, pages_per_blk, key_ok, dtype)  # [R, Hkv, Bk, D]
+        s = _logits(qr, k, sm_scale, soft_cap, elementwise=on_cpu)  # [R, Hkv, G, Bk]
+        carry = _online_update(carry, s, key_ok[:, None, None, :], v)
         return j + 1, carry
 
     init = (jnp.full((r, hkv, group, 1), MASK_VALUE, jnp.float32),
@@ -181,15 +201,14 @@ def _prefill_part(out, q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, 
 
         def kv_body(state):
             blk, carry = state
-            kv = _gather_block(kv_pages, table, blk, pages_per_blk)  # [Bk, Hkv, 2, D]
             k_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)   # [Bk]
             key_ok = (k_pos >= lo) & (k_pos < hi)
-            kv = jnp.where(key_ok[:, None, None, None], kv, 0).astype(dtype)
-            s = _logits(qt, kv[None, :, :, 0, :], sm_scale, soft_cap)        # [Tq, Hkv, G, Bk]
+            k, v = _gather_block(kv_pages, table, blk, pages_per_blk, key_ok, dtype)  # [Hkv, Bk, D]
+            s = _logits(qt, k[None], sm_scale, soft_cap)                     # [Tq, Hkv, G, Bk]
             mask = key_ok & (k_pos <= pos[:, None]) & row_ok[:, None]         # [Tq, Bk]
             if sliding_window is not None:
                 mask &= k_pos > pos[:, None] - sliding_window
-            carry = _online_update(carry, s, mask[:, None, None, :], kv[None, :, :, 1, :])
+            carry = _online_update(carry, s, mask[:, None, None, :], v[None])
             return blk + 1, carry
 
         init = (jnp.full((tile, hkv, group, 1), MASK_VALUE, jnp.float32),
@@ -219,8 +238,9 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
     """
     num_tokens, num_q_heads, d = q.shape
     page_size = kv_pages.shape[1]
+    kv_row_bytes = kv_pages.shape[2] * d * jnp.dtype(kv_pages.dtype).itemsize
     dec_pages, pre_pages, tile = default_block_sizes(num_tokens, kv_lens.shape[0], page_size,
-                                                     block_tables.shape[1])
+                                                     block_tables.shape[1], kv_row_bytes)
     if num_kv_pages_per_block is not None:
         dec_pages = pre_pages = num_kv_pages_per_block
     tile = num_q_per_block or tile
