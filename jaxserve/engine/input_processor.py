@@ -30,7 +30,8 @@ def max_chars_per_token(tokenizer) -> int:
 
 class InputProcessor:
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int, max_num_seqs: int,
-                 page_size: int, num_total_pages: int, eos_token_ids: frozenset[int]):
+                 page_size: int, num_total_pages: int, eos_token_ids: frozenset[int],
+                 sliding_window: int | None = None, max_num_batched_tokens: int | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -38,6 +39,12 @@ class InputProcessor:
         self.max_num_seqs = max_num_seqs
         self.page_size = page_size
         self.num_total_pages = num_total_pages
+        # With a window whose pages slide out (KVCacheManager(sliding_window=W)), a sequence holds at most
+        # the window's pages, the pages of one prefill chunk and a partial page at each end.
+        self.window_pages = None
+        if sliding_window is not None:
+            chunk = max_num_batched_tokens or max_model_len
+            self.window_pages = -(-sliding_window // page_size) + -(-chunk // page_size) + 2
         self.eos_token_ids = eos_token_ids
         self.max_prompt_chars = max_model_len * max_chars_per_token(tokenizer)
 
@@ -92,6 +99,8 @@ class InputProcessor:
             raise ValueError(f"n must be <= {self.max_num_seqs} (max_num_seqs), got {params.n}")
         page = self.page_size
         pages = -(-n_prompt // page) + params.n * (-(-max_tokens // page) + 1)
+        if self.window_pages is not None:
+            pages = min(pages, params.n * self.window_pages)
         if pages > self.num_total_pages:
             raise ValueError(f"max_tokens {max_tokens} with n={params.n} needs up to {pages} KV pages, more than "
                              f"the {self.num_total_pages} of the cache (num_pages); lower max_tokens or n")

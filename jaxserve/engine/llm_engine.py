@@ -50,6 +50,7 @@ from jaxserve.worker.model_runner import ModelRunner, StepHandle
 from models.config import ModelConfig
 from models.decoder import init_kv_caches
 from models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
+from pallas_kernels.backend import interpret_mode, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        self.attention_backend = resolve_backend(config.attention_backend)
+        if self.attention_backend in ("jax_tpu", "pallas_tpu") and not interpret_mode(self.attention_backend):
+            # Both TPU kernels keep block-table data in SMEM (1 MiB a core): refuse at start,
+            # with the numbers, a configuration whose tables cannot fit.
+            from pallas_kernels.attention_tpu import check_smem_fit
+
+            check_smem_fit(self.attention_backend, config.max_num_seqs + 1, self.max_model_len, config.page_size,
+                           max_num_tokens=config.max_num_batched_tokens)
+        log.info("attention backend: %s (attention_backend=%r)", self.attention_backend, config.attention_backend)
         self.shapes = StepShapes(config.token_buckets, config.seq_buckets, config.max_num_seqs)
         num_pages = config.num_pages or self._pages_from_budget(loaded.model, kv_dtype, max_pages_per_seq, devices[0])
         # Pages slide out of the window only when every layer shares one window (Mistral);
@@ -108,7 +118,8 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, vocab_size=mc.vocab_size, max_model_len=self.max_model_len,
                                      max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
                                      page_size=config.page_size, num_total_pages=self.kv.num_total_pages,
-                                     eos_token_ids=self.eos_token_ids)
+                                     eos_token_ids=self.eos_token_ids, sliding_window=self.kv.sliding_window,
+                                     max_num_batched_tokens=config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.seed)
         # Dispatched steps whose tokens are not applied yet, oldest first (at most two).

@@ -146,3 +146,16 @@ def test_prefix_hit_fork_and_preemption_under_the_window(mistral, hf_tokens):
     assert stats["prefix_cache_hit_tokens"] >= 96  # the 100-token prompt's 6 full pages
     assert stats["num_preemptions"] > 0
     assert stats["num_free_pages"] == stats["num_total_pages"]
+
+
+def test_admission_counts_only_the_window(mistral, hf_tokens):
+    """A 1024-token generation needs 66 pages without the window; with it, a sequence never
+    holds more than the window's pages plus one prefill chunk's, so an 18-page pool admits
+    it (the input check caps the need at that bound) and it runs to the end, exact."""
+    path, _ = mistral
+    llm = LLM(str(path), config=CPU, max_model_len=MAX_LEN, num_pages=18)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_tokens[0]
+    with pytest.raises(ValueError, match="KV pages"):  # still refused when even the window cannot fit
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=NEW_TOKENS, n=4, temperature=0.0), use_tqdm=False)
