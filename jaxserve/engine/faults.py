@@ -11,6 +11,9 @@ test on an engine it owns:
     JAXSERVE_FAULTS="request_marker=@@FAIL@@"       output processing of every request whose
                                                     prompt text contains the marker raises:
                                                     a traced failure, only that request ends
+    JAXSERVE_FAULTS="step_delay_s=0.01"              every step's results are collected 10 ms late:
+                                                    a slow device, for tests whose subject is a
+                                                    request outliving its client's deadline
     JAXSERVE_FAULTS="nan_logits_after=3"            from the 4th step on, the sampler sees NaN
                                                     hidden states (so NaN logits): the engine
                                                     must keep serving (tokens are garbage)
@@ -47,13 +50,14 @@ class Faults:
     step_raise_after: int | None = None  # steps dispatched fine before one raises
     step_hang_after: int | None = None  # steps collected fine before one sleeps step_hang_s
     step_hang_s: float = 0.0
+    step_delay_s: float = 0.0  # every collect sleeps this long first (a slow device)
     request_marker: str | None = None  # a prompt containing this fails in output processing
     nan_logits_after: int | None = None  # sampler calls fine before the hidden states turn NaN
 
     @property
     def active(self) -> bool:
         return (self.step_raise_after is not None or self.step_hang_after is not None
-                or self.request_marker is not None or self.nan_logits_after is not None)
+                or self.step_delay_s > 0 or self.request_marker is not None or self.nan_logits_after is not None)
 
     @classmethod
     def parse(cls, spec: str) -> "Faults":
@@ -133,11 +137,13 @@ def _install_one(engine, faults: Faults) -> list[Callable[[], None]]:
                 return dispatch(*args, **kwargs)
             return faulty_dispatch
         undo.append(_wrap(engine.runner, "dispatch", make_dispatch))
-    if faults.step_hang_after is not None:
+    if faults.step_hang_after is not None or faults.step_delay_s > 0:
         collected = [0]
 
         def make_collect(collect):
             def hanging_collect(*args, **kwargs):
+                if faults.step_delay_s > 0:
+                    time.sleep(faults.step_delay_s)
                 if collected[0] == faults.step_hang_after:
                     log.warning("injected step hang: %.1f s", faults.step_hang_s)
                     time.sleep(faults.step_hang_s)

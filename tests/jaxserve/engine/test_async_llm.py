@@ -76,8 +76,14 @@ def test_abort_and_cancel_free_pages(engine):
                 if n == 2:
                     break  # leaving early aborts the request
         await consume_two()
-        task = asyncio.create_task(collect(engine, [7, 8, 9], params))
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+
+        async def stream_until_cancelled():
+            async for _ in engine.generate([7, 8, 9], params):
+                started.set()
+
+        task = asyncio.create_task(stream_until_cancelled())
+        await started.wait()  # cancel mid-stream, however fast the engine is
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

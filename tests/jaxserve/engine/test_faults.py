@@ -78,6 +78,8 @@ def test_faults_spec_parses_and_rejects_unknown():
     f = faults.Faults.parse("step_raise_after=5, step_hang_after=2,step_hang_s=0.5,request_marker=XY")
     assert f == faults.Faults(step_raise_after=5, step_hang_after=2, step_hang_s=0.5, request_marker="XY")
     assert not faults.Faults.parse("").active
+    assert faults.Faults.parse("step_delay_s=0.01") == faults.Faults(step_delay_s=0.01)
+    assert faults.Faults(step_delay_s=0.01).active
     with pytest.raises(ValueError, match="unknown fault"):
         faults.Faults.parse("explode=1")
 

@@ -25,6 +25,7 @@ from engine_fixtures import VOCAB, write_engine_test_model
 from grpc_fixtures import BearerInterceptor, FailingEngine, LoopThread, wait_engine_idle
 from jaxserve import LLM, AsyncLLM, SamplingParams
 from jaxserve.entrypoints.client import AsyncClient, Client
+from jaxserve.engine import faults
 from jaxserve.engine.llm import merge_delta
 from jaxserve.protos import jetstream_pb2 as js
 from jaxserve.protos import jetstream_pb2_grpc as js_grpc
@@ -230,6 +231,13 @@ def test_cancel_10_of_40_streams(llm, engine, server):
 
 
 def test_deadline_exceeded_frees_pages(engine, client, server):
+    # 5 ms a step: 480 tokens take >= 2.4 s, so both deadlines below expire mid-request however
+    # fast the device is.
+    with faults.installed(engine.engine, faults.Faults(step_delay_s=0.005)):
+        _deadline_exceeded_frees_pages(engine, client, server)
+
+
+def _deadline_exceeded_frees_pages(engine, client, server):
     before = aborted(engine)
     params = SamplingParams(max_tokens=480, **GREEDY)
     start = time.monotonic()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from engine_fixtures import write_engine_test_model
 from http_helpers import CPU, MODEL, ScriptedEngine, ServerThread, base_url
 from jaxserve import AsyncLLM, LLM
+from jaxserve.engine import faults
 from jaxserve.engine.async_llm import EngineDeadError
 
 KEY = "sk-test-key"
@@ -229,9 +230,11 @@ def test_non_streaming_client_disconnect_aborts(engine, http):
     aborted = engine.metrics.requests.labels(status="abort", model_name=MODEL)
     before = aborted._value.get()
     body = {**COMPLETION, "max_tokens": 400, "ignore_eos": True}
-    for _ in range(3):
-        with pytest.raises(httpx.ReadTimeout):
-            http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    # 5 ms a step: 400 tokens take >= 2 s, so the 0.3 s read timeout always leaves mid-request.
+    with faults.installed(engine.engine, faults.Faults(step_delay_s=0.005)):
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
     deadline = time.monotonic() + 20
     while (engine.num_in_flight or engine.stats()["num_free_pages"] != total) and time.monotonic() < deadline:
         time.sleep(0.05)
