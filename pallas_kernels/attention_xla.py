@@ -41,12 +41,13 @@ PREFILL_TILE_ROWS = 32
 
 
 def default_block_sizes(num_tokens: int, max_seqs: int, page_size: int, max_pages: int,
-                        kv_row_bytes: int) -> tuple[int, int, int]:
+                        kv_row_bytes: int, num_groups: int = 1) -> tuple[int, int, int]:
     """(decode pages per block, prefill pages per block, prefill q rows per tile).
 
-    kv_row_bytes: bytes of one key slot across all kv heads (2 * Hkv * D * itemsize).
+    kv_row_bytes: bytes of one key slot across all kv heads (2 * Hkv * D * itemsize);
+    num_groups: decode groups (each gathers its own rows' blocks per iteration).
     """
-    rows = max(1, min(num_tokens, max_seqs))
+    rows = max(1, -(-min(num_tokens, max_seqs) // num_groups))
     decode_keys = DECODE_BLOCK_BYTES // (rows * kv_row_bytes)
     decode_pages = max(1, min(max_pages, decode_keys // page_size))
     prefill_pages = max(1, min(max_pages, PREFILL_BLOCK_KEYS // page_size))
@@ -113,10 +114,20 @@ def _compute_dtype(dtype):
     return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
+def decode_groups(rows: int) -> int:
+    """How many length-sorted groups the decode rows are walked in (each to its own longest
+    context): 1 below 16 rows, then groups of >= 8 rows, at most 4."""
+    return 1 if rows < 16 else min(4, rows // 8)
+
+
 def _decode_part(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_scale,
-                 sliding_window, soft_cap, pages_per_blk):
+                 sliding_window, soft_cap, pages_per_blk, num_groups):
     """Attention of the one query row of every decode sequence among the first R slots.
 
+    The R slots are sorted by context length and cut into `num_groups` groups; each group's
+    kv-block loop runs to its own longest context, so a few long decodes do not make every
+    short one walk their length (with contexts spread evenly over [0, L], one group does
+    ~2x the needed work, four ~1.25x).
     -> (rows int32 [R]: the q row of each slot, or T when the slot is not a decode; out
     float32 [R, Hq, D]).
     """
@@ -131,29 +142,44 @@ def _decode_part(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_
     is_decode = (slot < num_seqs[0]) & (q_end - cu_q_lens[:r] == 1)
     rows = jnp.where(is_decode, q_end - 1, num_tokens)            # [R]
     kv_len = jnp.where(is_decode, kv_lens[:r], 0)                 # [R]
-    pos = kv_len - 1                                              # the query's position
-    lo = jnp.zeros_like(pos) if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
-    first_blk = lo // block_k
-    num_blk = jnp.where(kv_len > 0, (kv_len + block_k - 1) // block_k - first_blk, 0)
     dtype = _compute_dtype(q.dtype)
     on_cpu = jax.default_backend() == "cpu"
-    qr = q[jnp.minimum(rows, num_tokens - 1)].astype(dtype).reshape(r, hkv, group, d)
-    tables = block_tables[:r]
+    per_group = -(-r // num_groups)
+    pad = per_group * num_groups - r
+    # Longest first; padding slots (context 0) last.
+    order = jnp.argsort(-jnp.pad(kv_len, (0, pad)), stable=True).astype(jnp.int32)  # [Rp]
+    src = jnp.minimum(order, r - 1)
+    g_len = jnp.where(order < r, jnp.pad(kv_len, (0, pad))[order], 0)
+    g_rows = jnp.where(order < r, jnp.pad(rows, (0, pad), constant_values=num_tokens)[order], num_tokens)
+    g_q = q[jnp.minimum(g_rows, num_tokens - 1)].astype(dtype).reshape(num_groups, per_group, hkv, group, d)
+    g_tables = block_tables[src].reshape(num_groups, per_group, -1)
+    g_len = g_len.reshape(num_groups, per_group)
 
-    def body(state):
-        j, carry = state
-        blk = first_blk + j                                        # [R]
-        k_pos = blk[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [R, Bk]
-        key_ok = (k_pos >= lo[:, None]) & (k_pos < kv_len[:, None])
-        k, v = _gather_block(kv_pages, tables, blk, pages_per_blk, key_ok, dtype)  # [R, Hkv, Bk, D]
-        s = _logits(qr, k, sm_scale, soft_cap, elementwise=on_cpu)  # [R, Hkv, G, Bk]
-        carry = _online_update(carry, s, key_ok[:, None, None, :], v)
-        return j + 1, carry
+    def one_group(qr, tables, kv_len):
+        pos = kv_len - 1                                          # the query's position
+        lo = (jnp.zeros_like(pos) if sliding_window is None
+              else jnp.maximum(pos - sliding_window + 1, 0))
+        first_blk = lo // block_k
+        num_blk = jnp.where(kv_len > 0, (kv_len + block_k - 1) // block_k - first_blk, 0)
 
-    init = (jnp.full((r, hkv, group, 1), MASK_VALUE, jnp.float32),
-            jnp.zeros((r, hkv, group, 1), jnp.float32), jnp.zeros((r, hkv, group, d), jnp.float32))
-    _, (_, l, acc) = lax.while_loop(lambda st: st[0] < num_blk.max(), body, (jnp.int32(0), init))
-    return rows, _finish(l, acc).reshape(r, num_q_heads, d)
+        def body(state):
+            j, carry = state
+            blk = first_blk + j                                    # [Rg]
+            k_pos = blk[:, None] * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [Rg, Bk]
+            key_ok = (k_pos >= lo[:, None]) & (k_pos < kv_len[:, None])
+            k, v = _gather_block(kv_pages, tables, blk, pages_per_blk, key_ok, dtype)  # [Rg, Hkv, Bk, D]
+            s = _logits(qr, k, sm_scale, soft_cap, elementwise=on_cpu)  # [Rg, Hkv, G, Bk]
+            carry = _online_update(carry, s, key_ok[:, None, None, :], v)
+            return j + 1, carry
+
+        n = qr.shape[0]
+        init = (jnp.full((n, hkv, group, 1), MASK_VALUE, jnp.float32),
+                jnp.zeros((n, hkv, group, 1), jnp.float32), jnp.zeros((n, hkv, group, d), jnp.float32))
+        _, (_, l, acc) = lax.while_loop(lambda st: st[0] < num_blk.max(), body, (jnp.int32(0), init))
+        return _finish(l, acc).reshape(n, num_q_heads, d)
+
+    outs = [one_group(g_q[i], g_tables[i], g_len[i]) for i in range(num_groups)]
+    return g_rows, jnp.concatenate(outs)                          # rows in sorted order
 
 
 def _prefill_tiles(cu_q_lens, num_seqs, tile: int, num_tiles_max: int):
@@ -239,14 +265,15 @@ def ragged_paged_attention_xla(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
     num_tokens, num_q_heads, d = q.shape
     page_size = kv_pages.shape[1]
     kv_row_bytes = kv_pages.shape[2] * d * jnp.dtype(kv_pages.dtype).itemsize
+    num_groups = decode_groups(min(num_tokens, kv_lens.shape[0]))
     dec_pages, pre_pages, tile = default_block_sizes(num_tokens, kv_lens.shape[0], page_size,
-                                                     block_tables.shape[1], kv_row_bytes)
+                                                     block_tables.shape[1], kv_row_bytes, num_groups)
     if num_kv_pages_per_block is not None:
         dec_pages = pre_pages = num_kv_pages_per_block
     tile = num_q_per_block or tile
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     rows, dec = _decode_part(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
-                             pages_per_blk=dec_pages, **opts)
+                             pages_per_blk=dec_pages, num_groups=num_groups, **opts)
     out = jnp.zeros((num_tokens + tile, num_q_heads, d), jnp.float32)
     out = out.at[rows].set(dec, mode="drop")                      # non-decode slots hit row T
     if num_tokens > 1:                                            # a 1-token step has no prefill
