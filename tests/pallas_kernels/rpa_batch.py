@@ -106,3 +106,21 @@ def dense_oracle(batch: Batch, *, sm_scale, sliding_window=None, soft_cap=None) 
         probs /= probs.sum(-1, keepdims=True)
         outs.append(np.einsum("hql,lhd->qhd", probs, vh))
     return np.concatenate(outs) if outs else np.zeros((0,) + q_all.shape[1:])
+
+
+def assert_backend_matches_reference(batch: Batch, backend: str, *, sm_scale, sliding_window=None,
+                                     soft_cap=None, **tuning) -> None:
+    """`backend` equals the dense reference on the real rows (no NaN leaked), padding rows zeros."""
+    from pallas_kernels import ragged_paged_attention
+
+    opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    want = ragged_paged_attention(*batch.args, backend="reference", **opts)
+    got = ragged_paged_attention(*batch.args, backend=backend, **opts, **tuning)
+    assert got.shape == batch.q.shape and got.dtype == batch.q.dtype
+    n = batch.num_valid_rows
+    got32 = np.asarray(got.astype(jnp.float32))
+    want32 = np.asarray(want.astype(jnp.float32))
+    assert np.isfinite(got32[:n]).all(), "a stray read of a NaN page or row leaked"
+    tol = 2e-5 if batch.q.dtype == jnp.float32 else 1.6e-2
+    np.testing.assert_allclose(got32[:n], want32[:n], rtol=tol, atol=tol)
+    assert (got32[n:] == 0).all(), "padding rows must be zeros"

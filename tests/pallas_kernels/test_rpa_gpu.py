@@ -18,7 +18,7 @@ from jax._src.pallas.triton import lowering as triton_lowering
 
 import pallas_kernels.attention_gpu as gpu
 from pallas_kernels import ragged_paged_attention
-from rpa_batch import make_batch
+from rpa_batch import assert_backend_matches_reference, make_batch
 
 TRITON_CALL = "__gpu$xla.gpu.triton"    # custom call target of a Pallas Triton kernel
 
@@ -53,17 +53,7 @@ def _case_id(case):
 
 
 def _check_against_reference(batch, dtype, **opts_and_tuning):
-    opts = {k: opts_and_tuning.pop(k) for k in ("sm_scale", "sliding_window", "soft_cap")}
-    want = ragged_paged_attention(*batch.args, backend="reference", **opts)
-    got = ragged_paged_attention(*batch.args, backend="pallas_gpu", **opts, **opts_and_tuning)
-    assert got.shape == batch.q.shape and got.dtype == batch.q.dtype
-    n = batch.num_valid_rows
-    got32 = np.asarray(got.astype(jnp.float32))
-    want32 = np.asarray(want.astype(jnp.float32))
-    assert np.isfinite(got32[:n]).all(), "a stray read of a NaN page or row leaked"
-    tol = 2e-5 if dtype == jnp.float32 else 1.6e-2
-    np.testing.assert_allclose(got32[:n], want32[:n], rtol=tol, atol=tol)
-    assert (got32[n:] == 0).all(), "padding rows must be zeros"
+    assert_backend_matches_reference(batch, "pallas_gpu", **opts_and_tuning)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.attention_tpu import (check_smem_fit, max_tiles, q_tiles,
                                           smem_bytes_needed)
-from rpa_batch import make_batch
+from rpa_batch import assert_backend_matches_reference, make_batch
 
 BACKENDS = ["jax_tpu", "pallas_tpu"]
 MIXES = {
@@ -60,16 +60,7 @@ def _check(backend, case):
                        max_pages_per_seq=-(-max_kv // page_size) + 1, dtype=dtype,
                        seed=page_size + hq)
     opts = dict(sm_scale=0.088, sliding_window=window, soft_cap=cap)
-    want = ragged_paged_attention(*batch.args, backend="reference", **opts)
-    got = ragged_paged_attention(*batch.args, backend=backend, **opts, **tuning)
-    assert got.shape == batch.q.shape and got.dtype == batch.q.dtype
-    n = batch.num_valid_rows
-    got32 = np.asarray(got.astype(jnp.float32))
-    want32 = np.asarray(want.astype(jnp.float32))
-    assert np.isfinite(got32[:n]).all(), "a stray read of a NaN page or row leaked"
-    tol = 2e-5 if dtype == jnp.float32 else 1.6e-2
-    np.testing.assert_allclose(got32[:n], want32[:n], rtol=tol, atol=tol)
-    assert (got32[n:] == 0).all(), "padding rows must be zeros"
+    assert_backend_matches_reference(batch, backend, **opts, **tuning)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
