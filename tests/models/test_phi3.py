@@ -21,7 +21,8 @@ from models.single_sequence import SingleSequenceRunner
 from phi3_fixtures import BASE, LONG, ORIGINAL, PHI3, SHORT, hf_cached_greedy, hf_cached_steps, hf_full_logits, \
     longrope, save_phi3
 
-PROMPT_LENGTHS = (1, 7, 20, ORIGINAL - 1, ORIGINAL, ORIGINAL + 1, 45, 100)
+# Prompt lengths per model (each length compiles once; later tests reuse these shapes).
+PROMPT_LENGTHS = {"phi3_window": (7, 45), "phi3_longrope": (20, ORIGINAL, ORIGINAL + 1, 100)}
 MAX_LEN = 160
 
 
@@ -50,21 +51,21 @@ def phi3(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(PHI3))
 def test_logits_match_transformers(name, phi3):
-    """A prompt forward; with LongRoPE, prompts of 31 and 32 tokens take the short factors, 33
-    and more the long ones, as transformers (max(position_ids) + 1 > original)."""
+    """A prompt forward; with LongRoPE, prompts of 20 and 32 tokens take the short factors, 33
+    and 100 the long ones, as transformers (max(position_ids) + 1 > original)."""
     _, hf, model = phi3(name)
     runner = SingleSequenceRunner(model, max_len=MAX_LEN)
-    for length in PROMPT_LENGTHS:
+    for length in PROMPT_LENGTHS[name]:
         ids = prompt(length)
         assert rel_err(runner.full_logits(ids), hf_full_logits(hf, ids)) <= 1e-4, (name, length)
 
 
 def test_long_and_short_factors_both_matter(phi3):
-    """The oracle can tell the factor sets apart: a 45-token prompt forced onto the short
-    factors, or a 20-token one forced onto the long factors, misses transformers by far."""
+    """The oracle can tell the factor sets apart: a 100-token prompt whose first 32 positions take
+    the short factors, or a 20-token one on the long factors, misses transformers by far."""
     _, hf, model = phi3("phi3_longrope")
     runner = SingleSequenceRunner(model, max_len=MAX_LEN)
-    for length, forced in ((45, 1), (20, 10 * ORIGINAL)):
+    for length, forced in ((100, 1), (20, 10 * ORIGINAL)):
         ids = prompt(length)
         logits = runner.run(ids, 0, prompt_len=forced)  # prompt_len alone picks the factors
         assert rel_err(logits, hf_full_logits(hf, ids)) > 1e-2, length
@@ -72,10 +73,10 @@ def test_long_and_short_factors_both_matter(phi3):
 
 def test_chunked_prefill_and_cached_decode_match_transformers(phi3):
     """A 20-token prompt decoding across the original context (positions 20..59, long from 32 on)
-    and a 45-token prompt, prefilled in chunks of 7 whose own context lengths are partly below
-    32, then decoded: each step equals transformers' cached decode of the same tokens."""
+    and a 33-token prompt prefilled in chunks of 11 (context lengths 11 and 22 after the first
+    two, below 32), then decoded: each step equals transformers' cached decode of the same tokens."""
     _, hf, model = phi3("phi3_longrope")
-    for length, chunk, steps in ((20, 20, 40), (45, 7, 12)):
+    for length, chunk, steps in ((20, 20, 40), (ORIGINAL + 1, 11, 12)):
         ids = prompt(length + steps, seed=3)
         want = hf_cached_steps(hf, ids[:length], ids[length:])
         runner = SingleSequenceRunner(model, max_len=MAX_LEN, page_size=4)
@@ -88,11 +89,11 @@ def test_chunked_prefill_and_cached_decode_match_transformers(phi3):
             assert rel_err(ours, ref) <= 1e-4, (length, i)
 
 
-@pytest.mark.parametrize("name, length", [("phi3_window", 5), ("phi3_window", 13), ("phi3_longrope", 45),
-                                          ("phi3_longrope", 5)])
+@pytest.mark.parametrize("name, length", [("phi3_window", 7), ("phi3_longrope", ORIGINAL + 1),
+                                          ("phi3_longrope", 20)])
 def test_greedy_tokens_match_transformers(name, length, phi3):
     """32 greedy tokens. Where transformers' generate and its cached decode agree (no LongRoPE,
-    or a prompt already past the original context) both are checked; a 5-token LongRoPE prompt
+    or a prompt already past the original context) both are checked; a 20-token LongRoPE prompt
     decodes past 32, where generate re-encodes the sequence (models.rope), so its oracle is the
     cached decode."""
     _, hf, model = phi3(name)
@@ -130,7 +131,7 @@ def test_orbax_conversion_gives_the_same_logits(phi3, tmp_path):
     path, hf, _ = phi3("phi3_longrope")
     orbax = convert(str(path), tmp_path / "orbax", dtype="float32")
     runner = SingleSequenceRunner(load_model(orbax).model, max_len=MAX_LEN)
-    for length in (20, 45):
+    for length in (20, 100):
         ids = prompt(length)
         assert rel_err(runner.full_logits(ids), hf_full_logits(hf, ids)) <= 1e-4, length
 
@@ -182,8 +183,12 @@ def test_rope_tables_equal_transformers(fields):
 
 
 def test_phi3_config_fields():
-    cfg = ModelConfig.from_hf(hf_config(partial_rotary_factor=0.75, head_dim=24, sliding_window=9, **longrope(
-        short_factor=[1.0] * 9, long_factor=[2.0] * 9)))
+    # transformers checks factor lengths against hidden / heads (16 x 0.75: 6) but computes with
+    # head_dim (24 x 0.75: 9 frequencies), so no such Phi3Config builds; ours follows head_dim.
+    hf = hf_config(partial_rotary_factor=0.75, head_dim=24, sliding_window=9)
+    hf.update(original_max_position_embeddings=ORIGINAL, rope_parameters=dict(
+        hf["rope_parameters"], rope_type="longrope", short_factor=[1.0] * 9, long_factor=[2.0] * 9))
+    cfg = ModelConfig.from_hf(hf)
     assert (cfg.model_type, cfg.head_dim, cfg.rope.rope_type, cfg.rope.rotary_dim(24)) == ("phi3", 24, "longrope", 18)
     assert cfg.rope.original_max_position_embeddings == ORIGINAL and cfg.rope.factor == 256 / ORIGINAL
     assert cfg.sliding_windows == (9, 9) and cfg.rope.long_context_threshold == ORIGINAL
@@ -216,7 +221,7 @@ def test_phi3_config_fields():
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
 ])
 def test_unsupported_phi3_configs_are_refused_naming_the_key(change, message):
-    hf = dict(model_type="phi3", **BASE, num_key_value_heads=2, original_max_position_embeddings=32, **change)
+    hf = {"model_type": "phi3", **BASE, "num_key_value_heads": 2, "original_max_position_embeddings": 32, **change}
     with pytest.raises(ModelConfigError, match=message):
         ModelConfig.from_hf(hf)
 
