@@ -117,7 +117,8 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
               "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
               "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": [eos],
               "dtype": dtype_name, "hidden_act": "silu", "jaxserve_random_model": {"preset": name, "seed": seed}}
-    config.update(PHI3_CONFIGS.get(name, {}))
+    if name in PHI3_CONFIGS:  # Phi3Config's default pad id (32000) may lie outside a small vocabulary
+        config.update(PHI3_CONFIGS[name], pad_token_id=tokenizer.pad_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     rng = np.random.default_rng(seed)
     shard: dict[str, np.ndarray] = {}  # only the shard being filled is in memory
