@@ -44,7 +44,8 @@ def test_written_phi3_loads_in_transformers_and_jaxserve(script, tmp_path, monke
     monkeypatch.setitem(script.PRESETS, "phi3-tiny", (64, 96, 2, 4, 2, 1024, 10000.0, 256))
     monkeypatch.setitem(script.PHI3_CONFIGS, "phi3-tiny", {
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "original_max_position_embeddings": 32,
-        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 1.0, 1.2, 1.8, 2.5, 3.0],
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                            "short_factor": [1.0, 1.5, 2.0, 1.0, 1.2, 1.8, 2.5, 3.0],
                             "long_factor": [2.0, 4.0, 2.0, 4.0, 6.0, 9.0, 12.0, 16.0]}})
     path = script.write("phi3-tiny", tmp_path / "phi3", "float32", seed=0)
     hf = transformers.Phi3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
