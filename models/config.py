@@ -77,6 +77,7 @@ class ModelConfig:
             raise ModelConfigError(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
             )
+        self.rope.rotary_dim(self.head_dim)  # partial rotary and longrope factor lengths fit the head
         if self.hidden_act not in ("silu", "swish"):
             raise ModelConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: silu")
 

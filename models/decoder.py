@@ -44,7 +44,7 @@ import pallas_kernels
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.sharded_attention import sharded_ragged_paged_attention
-from models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from models.rope import apply_rotary, rotary_embedding
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "normal"):
@@ -98,7 +98,7 @@ class Attention(nnx.Module):
                            and pallas_kernels.is_kernel(attention_backend) else None)
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md: AttentionMetadata, sliding_window: int | None):
-        """x [T, D]; cos, sin [T, H]; kv_pages [L*P, B, 2K, H], the pool of every layer's pages, of
+        """x [T, D]; cos, sin [T, R] (R <= H rotary dims); kv_pages [L*P, B, 2K, H], the pool of every layer's pages, of
         which this layer owns [first_page, first_page + P) (first_page int32 scalar, traced)
         -> (out [T, D], kv_pages')."""
         cfg = self.cfg
@@ -229,24 +229,27 @@ class CausalLM(nnx.Module):
         positions: jax.Array,
         md: AttentionMetadata,
         logits_indices: jax.Array | None = None,
+        rope_lengths: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """kv_caches [L, P, B, 2K, H] (from init_kv_caches; donate it); input_ids, positions int32[T];
-        logits_indices int32[R] selects the rows to project to the vocabulary (all when None).
+        logits_indices int32[R] selects the rows to project to the vocabulary (all when None);
+        rope_lengths int32[T]: the lengths that pick longrope's factors (models.rope.rotary_embedding).
         Returns (updated kv_caches, logits float32[R or T, V])."""
-        kv_caches, h = self.forward(kv_caches, input_ids, positions, md, logits_indices)
+        kv_caches, h = self.forward(kv_caches, input_ids, positions, md, logits_indices, rope_lengths)
         return kv_caches, self.compute_logits(h)
 
     def forward(self, kv_caches: jax.Array, input_ids: jax.Array, positions: jax.Array,
-                md: AttentionMetadata, rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                md: AttentionMetadata, rows: jax.Array | None = None,
+                rope_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """The decoder body without the LM head: (updated kv_caches, final-normed hidden states
         [R, D] of the flat-batch rows `rows` int32[R], or [T, D] when rows is None)."""
         _check_kv(self.cfg, kv_caches)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)  # [T, D]
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
-        # Derived from the config at trace time: a constant of the compiled step, not a parameter.
-        inv_freq, rope_scaling = inverse_frequencies(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings)
-        cos, sin = rotary_cos_sin(positions, jnp.asarray(inv_freq), rope_scaling)
+        # Frequencies derived from the config at trace time: constants of the compiled step.
+        cos, sin = rotary_embedding(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions,
+                                    rope_lengths, md)  # [T, rotary_dim]
         num_layers, num_pages = kv_caches.shape[:2]
         pages = kv_caches.reshape(num_layers * num_pages, *kv_caches.shape[2:])  # [L*P, B, 2K, H], no copy
         x, pages = self._run_layers(x, cos, sin, pages, num_pages, md)

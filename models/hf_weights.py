@@ -9,11 +9,11 @@ fills index i of its stacked parameter.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import ModelConfig, ModelLoadError
 
 Path = tuple[str | int, ...]
 
@@ -109,3 +109,40 @@ def _layer_specs(cfg: ModelConfig, i: int) -> dict[str, WeightSpec]:
 
 # Tensors some checkpoints carry that we derive or do not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# Fused projections (Phi-3): HF tensor suffix -> the unfused tensors it holds, stacked on the
+# output (row) axis in this order, with their row counts from the config.
+def _fused_rows(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {
+        "self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                      ("self_attn.v_proj.weight", kv)),
+        "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f)),
+    }
+
+
+def split_fused(cfg: ModelConfig, tensors: Iterable[tuple[str, Callable[[], np.ndarray]]]
+                ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(name, loader) pairs with every fused tensor replaced by its unfused parts: Phi-3's
+    `qkv_proj` [(N + 2 * K_hf) * H, D] becomes q/k/v_proj (rows q | k | v, K_hf the checkpoint's
+    kv heads) and `gate_up_proj` [2F, D] becomes gate/up_proj (rows gate | up), which then load
+    like any Llama tensor: kv-head replicas, sharding and Orbax conversion see only the parts. A
+    fused tensor is read once; its parts are row slices of it (one tensor's memory on the host)."""
+    fused = _fused_rows(cfg)
+    for name, read in tensors:
+        prefix, _, suffix = name.partition(".layers.")
+        layer, _, rest = suffix.partition(".")
+        parts = fused.get(rest) if suffix else None
+        if parts is None:
+            yield name, read
+            continue
+        tensor = read()
+        rows = sum(n for _, n in parts)
+        if tensor.shape != (rows, cfg.hidden_size):
+            raise ModelLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {(rows, cfg.hidden_size)} "
+                                 f"from config.json ({cfg.model_type}: {' + '.join(p for p, _ in parts)})")
+        start = 0
+        for part, n in parts:
+            yield f"{prefix}.layers.{layer}.{part}", (lambda t=tensor, lo=start, hi=start + n: t[lo:hi])
+            start += n

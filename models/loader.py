@@ -31,7 +31,7 @@ from flax import nnx
 
 from models.config import ModelConfig, ModelLoadError
 from models.decoder import CausalLM
-from models.hf_weights import IGNORED_SUFFIXES, weight_specs
+from models.hf_weights import IGNORED_SUFFIXES, split_fused, weight_specs
 from models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from models.orbax_state import restore_state
 
@@ -124,7 +124,7 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     stacked: dict[tuple, jax.Array] = {}  # path -> the [L, ...] parameter being filled layer by layer
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for name, read in iter_tensors(model_dir):
+    for name, read in split_fused(cfg, iter_tensors(model_dir)):  # Phi-3's qkv / gate_up split into parts
         spec = specs.get(name)
         if spec is None:
             if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):

@@ -9,6 +9,7 @@ turns its HF config into the keyword arguments of a `ModelConfig` with the right
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 from models.errors import ModelConfigError
@@ -45,7 +46,27 @@ def read_rope(hf: Mapping[str, Any]) -> RopeConfig:
         kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
     if merged.get("truncate") is not None:
         kwargs["truncate"] = bool(merged["truncate"])
+    if rope_type == "longrope":
+        kwargs.update(_longrope_fields(hf, merged))
     return RopeConfig(**kwargs)
+
+
+def _longrope_fields(hf: Mapping[str, Any], merged: Mapping[str, Any]) -> dict[str, Any]:
+    """LongRoPE settings as transformers resolves them: the top-level original_max_position_embeddings
+    wins over the rope dict's (else max_position_embeddings); `factor` defaults to
+    max_position_embeddings / original (it sets the default attention factor)."""
+    for key in ("short_factor", "long_factor"):
+        if not merged.get(key):
+            raise ModelConfigError(f"rope type 'longrope' needs rope_scaling / rope_parameters key {key!r} "
+                                   f"(one factor per rotary frequency), got {merged.get(key)!r}")
+    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    original = int(hf.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")
+                   or max_pos)
+    factor = merged.get("factor")
+    return dict(short_factor=tuple(float(v) for v in merged["short_factor"]),
+                long_factor=tuple(float(v) for v in merged["long_factor"]),
+                original_max_position_embeddings=original,
+                factor=float(factor) if factor is not None else max_pos / original)
 
 
 def eos_ids(hf: Mapping[str, Any]) -> tuple[int, ...]:
@@ -148,12 +169,44 @@ def granite(hf: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+PHI3_ORIGINAL_MAX_POSITIONS = 4096  # Phi3Config's default original_max_position_embeddings
+
+
+def phi3(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Phi-3 / Phi-3.5 / Phi-4-mini (Phi3ForCausalLM): the Llama decoder with fused qkv_proj and
+    gate_up_proj (split at load, models.hf_weights.split_fused), LongRoPE and partial rotary.
+    RoPE as Phi3Config reads it: rope type 'su' and 'yarn' mean 'longrope', only 'default' and
+    'longrope' are accepted, the top-level original_max_position_embeddings (default 4096) is the
+    one longrope uses, partial_rotary_factor comes from the rope dict or the top level. One sliding
+    window for every layer (none when it covers max_position_embeddings)."""
+    rope = {**dict(hf.get("rope_scaling") or {}), **dict(hf.get("rope_parameters") or {})}
+    rope_type = rope.pop("type", None) or rope.get("rope_type") or "default"
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+    if rope_type not in ("default", "longrope"):
+        raise ModelConfigError(f"phi3 rope_scaling / rope_parameters rope_type {rope_type!r} is not supported; "
+                               "Phi-3 takes 'longrope' (also written 'su' or 'yarn') or none")
+    hf = {**hf, "rope_parameters": {**rope, "rope_type": rope_type}, "rope_scaling": None,
+          "original_max_position_embeddings": hf.get("original_max_position_embeddings") or PHI3_ORIGINAL_MAX_POSITIONS}
+    kw = _common(hf, "phi3")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None:
+        if not isinstance(partial, (int, float)) or isinstance(partial, bool):
+            raise ModelConfigError(f"phi3 partial_rotary_factor must be a number, got {partial!r}")
+        kw["rope"] = dataclasses.replace(kw["rope"], partial_rotary_factor=float(partial))
+    kw["rope"].rotary_dim(kw["head_dim"])  # refuses odd rotary dims and factor lists of the wrong length
+    window = hf.get("sliding_window")
+    if window and int(window) < kw["max_position_embeddings"]:
+        kw["sliding_windows"] = (int(window),) * kw["num_layers"]
+    return kw
+
+
 MODEL_TYPES: dict[str, Adapter] = {
     "llama": llama,
     "mistral": mistral,
     "qwen2": qwen2,
     "qwen3": qwen3,
     "granite": granite,
+    "phi3": phi3,
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -162,6 +215,7 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GraniteForCausalLM": "granite",
+    "Phi3ForCausalLM": "phi3",
 }
 
 

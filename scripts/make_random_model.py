@@ -1,4 +1,4 @@
-"""Writes a random-weight Hugging Face Llama of a real model's shape, for benchmarks.
+"""Writes a random-weight Hugging Face Llama (or Phi-3) of a real model's shape, for benchmarks.
 
 Nothing is downloaded: the architecture comes from a preset below, the tokenizer is the demo
 model's locally trained one (its ids are a subset of the model's vocabulary), the weights
@@ -30,12 +30,44 @@ PRESETS = {
     # is not clamped. bench-small is the demo model's shape (and vocabulary size).
     "bench-small": (256, 688, 4, 8, 4, 1024, 10000.0, 8192),
     "bench-medium": (1024, 2816, 8, 16, 4, 32000, 10000.0, 8192),
+    "phi3-mini": (3072, 8192, 32, 32, 32, 32064, 10000.0, 131072),
+}
+# Phi-3 presets: fused qkv_proj / gate_up_proj tensors and these config.json fields. phi3-mini
+# is microsoft/Phi-3.5-mini-instruct's config (the shape of Phi-3-mini-128k: 3.8B parameters,
+# LongRoPE from 4096 to 131072 positions, one factor per rotary frequency, 48 of each).
+PHI3_MINI_SHORT_FACTOR = [
+    1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, 1.0499999523162842, 1.0499999523162842,
+    1.0499999523162842, 1.0499999523162842, 1.0499999523162842, 1.0699999332427979, 1.0999999046325684,
+    1.1099998950958252, 1.1599998474121094, 1.1599998474121094, 1.1699998378753662, 1.2899998426437378,
+    1.339999794960022, 1.679999828338623, 1.7899998426437378, 1.8199998140335083, 1.8499997854232788,
+    1.8799997568130493, 1.9099997282028198, 1.9399996995925903, 1.9899996519088745, 2.0199997425079346,
+    2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346, 2.0199997425079346,
+    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914,
+    2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0299997329711914, 2.0799996852874756,
+    2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
+    2.749999523162842, 2.8399994373321533]
+PHI3_MINI_LONG_FACTOR = [
+    1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
+    1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
+    4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
+    17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
+    32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
+    50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
+    62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
+    63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
+    64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
+    64.51000213623047, 64.52999877929688, 64.83999633789062]
+PHI3_CONFIGS = {
+    "phi3-mini": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "original_max_position_embeddings": 4096,
+                  "sliding_window": 262144, "rope_parameters": {
+                      "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": PHI3_MINI_SHORT_FACTOR,
+                      "long_factor": PHI3_MINI_LONG_FACTOR}},
 }
 SHARD_BYTES = 4 << 30
 
 
-def tensors(preset: tuple, rng: np.random.Generator, dtype):
-    """Yields (HF name, array) one at a time."""
+def tensors(preset: tuple, rng: np.random.Generator, dtype, fused: bool = False):
+    """Yields (HF name, array) one at a time; fused: Phi-3's qkv_proj and gate_up_proj."""
     d, f, n_layers, h, kv, v = preset[:6]
     hd = d // h
 
@@ -47,12 +79,18 @@ def tensors(preset: tuple, rng: np.random.Generator, dtype):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", np.ones(d, dtype)
         yield p + "post_attention_layernorm.weight", np.ones(d, dtype)
-        yield p + "self_attn.q_proj.weight", w(h * hd, d)
-        yield p + "self_attn.k_proj.weight", w(kv * hd, d)
-        yield p + "self_attn.v_proj.weight", w(kv * hd, d)
+        if fused:  # rows q | k | v and gate | up
+            yield p + "self_attn.qkv_proj.weight", w((h + 2 * kv) * hd, d)
+        else:
+            yield p + "self_attn.q_proj.weight", w(h * hd, d)
+            yield p + "self_attn.k_proj.weight", w(kv * hd, d)
+            yield p + "self_attn.v_proj.weight", w(kv * hd, d)
         yield p + "self_attn.o_proj.weight", w(d, h * hd)
-        yield p + "mlp.gate_proj.weight", w(f, d)
-        yield p + "mlp.up_proj.weight", w(f, d)
+        if fused:
+            yield p + "mlp.gate_up_proj.weight", w(2 * f, d)
+        else:
+            yield p + "mlp.gate_proj.weight", w(f, d)
+            yield p + "mlp.up_proj.weight", w(f, d)
         yield p + "mlp.down_proj.weight", w(d, f)
     yield "model.norm.weight", np.ones(d, dtype)
     yield "lm_head.weight", w(v, d)
@@ -79,6 +117,8 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
               "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
               "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": [eos],
               "dtype": dtype_name, "hidden_act": "silu", "jaxserve_random_model": {"preset": name, "seed": seed}}
+    if name in PHI3_CONFIGS:  # Phi3Config's default pad id (32000) may lie outside a small vocabulary
+        config.update(PHI3_CONFIGS[name], pad_token_id=tokenizer.pad_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     rng = np.random.default_rng(seed)
     shard: dict[str, np.ndarray] = {}  # only the shard being filled is in memory
@@ -93,7 +133,7 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
         shard.clear()
 
     size = 0
-    for tname, array in tensors(preset, rng, dtype):
+    for tname, array in tensors(preset, rng, dtype, fused=name in PHI3_CONFIGS):
         if size + array.nbytes > SHARD_BYTES and shard:
             flush()
             size = 0

@@ -66,8 +66,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 long_prompt_threshold: int | None = None):
+        """long_prompt_threshold: prompts longer than this compute their KV differently (longrope's
+        long factors, models.rope), so their pages are cached apart (salted prefix hashes)."""
         self.kv = kv
+        self.long_prompt_threshold = long_prompt_threshold
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -135,7 +139,7 @@ class Scheduler:
             req = self.waiting[0]
             if used_slots + self._slots(req) > self.max_num_seqs:
                 break
-            pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids)
+            pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids, extra_key=self._prefix_key(req))
             n_new = min(req.num_tokens - n_hit, budget)
             req.num_computed_tokens = n_hit
             new = self._allocate(req, n_new, pages)
@@ -151,6 +155,13 @@ class Scheduler:
             seqs.append(self._scheduled(req, n_new, len(pages) + len(new)))
             budget -= n_new
         return budget
+
+    def _prefix_key(self, req: Request) -> bytes | None:
+        """The prefix-cache salt of a request whose prompt's KV is computed with other RoPE
+        frequencies (a prompt past the longrope threshold); None for every other request."""
+        if self.long_prompt_threshold is not None and req.num_prompt_tokens > self.long_prompt_threshold:
+            return b"long-prompt-rope"
+        return None
 
     def _scheduled(self, req: Request, n_new: int, num_new_pages: int) -> ScheduledSeq:
         """Records the step for the request and advances it past the step (placeholders)."""
@@ -188,7 +199,7 @@ class Scheduler:
                 continue
             computed = s.start + s.num_new_tokens
             if req.status == RequestStatus.RUNNING:  # a preempted request's pages are gone
-                self.kv.cache_full_pages(req.request_id, req.token_ids, computed)
+                self.kv.cache_full_pages(req.request_id, req.token_ids, computed, extra_key=self._prefix_key(req))
             if s.num_samples == 0:
                 continue
             req.num_pending -= 1

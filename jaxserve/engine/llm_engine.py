@@ -107,7 +107,8 @@ class LLMEngine:
                                  sliding_window=uniform_sliding_window(mc.sliding_windows))
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len,
+                                   long_prompt_threshold=mc.rope.long_context_threshold)
         log.info("KV cache (%s): %s", np.dtype(kv_dtype).name,
                  KVLayout.of(mc, placement, config.page_size, kv_dtype).describe(num_pages))
         self.runner = ModelRunner(

@@ -56,6 +56,7 @@ class SlotState:
     seeds: jax.Array  # i32[N]
     min_tokens: jax.Array  # i32[N]
     want_logprobs: jax.Array  # bool[N]
+    num_prompt: jax.Array  # i32[N]   prompt length of the slot's request (picks longrope factors)
     bias_token_ids: jax.Array  # i32[N, B], -1 padded
     bias_values: jax.Array  # f32[N, B]
     bias_is_ban: jax.Array  # bool[N, B]  -inf while num_output < min_tokens, else 0
@@ -69,7 +70,7 @@ SLOT_COLUMNS = {
     "top_k": (np.int32, 0), "top_p": (np.float32, 1.0), "min_p": (np.float32, 0.0),
     "repetition_penalty": (np.float32, 1.0), "presence_penalty": (np.float32, 0.0),
     "frequency_penalty": (np.float32, 0.0), "seeds": (np.int32, 0), "min_tokens": (np.int32, 0),
-    "want_logprobs": (np.bool_, False),
+    "want_logprobs": (np.bool_, False), "num_prompt": (np.int32, 0),
 }
 
 
@@ -284,7 +285,7 @@ class InputBatch:
                           top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                           seeds=req.seed % SEED_MODULUS, min_tokens=p.min_tokens,
-                          want_logprobs=p.logprobs is not None)
+                          want_logprobs=p.logprobs is not None, num_prompt=req.num_prompt_tokens)
             for name, v in values.items():
                 cols[name][j] = v
             bias = list(p.logit_bias or ())
@@ -361,3 +362,14 @@ def step_positions(state: SlotState, inp: BodyInputs, page_size: int):
     page = state.block_tables.reshape(-1)[slot * m + jnp.minimum(positions // page_size, m - 1)]
     slot_mapping = jnp.where(valid, page * page_size + positions % page_size, 0)
     return input_ids, positions, slot_mapping, kv_lens, state.block_tables[inp.seq_slots]
+
+
+def rope_lengths(state: SlotState, inp: BodyInputs, positions: jax.Array) -> jax.Array:
+    """The length that picks each token's RoPE factors (longrope; see models.rope): its request's
+    prompt length for prompt tokens, position + 1 after the prompt. It depends on the request and
+    the position only, so chunked prefill, batching and recomputation after preemption give
+    every token the factors it had the first time. positions [T] -> int32[T]."""
+    t, s = positions.shape[0], inp.seq_slots.shape[0]
+    tok = jnp.arange(t, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(inp.cu_q_lens, tok, side="right") - 1, 0, s - 1)  # [T]
+    return jnp.maximum(state.num_prompt[inp.seq_slots[seq]], positions + 1)

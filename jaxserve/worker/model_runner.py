@@ -39,7 +39,8 @@ from jaxserve.core.scheduler import SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_ROWS, BodyInputs, Cells, InputBatch,
                                          SampleInputs, SlotAssignment, SLOT_COLUMNS, SlotState, apply_assignment,
-                                         apply_cells, init_slot_state, reset_penalty_rows, step_positions)
+                                         apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
+                                         step_positions)
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from models.attention_metadata import AttentionMetadata
 from models.decoder import CausalLM, copy_pages
@@ -55,7 +56,8 @@ def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells:
     input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
                            cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
-    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows)  # [max_num_seqs, D]
+    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows,
+                                      rope_lengths(state, inp, positions))  # [max_num_seqs, D]
     state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
     return kv_caches, state, hidden
 
