@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from models.activations import ACTIVATIONS
 from models.errors import ModelConfigError
 from models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
 
@@ -179,9 +180,12 @@ def _gemma_common(hf: Mapping[str, Any], model_type: str, pattern: int) -> dict[
     """The fields Gemma 2 and 3 share, from a config with the defaults filled in."""
     if hf.get("use_bidirectional_attention"):
         raise ModelConfigError("use_bidirectional_attention is not supported (causal decoding only)")
+    act = hf["hidden_activation"]  # what Gemma's MLP reads (hidden_act, where present, is not used)
+    if act not in ACTIVATIONS:
+        raise ModelConfigError(f"hidden_activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     kw = _common(hf, model_type)
     bias = bool(hf["attention_bias"])
-    return dict(kw, gemma_norms=True, hidden_act=str(hf["hidden_activation"]), attention_bias=bias,
+    return dict(kw, gemma_norms=True, hidden_act=act, attention_bias=bias,
                 o_proj_bias=bias, sliding_windows=_gemma_windows(hf, pattern),
                 tie_word_embeddings=bool(hf["tie_word_embeddings"]),
                 attention_multiplier=float(hf["query_pre_attn_scalar"]) ** -0.5,
