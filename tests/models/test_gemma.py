@@ -103,22 +103,23 @@ def test_chunked_prefill_then_decode_equals_full_forward(name, gemma):
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma2_irregular", "gemma3_text"])
 def test_each_layer_attends_through_its_own_window(name, gemma):
-    """The parity above holds with the per-layer windows and fails by far when the local and
-    global layers swap roles or when every layer is global: each layer gets its own window
-    (the 45-token prompt is 6 to 15 windows long)."""
+    """The parity above holds with the per-layer windows (the 45-token prompt is 6 to 15 windows
+    long) and fails by far when the local and global layers swap windows (each keeping its RoPE:
+    Gemma 3's ropes swap too) or when the local layers' window is wider than the prompt."""
     path, hf = gemma(name)
     loaded = load_model(path)
+    cfg = loaded.config
     ids = prompt(45)
     ref = hf_logits(hf, ids)
-    windows = loaded.config.sliding_windows
+    windows = cfg.sliding_windows
     window = next(w for w in windows if w is not None)
     assert None in windows and window < len(ids)
     assert rel_err(logits(loaded.model, ids), ref) <= 1e-4
     swapped = tuple(window if w is None else None for w in windows)
-    kw = {"sliding_rope": None} if loaded.config.sliding_rope is not None else {}
-    assert rel_err(logits(with_config(loaded.model, sliding_windows=swapped, **kw), ids), ref) > 1e-2
-    no_window = with_config(loaded.model, sliding_windows=(None,) * len(windows), **kw)
-    assert rel_err(logits(no_window, ids), ref) > 1e-2
+    ropes = {"rope": cfg.sliding_rope, "sliding_rope": cfg.rope} if cfg.sliding_rope is not None else {}
+    assert rel_err(logits(with_config(loaded.model, sliding_windows=swapped, **ropes), ids), ref) > 1e-2
+    wide = tuple(None if w is None else len(ids) + 1 for w in windows)
+    assert rel_err(logits(with_config(loaded.model, sliding_windows=wide), ids), ref) > 1e-2
 
 
 def test_gemma3_local_layers_use_their_own_rope(gemma):
@@ -161,6 +162,22 @@ def test_bfloat16_load_close_to_float32(gemma):
     assert rel_err(ours, hf_logits(hf, ids)) < 0.05
 
 
+def test_gemma_layers_and_norms_carry_logical_axes(gemma):
+    """The decoder builds Gemma's layer (sandwich norms) and norms from the flag, and every
+    parameter names its logical axes (the layers axis first inside the scanned stack)."""
+    from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+
+    cfg = load_model(gemma("gemma3_text")[0]).config
+    model = nnx.eval_shape(lambda: CausalLM(cfg))
+    assert isinstance(model.layers, GemmaDecoderLayer) and isinstance(model.norm, GemmaRMSNorm)
+    assert isinstance(model.layers.self_attn.q_norm, GemmaRMSNorm)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var.get_value().ndim and (path[0] != "layers" or axes[0] == "layers"), path
+    names = {p[1] for p, _ in nnx.to_flat_state(nnx.state(model.layers, nnx.Param))}
+    assert {"pre_feedforward_layernorm", "post_feedforward_layernorm", "post_attention_layernorm"} <= names
+
+
 # ---- config forms and refusals ----
 
 @pytest.mark.parametrize("config_cls, defaults", [("Gemma2Config", GEMMA2_DEFAULTS),
@@ -177,8 +194,8 @@ def test_sparse_gemma3_config_reads_like_transformers_full_one():
               "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
                               "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
                               "sliding_window": 1024}}
-    full = transformers.Gemma3Config(**{k: v for k, v in sparse.items() if k != "torch_dtype"}).to_dict()
-    ours, theirs = ModelConfig.from_hf(sparse), ModelConfig.from_hf({**full, "torch_dtype": "bfloat16"})
+    full = transformers.Gemma3Config.from_dict(sparse).to_dict()  # what from_pretrained reads
+    ours, theirs = ModelConfig.from_hf(sparse), ModelConfig.from_hf(full)
     assert ours == theirs
     assert ours.sliding_windows == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4
     assert (ours.rope.theta, ours.rope.rope_type, ours.rope.factor) == (1e6, "linear", 8.0)
@@ -288,7 +305,7 @@ def test_random_model_presets_are_what_transformers_builds(preset, low, high):
     script = _random_model_script()
     hf = script.GEMMA_PRESETS[preset]
     cfg = ModelConfig.from_hf(hf)
-    config = transformers.CONFIG_MAPPING[hf["model_type"]](**{k: v for k, v in hf.items() if k != "model_type"})
+    config = transformers.CONFIG_MAPPING[hf["model_type"]].from_dict(hf)
     assert ModelConfig.from_hf(config.to_dict()) == cfg
     assert low < cfg.num_params < high
     with torch.device("meta"):
