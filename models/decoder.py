@@ -3,7 +3,7 @@
 Llama, Mistral, Qwen2, Qwen3 and Granite differ only in flags of `ModelConfig` (biases, q/k
 norms, sliding windows, multipliers, soft caps), so one module tree serves them all; Gemma 2 / 3
 differ in structure (their norms) and bring their layer and norm from `models.gemma`
-(`layer_class`, `make_norm`). Every parameter carries logical axis names (`embed`, `heads`,
+(`make_layer`, `make_norm`). Every parameter carries logical axis names (`embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`, `vocab`) in its `out_sharding` metadata; a rules table maps them
 to mesh axes elsewhere.
 
@@ -47,6 +47,7 @@ import pallas_kernels
 from models.activations import ACTIVATIONS
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
+from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
 from models.sharded_attention import sharded_ragged_paged_attention
 from models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -80,8 +81,6 @@ class RMSNorm(nnx.Module):
 def make_norm(cfg: ModelConfig, dim: int, axis_name: str, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
     """The model's RMSNorm over `dim`: Llama's, or Gemma's (1 + weight) form."""
     if cfg.gemma_norms:
-        from models.gemma import GemmaRMSNorm  # models.gemma builds on this module
-
         return GemmaRMSNorm(dim, cfg.rms_norm_eps, axis_name, dtype=dtype, rngs=rngs)
     return RMSNorm(dim, cfg.rms_norm_eps, axis_name, dtype=dtype, rngs=rngs)
 
@@ -175,24 +174,23 @@ class DecoderLayer(nnx.Module):
         return x, kv_pages
 
 
-def layer_class(cfg: ModelConfig) -> type[nnx.Module]:
-    """The decoder layer this config's models are made of (one call signature for all)."""
+def make_layer(cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard) -> nnx.Module:
+    """One decoder layer of this config's structure (one call signature for all): Llama's, or
+    Gemma's norms around the same attention and MLP (models.gemma)."""
     if cfg.gemma_norms:
-        from models.gemma import GemmaDecoderLayer  # models.gemma builds on this module
-
-        return GemmaDecoderLayer
-    return DecoderLayer
+        attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
+        return GemmaDecoderLayer(cfg, attn, MLP(cfg, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+    return DecoderLayer(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
 
 
 def stacked_layers(cfg: ModelConfig, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
-    """cfg.num_layers decoder layers as one layer (`layer_class`) whose parameters are stacked on
+    """cfg.num_layers decoder layers as one layer (`make_layer`) whose parameters are stacked on
     a leading "layers" axis (each layer drawn from its own split of `rngs`)."""
-    cls = layer_class(cfg)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs: nnx.Rngs) -> nnx.Module:
-        return cls(cfg, rngs=rngs, **kwargs)
+        return make_layer(cfg, rngs=rngs, **kwargs)
 
     return make(rngs)
 

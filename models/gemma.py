@@ -8,7 +8,9 @@ What differs from the Llama layer is structure, so it lives here rather than beh
   - the "sandwich": besides the input norm, attention's output is normalised before the residual
     add (post_attention_layernorm), and the MLP has a norm before and after it
     (pre_feedforward_layernorm, post_feedforward_layernorm).
-Everything else is a flag of `ModelConfig` read by the shared modules: attention and final
+The layer wraps the shared attention and MLP (`models.decoder` builds them and hands them in, so
+this module does not import the decoder). Everything else is a flag of `ModelConfig` read by the
+shared modules: attention and final
 logit soft caps, sm_scale = query_pre_attn_scalar ** -0.5 (`attention_multiplier`),
 embeddings times sqrt(hidden) (`embedding_multiplier`), the GeGLU activation (`hidden_act`),
 Gemma 3's q/k norms (`qk_norm`, with this module's norm) and local-layer RoPE (`sliding_rope`).
@@ -23,7 +25,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.decoder import MLP, Attention, _param
 
 
 def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -36,7 +37,7 @@ def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 class GemmaRMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, axis_name: str, *, dtype, rngs: nnx.Rngs):
         # Zeros: (1 + 0) is the identity scale, as transformers initialises it.
-        self.weight = _param(rngs, (dim,), (axis_name,), dtype, init="zeros")
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype), out_sharding=(axis_name,), eager_sharding=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,17 +46,20 @@ class GemmaRMSNorm(nnx.Module):
 
 class GemmaDecoderLayer(nnx.Module):
     """One Gemma layer: x + post_attn_norm(attn(input_norm(x))), then
-    x + post_ffw_norm(mlp(pre_ffw_norm(x))). Same call signature as decoder.DecoderLayer."""
+    x + post_ffw_norm(mlp(pre_ffw_norm(x))). Same call signature as decoder.DecoderLayer.
 
-    def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard):
+    self_attn: the decoder's Attention module (called as attn(x, cos, sin, kv_pages, first_page,
+    md, sliding_window) -> (out, kv_pages')); mlp: its MLP (x [T, D] -> [T, D])."""
+
+    def __init__(self, cfg: ModelConfig, self_attn: nnx.Module, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
         def norm() -> GemmaRMSNorm:
             return GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
 
         self.input_layernorm = norm()
-        self.self_attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
+        self.self_attn = self_attn
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = mlp
         self.post_feedforward_layernorm = norm()
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md, sliding_window):
