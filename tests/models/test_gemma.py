@@ -322,3 +322,17 @@ def test_random_model_presets_are_what_transformers_builds(preset, low, high):
     specs = weight_specs(ModelConfig.from_hf(narrow))
     assert {k: v.shape for k, v in written.items()} == {k: s.hf_shape for k, s in specs.items()}
     assert all(not v.any() for k, v in written.items() if "norm" in k)  # Gemma's identity: 1 + 0
+
+
+@pytest.mark.parametrize("preset", ["gemma2-9b", "gemma3-4b"])
+def test_random_model_script_writes_what_both_load_alike(preset, tmp_path):
+    """A narrowed preset (all its layers, layer types, RoPE and caps) written by the script:
+    jaxserve and transformers load the directory and agree on the logits."""
+    script = _random_model_script()
+    narrow = {**script.GEMMA_PRESETS[preset], "hidden_size": 32, "intermediate_size": 48, "vocab_size": 1024,
+              "head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 2}
+    script.GEMMA_PRESETS = {**script.GEMMA_PRESETS, "narrow": narrow}
+    out = script.write("narrow", tmp_path / "narrow", "float32", seed=0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = prompt(LENGTH)
+    assert rel_err(logits(load_model(out).model, ids), hf_logits(hf, ids)) <= 1e-4
