@@ -23,7 +23,7 @@ __all__ = ["ModelConfig", "ModelConfigError", "ModelLoadError", "RopeConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one decoder-only model of the Llama family."""
+    """Architecture of one decoder-only model of the Llama or Gemma family."""
 
     model_type: str
     vocab_size: int

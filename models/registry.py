@@ -3,9 +3,9 @@
 Every supported model runs on the one shared decoder (`models.decoder.CausalLM`; Gemma's
 layers and norms from `models.gemma`, chosen by the `gemma_norms` flag); an adapter turns its HF
 config into the keyword arguments of a `ModelConfig` with the right flags (`ModelConfig.from_hf`
-builds and validates it) and refuses what it does not support, naming the key. Both config forms are read: transformers 4
-(`torch_dtype`, top-level `rope_theta`, `rope_scaling`) and transformers 5 (`dtype`, nested
-`rope_parameters`).
+builds and validates it) and refuses what it does not support, naming the key. Both config
+forms are read: transformers 4 (`torch_dtype`, top-level `rope_theta`, `rope_scaling`) and
+transformers 5 (`dtype`, nested `rope_parameters`).
 """
 
 from __future__ import annotations
