@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import transformers
+
+from models.single_sequence import SingleSequenceRunner
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -41,6 +45,10 @@ MODEL_CLASSES = {"Gemma2Config": "Gemma2ForCausalLM", "Gemma3TextConfig": "Gemma
 VISION = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
               num_attention_heads=2, image_size=28, patch_size=14)
 NAMES = (*TEXT, "gemma3")
+# One prompt length for the full forward passes: every row of a causal forward pass is the last
+# row of that prefix's own pass, so one 45-token pass checks prompts of 1 to 45 tokens (windows
+# are 3, 5 and 7), and each model compiles few shapes (compiles dominate these tests' time).
+LENGTH = 45
 
 
 def hf_config(name: str):
@@ -72,3 +80,36 @@ def save_hf_gemma(name: str, path: Path, seed: int = 0):
     model = make_hf_gemma(name, seed)
     model.save_pretrained(path)
     return model
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """name -> (directory of the saved HF model, the PyTorch model), built once per test module
+    (a module imports this fixture by name)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name)
+            cache[name] = (path, save_hf_gemma(name, path))
+        return cache[name]
+
+    return get
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    return np.random.RandomState(seed + length).randint(3, TINY["vocab_size"], size=length).tolist()
+
+
+def hf_logits(hf, ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def logits(model, ids) -> np.ndarray:
+    """Our logits of every position of `ids` from one paged forward pass."""
+    return SingleSequenceRunner(model, max_len=64).full_logits(ids)
