@@ -10,10 +10,10 @@ What differs from the Llama layer is structure, so it lives here rather than beh
     (pre_feedforward_layernorm, post_feedforward_layernorm).
 The layer wraps the shared attention and MLP (`models.decoder` builds them and hands them in, so
 this module does not import the decoder). Everything else is a flag of `ModelConfig` read by the
-shared modules: attention and final
-logit soft caps, sm_scale = query_pre_attn_scalar ** -0.5 (`attention_multiplier`),
-embeddings times sqrt(hidden) (`embedding_multiplier`), the GeGLU activation (`hidden_act`),
-Gemma 3's q/k norms (`qk_norm`, with this module's norm) and local-layer RoPE (`sliding_rope`).
+shared modules: attention and final logit soft caps, sm_scale = query_pre_attn_scalar ** -0.5
+(`attention_multiplier`), embeddings times sqrt(hidden) (`embedding_multiplier`), the GeGLU
+activation (`hidden_act`), Gemma 3's q/k norms (`qk_norm`, with this module's norm) and its
+local layers' RoPE (`sliding_rope`).
 
 Shapes: T tokens, D hidden.
 """
