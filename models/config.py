@@ -1,6 +1,7 @@
 """ModelConfig: the architecture facts our decoder needs, read from a Hugging Face config.
 
-One frozen dataclass covers the Llama family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Granite).
+One frozen dataclass covers the Llama family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Granite) and
+Gemma 2 / 3, whose layer structure (sandwich norms, (1 + weight) RMSNorm) is `gemma_norms`.
 `ModelConfig.from_hf(dict)` builds it from the fields that `models.registry` reads out of a HF
 config (both the transformers 4 and 5 forms). Architecture differences are flags and
 multipliers here, not separate model classes.
@@ -12,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from models.activations import ACTIVATIONS
 from models.errors import ModelConfigError, ModelLoadError
 from models.registry import config_fields
 from models.rope import RopeConfig
@@ -21,7 +23,7 @@ __all__ = ["ModelConfig", "ModelConfigError", "ModelLoadError", "RopeConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one decoder-only model of the Llama family."""
+    """Architecture of one decoder-only model of the Llama or Gemma family."""
 
     model_type: str
     vocab_size: int
@@ -55,6 +57,15 @@ class ModelConfig:
     # one copy its query heads read. 1 otherwise; never read from a HF config (see
     # `for_tensor_parallel`).
     kv_head_replicas: int = 1
+    # Gemma 2 / 3 (models.gemma): every RMSNorm scales by (1 + weight) in float32, and each layer
+    # normalises attention and MLP outputs too (post_attention, pre/post_feedforward norms).
+    gemma_norms: bool = False
+    # Soft caps c: x -> c * tanh(x / c), on attention logits (after sm_scale) and on the LM logits.
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # RoPE of the sliding-window layers when it differs from `rope` (Gemma 3's local layers:
+    # rope_local_base_freq, or transformers 5 rope_parameters["sliding_attention"]); None: `rope`.
+    sliding_rope: RopeConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -78,8 +89,20 @@ class ModelConfig:
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
             )
         self.rope.rotary_dim(self.head_dim)  # partial rotary and longrope factor lengths fit the head
-        if self.hidden_act not in ("silu", "swish"):
-            raise ModelConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: silu")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: "
+                                   f"{', '.join(ACTIVATIONS)}")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value <= 0):
+                raise ModelConfigError(f"{name} must be None or a positive number, got {value!r}")
+        if self.sliding_rope is not None and not isinstance(self.sliding_rope, RopeConfig):
+            raise ModelConfigError(f"sliding_rope must be None or a RopeConfig, got {self.sliding_rope!r}")
+        if self.sliding_rope is not None and all(w is None for w in self.sliding_windows):
+            raise ModelConfigError("sliding_rope is set but no layer has a sliding window")
+        if self.sliding_rope is not None:
+            self.sliding_rope.rotary_dim(self.head_dim)
 
     @property
     def sm_scale(self) -> float:
@@ -103,7 +126,7 @@ class ModelConfig:
     def num_params(self) -> int:
         d, m, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * m + 2 * d
+        per_layer = attn + 3 * d * m + (4 if self.gemma_norms else 2) * d + 2 * self.qk_norm * self.head_dim
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * per_layer + d + head
 

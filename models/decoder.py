@@ -1,9 +1,11 @@
 """The shared Llama-family decoder (Flax NNX) over a paged KV cache.
 
 Llama, Mistral, Qwen2, Qwen3 and Granite differ only in flags of `ModelConfig` (biases, q/k
-norms, sliding windows, multipliers), so one module tree serves them all. Every parameter
-carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`) in its
-`out_sharding` metadata; a rules table maps them to mesh axes elsewhere.
+norms, sliding windows, multipliers, soft caps), so one module tree serves them all; Gemma 2 / 3
+differ in structure (their norms) and bring their layer and norm from `models.gemma`
+(`make_layer`, `make_norm`). Every parameter carries logical axis names (`embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`) in its `out_sharding` metadata; a rules table maps them
+to mesh axes elsewhere.
 
 The forward pass is the engine's: a flat ragged batch of tokens and the KV cache in, the
 updated KV cache and logits out.
@@ -20,7 +22,8 @@ mapping and block tables. No layer's pages are ever sliced out or copied,
 and the attention kernels need no layer argument. The kernels take the sliding window as a
 static argument, so the scan runs over groups of layers with static windows (`layer_groups`):
 one scan for uniform models, two for Qwen2's `max_window_layers`, one scan over the repeated
-pattern for alternating local/global layers.
+pattern for alternating local/global layers. RoPE is computed once per distinct config: sliding
+layers use `cfg.sliding_rope` when set (Gemma 3's local base), the others `cfg.rope`.
 
 Kv heads under tensor parallelism (as vLLM): the KV cache's kv-head axis is split over the model
 axis, whole heads per device. With fewer kv heads than devices, each kv head is copied
@@ -41,8 +44,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from models.activations import ACTIVATIONS
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
+from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
 from models.sharded_attention import sharded_ragged_paged_attention
 from models.rope import apply_rotary, rotary_embedding
 
@@ -73,6 +78,13 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
+def make_norm(cfg: ModelConfig, dim: int, axis_name: str, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The model's RMSNorm over `dim`: Llama's, or Gemma's (1 + weight) form."""
+    if cfg.gemma_norms:
+        return GemmaRMSNorm(dim, cfg.rms_norm_eps, axis_name, dtype=dtype, rngs=rngs)
+    return RMSNorm(dim, cfg.rms_norm_eps, axis_name, dtype=dtype, rngs=rngs)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, mesh=None):
         # K counts the cached kv heads: under tensor parallelism with fewer kv heads than devices
@@ -89,8 +101,8 @@ class Attention(nnx.Module):
         if cfg.o_proj_bias:
             self.o_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
-            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, "head_dim", dtype=dtype, rngs=rngs)
+            self.q_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
+            self.k_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.attention_backend = attention_backend
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
@@ -116,7 +128,7 @@ class Attention(nnx.Module):
         if self.shard_mesh is not None:
             attend = functools.partial(sharded_ragged_paged_attention, self.shard_mesh)
         o = attend(q, kv_pages, md.kv_lens, md.block_tables + first_page, md.cu_q_lens, md.num_seqs,
-                   sm_scale=cfg.sm_scale, sliding_window=sliding_window,
+                   sm_scale=cfg.sm_scale, sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap,
                    backend=self.attention_backend)  # [T, N, H]
         out = jnp.einsum("tnh,nhd->td", o.astype(x.dtype), self.o_proj[...])
         if cfg.o_proj_bias:
@@ -135,13 +147,14 @@ class MLP(nnx.Module):
             self.up_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
             self.down_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
         self.mlp_bias = cfg.mlp_bias
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = x @ self.gate_proj[...]
         up = x @ self.up_proj[...]
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        out = (ACTIVATIONS[self.hidden_act](gate) * up) @ self.down_proj[...]
         return out + self.down_bias[...] if self.mlp_bias else out
 
 
@@ -161,14 +174,23 @@ class DecoderLayer(nnx.Module):
         return x, kv_pages
 
 
-def stacked_layers(cfg: ModelConfig, *, rngs: nnx.Rngs, **kwargs) -> DecoderLayer:
-    """cfg.num_layers decoder layers as one DecoderLayer whose parameters are stacked on a
-    leading "layers" axis (each layer drawn from its own split of `rngs`)."""
+def make_layer(cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard) -> nnx.Module:
+    """One decoder layer of this config's structure (one call signature for all): Llama's, or
+    Gemma's norms around the same attention and MLP (models.gemma)."""
+    if cfg.gemma_norms:
+        attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
+        return GemmaDecoderLayer(cfg, attn, MLP(cfg, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+    return DecoderLayer(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
+
+
+def stacked_layers(cfg: ModelConfig, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """cfg.num_layers decoder layers as one layer (`make_layer`) whose parameters are stacked on
+    a leading "layers" axis (each layer drawn from its own split of `rngs`)."""
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(rngs: nnx.Rngs) -> DecoderLayer:
-        return DecoderLayer(cfg, rngs=rngs, **kwargs)
+    def make(rngs: nnx.Rngs) -> nnx.Module:
+        return make_layer(cfg, rngs=rngs, **kwargs)
 
     return make(rngs)
 
@@ -218,7 +240,7 @@ class CausalLM(nnx.Module):
         self.dtype = dtype
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         self.layers = stacked_layers(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, mesh=mesh)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
+        self.norm = make_norm(cfg, cfg.hidden_size, "embed", dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
@@ -247,18 +269,31 @@ class CausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)  # [T, D]
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
-        # Frequencies derived from the config at trace time: constants of the compiled step.
-        cos, sin = rotary_embedding(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, positions,
-                                    rope_lengths, md)  # [T, rotary_dim]
+        ropes = self._rotary(positions, rope_lengths, md)
         num_layers, num_pages = kv_caches.shape[:2]
         pages = kv_caches.reshape(num_layers * num_pages, *kv_caches.shape[2:])  # [L*P, B, 2K, H], no copy
-        x, pages = self._run_layers(x, cos, sin, pages, num_pages, md)
+        x, pages = self._run_layers(x, ropes, pages, num_pages, md)
         if rows is not None:
             x = jnp.take(x, rows, axis=0)
         return pages.reshape(kv_caches.shape), self.norm(x)
 
-    def _run_layers(self, x, cos, sin, pages, num_pages: int, md: AttentionMetadata):
-        """Every decoder layer over x [T, D] and the page pool [L*P, B, 2K, H], one scan per group."""
+    def _rotary(self, positions: jax.Array, rope_lengths: jax.Array | None,
+                md: AttentionMetadata) -> dict[bool, tuple[jax.Array, jax.Array]]:
+        """positions int32[T] -> {is a sliding layer: (cos, sin) float32[T, rotary_dim]}, each
+        distinct RoPE config computed once (Gemma 3's local layers have their own); rope_lengths
+        pick longrope's factors (models.rope.rotary_embedding). The tables are derived from the
+        config at trace time: constants of the step."""
+        cfg = self.cfg
+
+        def cos_sin(rope):
+            return rotary_embedding(rope, cfg.head_dim, cfg.max_position_embeddings, positions, rope_lengths, md)
+
+        full = cos_sin(cfg.rope)
+        return {False: full, True: full if cfg.sliding_rope in (None, cfg.rope) else cos_sin(cfg.sliding_rope)}
+
+    def _run_layers(self, x, ropes, pages, num_pages: int, md: AttentionMetadata):
+        """Every decoder layer over x [T, D] and the page pool [L*P, B, 2K, H], one scan per group;
+        ropes as `_rotary` gives them (a layer's window picks its RoPE)."""
         graphdef, stacked = nnx.split(self.layers)
         for start, stop, pattern in layer_groups(self.cfg.sliding_windows):
 
@@ -267,6 +302,7 @@ class CausalLM(nnx.Module):
                 for j, window in enumerate(pattern):
                     layer = first + j  # int32 scalar, traced
                     params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
+                    cos, sin = ropes[window is not None]
                     x, pages = nnx.merge(graphdef, params)(x, cos, sin, pages, layer * num_pages, md, window)
                 return (x, pages), None
 
@@ -284,7 +320,12 @@ class CausalLM(nnx.Module):
         else:
             logits = h @ self.lm_head[...]
         logits = logits.astype(jnp.float32)
-        return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        if self.cfg.final_logit_softcap is not None:
+            cap = self.cfg.final_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
 
 
 def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int, int]:

@@ -3,7 +3,8 @@
 HF `nn.Linear` stores weights as [out, in]; we store them as einsum-friendly arrays with
 explicit head axes ([D, N, H] for q, [N, H, D] for o, [D, F] for the MLP in-projections).
 The decoder layers' parameters are stacked on a leading layers axis, so the HF tensor of layer i
-fills index i of its stacked parameter.
+fills index i of its stacked parameter. A checkpoint that wraps the text model (Gemma 3's
+Gemma3ForConditionalGeneration) names its tensors under a prefix (`text_model_name`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def _layer_specs(cfg: ModelConfig, i: int) -> dict[str, WeightSpec]:
     if cfg.qk_norm:
         specs[hf + "self_attn.q_norm.weight"] = spec(attn + ("q_norm", "weight"), _same, (h,))
         specs[hf + "self_attn.k_norm.weight"] = spec(attn + ("k_norm", "weight"), _same, (h,))
+    if cfg.gemma_norms:  # Gemma's sandwich: the MLP's own pre and post norms
+        for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            specs[hf + norm + ".weight"] = spec(ours + (norm, "weight"), _same, (d,))
     if cfg.mlp_bias:
         specs.update({
             hf + "mlp.gate_proj.bias": spec(ours + ("mlp", "gate_bias"), _same, (f,)),
@@ -146,3 +150,26 @@ def split_fused(cfg: ModelConfig, tensors: Iterable[tuple[str, Callable[[], np.n
         for part, n in parts:
             yield f"{prefix}.layers.{layer}.{part}", (lambda t=tensor, lo=start, hi=start + n: t[lo:hi])
             start += n
+
+
+# Wrapping checkpoints, by model_type: (prefix of the text model's tensors in transformers 5 and
+# in 4.x, and the name it has in a text-only checkpoint), and the prefixes of the wrapper's other
+# parts, which we do not load (text generation only).
+TEXT_MODEL_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemma3": (("model.language_model.", "model."), ("language_model.model.", "model."),
+               ("language_model.lm_head.", "lm_head.")),
+}
+NON_TEXT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "gemma3": ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector."),
+}
+
+
+def text_model_name(cfg: ModelConfig, name: str) -> str | None:
+    """The name `weight_specs` knows checkpoint tensor `name` by, or None for a tensor of a
+    wrapper's non-text part (vision tower, projector)."""
+    if name.startswith(NON_TEXT_PREFIXES.get(cfg.model_type, ())):
+        return None
+    for prefix, text_prefix in TEXT_MODEL_PREFIXES.get(cfg.model_type, ()):
+        if name.startswith(prefix):
+            return text_prefix + name[len(prefix):]
+    return name

@@ -31,7 +31,7 @@ from flax import nnx
 
 from models.config import ModelConfig, ModelLoadError
 from models.decoder import CausalLM
-from models.hf_weights import IGNORED_SUFFIXES, split_fused, weight_specs
+from models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model_name, weight_specs
 from models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from models.orbax_state import restore_state
 
@@ -124,7 +124,12 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     stacked: dict[tuple, jax.Array] = {}  # path -> the [L, ...] parameter being filled layer by layer
     loaded: set[str] = set()
     unexpected: list[str] = []
+    skipped = 0  # tensors of a wrapper's non-text part (Gemma 3's vision tower)
     for name, read in split_fused(cfg, iter_tensors(model_dir)):  # Phi-3's qkv / gate_up split into parts
+        name = text_model_name(cfg, name)
+        if name is None:
+            skipped += 1
+            continue
         spec = specs.get(name)
         if spec is None:
             if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
@@ -154,6 +159,8 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing[:5])}{more}")
+    if skipped:
+        log.info("skipped %d tensors outside the text model (%s serves text only)", skipped, cfg.model_type)
     if unexpected:
         log.warning("ignored %d tensors the model does not use: %s", len(unexpected), ", ".join(unexpected[:5]))
     for path, value in stacked.items():

@@ -1,10 +1,11 @@
 """Registry of supported architectures, keyed by HF `model_type` and `architectures`.
 
-Every supported model runs on the one shared decoder (`models.decoder.CausalLM`); an adapter
-turns its HF config into the keyword arguments of a `ModelConfig` with the right flags
-(`ModelConfig.from_hf` builds and validates it). Both config forms are read: transformers 4
-(`torch_dtype`, top-level `rope_theta`, `rope_scaling`) and transformers 5 (`dtype`, nested
-`rope_parameters`).
+Every supported model runs on the one shared decoder (`models.decoder.CausalLM`; Gemma's
+layers and norms from `models.gemma`, chosen by the `gemma_norms` flag); an adapter turns its HF
+config into the keyword arguments of a `ModelConfig` with the right flags (`ModelConfig.from_hf`
+builds and validates it) and refuses what it does not support, naming the key. Both config
+forms are read: transformers 4 (`torch_dtype`, top-level `rope_theta`, `rope_scaling`) and
+transformers 5 (`dtype`, nested `rope_parameters`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from models.activations import ACTIVATIONS
 from models.errors import ModelConfigError
 from models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
 
@@ -200,6 +202,100 @@ def phi3(hf: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
+# Gemma 2 / 3 (models.gemma). transformers' config classes fill every key a config.json leaves
+# out (gemma-3-4b's text_config names six), so the adapters start from the same defaults.
+GEMMA2_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+    rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True, attention_bias=False,
+    query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = dict(
+    GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddings=131072, final_logit_softcapping=None,
+    attn_logit_softcapping=None)
+GEMMA_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma_windows(hf: Mapping[str, Any], pattern: int) -> tuple[int | None, ...]:
+    """Per-layer windows from `layer_types`, else every `pattern`-th layer global (the rest sliding)."""
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                      for i in range(n)]
+    if len(types) != n or any(t not in GEMMA_LAYER_TYPES for t in types):
+        raise ModelConfigError(f"layer_types must list {n} of {', '.join(GEMMA_LAYER_TYPES)}, got {types!r}")
+    window = hf.get("sliding_window")
+    if "sliding_attention" in types and not window:
+        raise ModelConfigError(f"sliding_window is {window!r} but layer_types has sliding_attention layers")
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
+
+
+def _gemma_common(hf: Mapping[str, Any], model_type: str, pattern: int) -> dict[str, Any]:
+    """The fields Gemma 2 and 3 share, from a config with the defaults filled in."""
+    if hf.get("use_bidirectional_attention"):
+        raise ModelConfigError("use_bidirectional_attention is not supported (causal decoding only)")
+    act = hf["hidden_activation"]  # what Gemma's MLP reads (hidden_act, where present, is not used)
+    if act not in ACTIVATIONS:
+        raise ModelConfigError(f"hidden_activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    kw = _common(hf, model_type)
+    bias = bool(hf["attention_bias"])
+    return dict(kw, gemma_norms=True, hidden_act=act, attention_bias=bias,
+                o_proj_bias=bias, sliding_windows=_gemma_windows(hf, pattern),
+                tie_word_embeddings=bool(hf["tie_word_embeddings"]),
+                attention_multiplier=float(hf["query_pre_attn_scalar"]) ** -0.5,
+                embedding_multiplier=float(hf["hidden_size"]) ** 0.5)
+
+
+def gemma2(hf: Mapping[str, Any]) -> dict[str, Any]:
+    hf = {**GEMMA2_DEFAULTS, **hf}
+    final, attn = hf["final_logit_softcapping"], hf["attn_logit_softcapping"]
+    return dict(_gemma_common(hf, "gemma2", pattern=2),  # even layers sliding, odd global
+                final_logit_softcap=None if final is None else float(final),
+                attn_logit_softcap=None if attn is None else float(attn))
+
+
+def _gemma3_ropes(text: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
+    """(global, local) RoPE from transformers 5 `rope_parameters` keyed by layer type, or 4.x
+    `rope_theta` + `rope_scaling` (global) and `rope_local_base_freq` (local), merged as
+    Gemma3TextConfig.convert_rope_params_to_dict does."""
+    params = dict(text.get("rope_parameters") or {})
+    unknown = sorted(set(params) - set(GEMMA_LAYER_TYPES))
+    if unknown:
+        raise ModelConfigError(f"rope_parameters of a Gemma 3 config must be keyed by layer type "
+                               f"({', '.join(GEMMA_LAYER_TYPES)}), got keys {unknown}")
+    scaling = dict(text.get("rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    full = {**(params.get("full_attention") or {}), **scaling}
+    local = dict(params.get("sliding_attention") or {})
+    return (read_rope({"rope_parameters": full, "rope_theta": text.get("rope_theta", 1_000_000.0)}),
+            read_rope({"rope_parameters": local, "rope_theta": text.get("rope_local_base_freq", 10_000.0)}))
+
+
+def gemma3_text(hf: Mapping[str, Any], model_type: str = "gemma3_text") -> dict[str, Any]:
+    """Gemma3ForCausalLM. Its attention never applies attn_logit_softcapping (transformers'
+    Gemma3Attention does not pass it on), so neither do we."""
+    hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
+    rope, sliding_rope = _gemma3_ropes(hf)
+    final = hf["final_logit_softcapping"]
+    kw = _gemma_common(hf, model_type, pattern=int(hf.get("sliding_window_pattern") or 6))
+    if sliding_rope == rope or all(w is None for w in kw["sliding_windows"]):
+        sliding_rope = None
+    return dict(kw, qk_norm=True, rope=rope, sliding_rope=sliding_rope,
+                final_logit_softcap=None if final is None else float(final))
+
+
+def gemma3(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The language model of a Gemma3ForConditionalGeneration checkpoint (text generation only:
+    the vision tower and projector are not loaded, see models.hf_weights). Its LM head applies no
+    final soft cap (transformers' Gemma3ForConditionalGeneration does not), the embedding tie
+    is the outer config's, and so are eos / bos / dtype where the outer config names them."""
+    text = dict(hf.get("text_config") or {})
+    for key in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype"):
+        if hf.get(key) is not None:
+            text[key] = hf[key]
+    text["tie_word_embeddings"] = hf.get("tie_word_embeddings", True)
+    return dict(gemma3_text(text, model_type="gemma3"), final_logit_softcap=None)
+
+
 MODEL_TYPES: dict[str, Adapter] = {
     "llama": llama,
     "mistral": mistral,
@@ -207,6 +303,9 @@ MODEL_TYPES: dict[str, Adapter] = {
     "qwen3": qwen3,
     "granite": granite,
     "phi3": phi3,
+    "gemma2": gemma2,
+    "gemma3_text": gemma3_text,
+    "gemma3": gemma3,
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -216,6 +315,9 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "GraniteForCausalLM": "granite",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
 
 

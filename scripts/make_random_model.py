@@ -1,4 +1,5 @@
-"""Writes a random-weight Hugging Face Llama (or Phi-3) of a real model's shape, for benchmarks.
+"""Writes a random-weight Hugging Face model of a real model's shape, for benchmarks: Llama
+shapes (PRESETS, Phi-3 among them: PHI3_CONFIGS) and Gemma 2 / 3 (GEMMA_PRESETS: the real models' config values).
 
 Nothing is downloaded: the architecture comes from a preset below, the tokenizer is the demo
 model's locally trained one (its ids are a subset of the model's vocabulary), the weights
@@ -8,6 +9,7 @@ index, one tensor at a time. Both jaxserve and transformers load the result.
     python scripts/make_random_model.py llama3-8b /tmp/llama3-8b-random
     python scripts/benchmark_throughput.py --model /tmp/llama3-8b-random --config configs/gpu-h200-1.yaml
     python scripts/make_random_model.py bench-medium /tmp/bench-medium --dtype float32   # CPU benchmarks
+    python scripts/make_random_model.py gemma2-9b /tmp/gemma2-9b-random
 """
 
 from __future__ import annotations
@@ -63,6 +65,31 @@ PHI3_CONFIGS = {
                       "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": PHI3_MINI_SHORT_FACTOR,
                       "long_factor": PHI3_MINI_LONG_FACTOR}},
 }
+# Gemma: the config.json fields of google/gemma-2-9b and of the language model of
+# google/gemma-3-4b-pt (written as a text-only Gemma3ForCausalLM, transformers 5 form), the
+# fields left at their defaults there written out. Embeddings are tied (no lm_head).
+GEMMA_PRESETS = {
+    "gemma2-9b": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+        "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256, "sliding_window": 4096, "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0, "attention_bias": False, "tie_word_embeddings": True,
+        "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(42)],
+    },
+    "gemma3-4b": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 2560,
+        "intermediate_size": 10240, "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 256, "vocab_size": 262208, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 1024,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "tie_word_embeddings": True,
+        "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(34)],
+    },
+}
 SHARD_BYTES = 4 << 30
 
 
@@ -96,14 +123,45 @@ def tensors(preset: tuple, rng: np.random.Generator, dtype, fused: bool = False)
     yield "lm_head.weight", w(v, d)
 
 
+def gemma_tensors(cfg: dict, rng: np.random.Generator, dtype):
+    """Yields (HF name, array) of a Gemma 2 / 3 config one at a time. Norm weights are zeros,
+    Gemma's identity (it scales by 1 + weight); Gemma 3 has q/k norms; embeddings are tied."""
+    d, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
+    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def w(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    yield "model.embed_tokens.weight", w(v, d)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            yield p + norm + ".weight", np.zeros(d, dtype)
+        yield p + "self_attn.q_proj.weight", w(h * hd, d)
+        yield p + "self_attn.k_proj.weight", w(kv * hd, d)
+        yield p + "self_attn.v_proj.weight", w(kv * hd, d)
+        yield p + "self_attn.o_proj.weight", w(d, h * hd)
+        if cfg["model_type"] == "gemma3_text":
+            yield p + "self_attn.q_norm.weight", np.zeros(hd, dtype)
+            yield p + "self_attn.k_norm.weight", np.zeros(hd, dtype)
+        yield p + "mlp.gate_proj.weight", w(f, d)
+        yield p + "mlp.up_proj.weight", w(f, d)
+        yield p + "mlp.down_proj.weight", w(d, f)
+    yield "model.norm.weight", np.zeros(d, dtype)
+
+
 def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
     from safetensors.numpy import save_file
 
     from jaxserve.demo_model import train_tokenizer
 
-    preset = PRESETS[name]
-    d, f, n_layers, h, kv, v, theta, max_pos = preset
     dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
+    if name in GEMMA_PRESETS:
+        v, max_pos = GEMMA_PRESETS[name]["vocab_size"], GEMMA_PRESETS[name]["max_position_embeddings"]
+    else:
+        preset = PRESETS[name]
+        d, f, n_layers, h, kv, v, theta, max_pos = preset
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     if len(tokenizer) > v:
@@ -111,16 +169,23 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
     tokenizer.model_max_length = max_pos
     tokenizer.save_pretrained(out)
     eos = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
-              "intermediate_size": f, "num_hidden_layers": n_layers, "num_attention_heads": h,
-              "num_key_value_heads": kv, "head_dim": d // h, "vocab_size": v, "max_position_embeddings": max_pos,
-              "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-              "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": [eos],
-              "dtype": dtype_name, "hidden_act": "silu", "jaxserve_random_model": {"preset": name, "seed": seed}}
-    if name in PHI3_CONFIGS:  # Phi3Config's default pad id (32000) may lie outside a small vocabulary
-        config.update(PHI3_CONFIGS[name], pad_token_id=tokenizer.pad_token_id)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     rng = np.random.default_rng(seed)
+    if name in GEMMA_PRESETS:
+        config = {**GEMMA_PRESETS[name], "bos_token_id": tokenizer.bos_token_id, "eos_token_id": [eos],
+                  "pad_token_id": tokenizer.pad_token_id, "dtype": dtype_name,
+                  "jaxserve_random_model": {"preset": name, "seed": seed}}
+        source = gemma_tensors(config, rng, dtype)
+    else:
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+                  "intermediate_size": f, "num_hidden_layers": n_layers, "num_attention_heads": h,
+                  "num_key_value_heads": kv, "head_dim": d // h, "vocab_size": v, "max_position_embeddings": max_pos,
+                  "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+                  "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": [eos],
+                  "dtype": dtype_name, "hidden_act": "silu", "jaxserve_random_model": {"preset": name, "seed": seed}}
+        if name in PHI3_CONFIGS:  # Phi3Config's default pad id (32000) may lie outside a small vocabulary
+            config.update(PHI3_CONFIGS[name], pad_token_id=tokenizer.pad_token_id)
+        source = tensors(preset, rng, dtype, fused=name in PHI3_CONFIGS)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shard: dict[str, np.ndarray] = {}  # only the shard being filled is in memory
     names: list[list[str]] = []
     files: list[Path] = []
@@ -133,7 +198,7 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
         shard.clear()
 
     size = 0
-    for tname, array in tensors(preset, rng, dtype, fused=name in PHI3_CONFIGS):
+    for tname, array in source:
         if size + array.nbytes > SHARD_BYTES and shard:
             flush()
             size = 0
@@ -152,7 +217,7 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("preset", choices=sorted(PRESETS) + sorted(GEMMA_PRESETS))
     parser.add_argument("out")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)

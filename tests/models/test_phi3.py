@@ -218,7 +218,7 @@ def test_phi3_config_fields():
     (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [0.0] * 8}), "long_factor"),
     (dict(partial_rotary_factor=0.7), "rotates 11 dims"),
     (dict(partial_rotary_factor=1.5), "partial_rotary_factor must be in"),
-    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(hidden_act="relu"), "hidden_act 'relu'"),
 ])
 def test_unsupported_phi3_configs_are_refused_naming_the_key(change, message):
     hf = {"model_type": "phi3", **BASE, "num_key_value_heads": 2, "original_max_position_embeddings": 32, **change}
