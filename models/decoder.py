@@ -1,7 +1,8 @@
 """The shared Llama-family decoder (Flax NNX) over a paged KV cache.
 
 Llama, Mistral, Qwen2, Qwen3 and Granite differ only in flags of `ModelConfig` (biases, q/k
-norms, sliding windows, multipliers), so one module tree serves them all. Every parameter
+norms, sliding windows, multipliers), so one module tree serves them all; a mixture of experts
+(Mixtral, Qwen-MoE) only swaps each layer's MLP for models.moe's block (`make_mlp`). Every parameter
 carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`) in its
 `out_sharding` metadata; a rules table maps them to mesh axes elsewhere.
 
@@ -145,12 +146,22 @@ class MLP(nnx.Module):
         return out + self.down_bias[...] if self.mlp_bias else out
 
 
+def make_mlp(cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mesh=None) -> nnx.Module:
+    """A layer's feed-forward block: the dense MLP, or the mixture of experts of models.moe when
+    cfg.num_experts > 0 (same call: x [T, D] -> [T, D]; `mesh` splits the experts over it)."""
+    if cfg.num_experts:
+        from models.moe import MoEBlock  # models.moe builds on this module
+
+        return MoEBlock(cfg, dtype=dtype, rngs=rngs, mesh=mesh)
+    return MLP(cfg, dtype=dtype, rngs=rngs)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.self_attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = make_mlp(cfg, dtype=dtype, rngs=rngs, **shard)
         self.residual_multiplier = cfg.residual_multiplier
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md, sliding_window):
