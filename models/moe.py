@@ -14,10 +14,13 @@ it). One step of it, for T flat tokens:
     shared      (Qwen2-MoE) plus a dense shared expert gated by sigmoid(x @ shared_expert_gate)
 
 Every shape is fixed by T, k, E and the widths; only the group sizes change with the routing, and
-they are data, so no routing pattern ever compiles a new program. No expert is applied to a
-token that is not routed to it: work follows the T*k routed rows (jax's ragged_dot lowers to a
-grouped matmul on TPU and GPU; XLA:CPU has no grouped matmul and jax expands it there to masked
-dense products over the groups a device holds, so on CPU the cost still grows with E / ep).
+they are data, so no routing pattern ever compiles a new program. The model never loops over the
+experts: it hands the sorted rows and group sizes to one grouped-matmul op. How that op runs is
+the platform's: on TPU `jax.lax.ragged_dot` lowers to XLA's grouped matmul; on CPU (and GPU,
+unless jax's Pallas Triton lowering is switched on with jax_ragged_dot_use_gpu_pallas_triton_lowering)
+jax and XLA expand it into masked dense products over the groups a device holds, so there the
+cost still grows with E / ep. tokamax.ragged_dot has no other CPU path (its "xla" implementation
+calls jax.lax.ragged_dot_general); its Mosaic and Triton kernels are for TPU and GPU.
 
 Expert parallelism (`cfg.expert_parallel` = ep > 1): the expert weights are split over the
 `model` mesh axis on their `expert` logical axis, E / ep whole experts per device, while

@@ -57,7 +57,7 @@ def test_rules_tables_place_and_validate_the_expert_axes():
     assert dict(DEFAULT_RULES)["expert"] == "model" and dict(DEFAULT_RULES)["expert_mlp"] is None
     with pytest.raises(MeshError, match=r"\['expert', 'expert_mlp'\] of one array on the same mesh axis"):
         MeshConfig(rules={"expert": "model", "expert_mlp": "model"})
-    with pytest.raises(MeshError, match=r"model axis \(4\) to divide num_experts \(6\).*\[1, 2\]"):
+    with pytest.raises(MeshError, match=r"model axis \(4\) needs it to divide num_experts \(6\).*\[1, 2\]"):
         MeshConfig(model=4).validate_for(moe_config(experts=6), [object()] * 4)
     MeshConfig(model=4, rules={**dict(DEFAULT_RULES), "expert": None}).validate_for(moe_config(6), [object()] * 4)
     # A preset's rules without "expert" keep every expert on every device; ours split them.
