@@ -149,9 +149,12 @@ def granite(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Mixtures of experts (models.moe). Keys a config.json leaves out take transformers' defaults.
-def _experts(hf: Mapping[str, Any], model_type: str, num_experts_key: str, defaults: Mapping[str, Any]) -> dict:
-    """The expert fields of ModelConfig. Refuses mixed dense / sparse layers (Qwen's
-    decoder_sparse_step > 1 or mlp_only_layers), naming the key: every layer must be sparse."""
+def _experts(hf: Mapping[str, Any], model_type: str, num_experts_keys: tuple[str, ...],
+             defaults: Mapping[str, Any]) -> dict:
+    """The expert fields of ModelConfig; the expert count from the first of num_experts_keys
+    present (transformers 5 saves Qwen3-MoE's num_experts as num_local_experts). Refuses mixed
+    dense / sparse layers (Qwen's decoder_sparse_step > 1 or mlp_only_layers), naming the key:
+    every layer must be sparse."""
     get = lambda key: hf[key] if hf.get(key) is not None else defaults[key]  # noqa: E731
     num_layers = int(hf["num_hidden_layers"])
     if "decoder_sparse_step" in defaults and int(get("decoder_sparse_step")) != 1:
@@ -160,9 +163,10 @@ def _experts(hf: Mapping[str, Any], model_type: str, num_experts_key: str, defau
     if "mlp_only_layers" in defaults and [i for i in get("mlp_only_layers") if 0 <= int(i) < num_layers]:
         raise ModelConfigError(f"mlp_only_layers {list(get('mlp_only_layers'))} of model_type {model_type!r} "
                                "mixes dense and sparse layers, which is not supported; supported: []")
-    num_experts = int(get(num_experts_key))
+    key = next((k for k in num_experts_keys if hf.get(k) is not None), num_experts_keys[0])
+    num_experts = int(hf[key] if hf.get(key) is not None else defaults[key])
     if num_experts < 1:
-        raise ModelConfigError(f"{num_experts_key} of model_type {model_type!r} must be positive, got {num_experts}")
+        raise ModelConfigError(f"{key} of model_type {model_type!r} must be positive, got {num_experts}")
     return dict(num_experts=num_experts, num_experts_per_tok=int(get("num_experts_per_tok")),
                 moe_intermediate_size=int(get("moe_intermediate_size")),
                 norm_topk_prob=bool(get("norm_topk_prob")))
@@ -181,7 +185,7 @@ def mixtral(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw = mistral(hf)
     # Mixtral's experts are as wide as its intermediate_size; norm_topk_prob is not a Mixtral key.
     experts = _experts({**hf, "moe_intermediate_size": hf.get("intermediate_size"), "norm_topk_prob": True},
-                       "mixtral", "num_local_experts", MIXTRAL_DEFAULTS)
+                       "mixtral", ("num_local_experts", "num_experts"), MIXTRAL_DEFAULTS)
     return dict(kw, model_type="mixtral", **experts)
 
 
@@ -192,7 +196,7 @@ def qwen3_moe(hf: Mapping[str, Any]) -> dict[str, Any]:
     kw["sliding_windows"] = (int(window) if window else None,) * kw["num_layers"]
     bias = bool(hf.get("attention_bias", False))
     return dict(kw, attention_bias=bias, o_proj_bias=bias, qk_norm=True, router_weights_in_model_dtype=True,
-                **_experts(hf, "qwen3_moe", "num_experts", QWEN3_MOE_DEFAULTS))
+                **_experts(hf, "qwen3_moe", ("num_experts", "num_local_experts"), QWEN3_MOE_DEFAULTS))
 
 
 def qwen2_moe(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,7 +213,7 @@ def qwen2_moe(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(kw, attention_bias=bias, o_proj_bias=False, router_weights_in_model_dtype=True,
                 shared_expert_intermediate_size=int(QWEN2_MOE_DEFAULTS["shared_expert_intermediate_size"]
                                                     if shared is None else shared),
-                **_experts(hf, "qwen2_moe", "num_experts", QWEN2_MOE_DEFAULTS))
+                **_experts(hf, "qwen2_moe", ("num_experts", "num_local_experts"), QWEN2_MOE_DEFAULTS))
 
 
 MODEL_TYPES: dict[str, Adapter] = {

@@ -24,7 +24,7 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
             for _ in range(12)]
     result = {"devices": jax.device_count(), "meshes": {}}
     for mesh in meshes:
-        llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[32, 128], seq_buckets=[16])
+        llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[128], seq_buckets=[16])
         warm = llm.stats()["compile_count"]
         outs = llm.generate([p for p, _ in work],
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
