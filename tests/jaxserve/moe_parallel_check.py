@@ -41,7 +41,22 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
             "compiles_warm": warm, "compiles_after": llm.stats()["compile_count"],
             "free_pages": llm.stats()["num_free_pages"], "total_pages": llm.stats()["num_total_pages"],
         }
+    result["expert_update_collectives"] = expert_update_collectives()
     print("RESULT " + json.dumps(result))
+
+
+def expert_update_collectives() -> list[str]:
+    """Collectives in the loader's program that writes one expert into an expert-split weight."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from models.loader import _set_layer
+
+    mesh = Mesh(jax.devices(), ("model",))
+    stacked = jax.device_put(jnp.zeros((2, 16, 64, 80)), NamedSharding(mesh, P(None, "model", None, None)))
+    block = jax.device_put(jnp.ones((64, 40)), NamedSharding(mesh, P()))
+    hlo = _set_layer.lower(stacked, block, (1, 5, 0, 40)).compile().as_text()
+    return [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if op in hlo]
 
 
 if __name__ == "__main__":
