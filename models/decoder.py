@@ -35,6 +35,7 @@ F mlp, V vocab, L layers, P pages, B page size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,18 +45,10 @@ from flax import nnx
 import pallas_kernels
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
+from models.moe import MoEBlock
+from models.params import param as _param
 from models.sharded_attention import sharded_ragged_paged_attention
 from models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "normal"):
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
-    elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -149,11 +142,11 @@ class MLP(nnx.Module):
 def make_mlp(cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mesh=None) -> nnx.Module:
     """A layer's feed-forward block: the dense MLP, or the mixture of experts of models.moe when
     cfg.num_experts > 0 (same call: x [T, D] -> [T, D]; `mesh` splits the experts over it)."""
-    if cfg.num_experts:
-        from models.moe import MoEBlock  # models.moe builds on this module
-
-        return MoEBlock(cfg, dtype=dtype, rngs=rngs, mesh=mesh)
-    return MLP(cfg, dtype=dtype, rngs=rngs)
+    if not cfg.num_experts:
+        return MLP(cfg, dtype=dtype, rngs=rngs)
+    width = cfg.shared_expert_intermediate_size
+    shared = MLP(dataclasses.replace(cfg, intermediate_size=width), dtype=dtype, rngs=rngs) if width else None
+    return MoEBlock(cfg, dtype=dtype, rngs=rngs, mesh=mesh, shared_expert=shared)
 
 
 class DecoderLayer(nnx.Module):

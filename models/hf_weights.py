@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from models.config import ModelConfig
+from models.moe_weights import expert_tensors
 
 Path = tuple[str | int, ...]
 
@@ -95,11 +96,9 @@ def _layer_specs(cfg: ModelConfig, i: int) -> dict[str, WeightSpec]:
         hf + "mlp.down_proj.weight": spec(ours + ("mlp", "down_proj"), _transpose, (d, f)),
     }
     if cfg.num_experts:  # the MoE block's tensors replace the dense MLP's
-        from models.moe_weights import expert_specs
-
         for name in ("gate_proj", "up_proj", "down_proj"):
             del specs[hf + f"mlp.{name}.weight"]
-        specs.update(expert_specs(cfg, i))
+        specs.update({name: WeightSpec(*fields) for name, fields in expert_tensors(cfg, i).items()})
     if cfg.attention_bias:
         specs.update({
             hf + "self_attn.q_proj.bias": spec(attn + ("q_bias",), _head_bias(n, h), (n * h,)),

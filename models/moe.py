@@ -43,15 +43,13 @@ M = T * k routed rows.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
-from models.decoder import MLP, _param
+from models.params import param
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -107,20 +105,23 @@ def dense_reference(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_u
 
 
 class MoEBlock(nnx.Module):
-    """Router, E experts (stacked [E, ...] weights) and an optional shared expert; same call as
-    models.decoder.MLP: x [T, D] -> [T, D]."""
+    """Router, E experts (stacked [E, ...] weights) and, when cfg.shared_expert_intermediate_size,
+    the shared expert (a dense MLP of that width, made by the caller: models.decoder.make_mlp);
+    same call as models.decoder.MLP: x [T, D] -> [T, D]."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mesh=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mesh=None, shared_expert: nnx.Module | None = None):
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
         # The router stays whole on every device (its second axis is deliberately unnamed):
         # every device routes every token, so routing needs no collective.
-        self.router = _param(rngs, (d, e), ("embed", None), dtype)  # [D, E]
-        self.gate_up_proj = _param(rngs, (e, d, 2 * f), ("expert", "embed", "expert_mlp"), dtype)  # [E, D, 2F]
-        self.down_proj = _param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype)  # [E, F, D]
-        if cfg.shared_expert_intermediate_size:
-            shared = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_intermediate_size)
-            self.shared_expert = MLP(shared, dtype=dtype, rngs=rngs)
-            self.shared_expert_gate = _param(rngs, (d, 1), ("embed", None), dtype)  # [D, 1]
+        self.router = param(rngs, (d, e), ("embed", None), dtype)  # [D, E]
+        self.gate_up_proj = param(rngs, (e, d, 2 * f), ("expert", "embed", "expert_mlp"), dtype)  # [E, D, 2F]
+        self.down_proj = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype)  # [E, F, D]
+        if (shared_expert is None) != (not cfg.shared_expert_intermediate_size):
+            raise ValueError(f"shared_expert_intermediate_size={cfg.shared_expert_intermediate_size} needs a "
+                             f"shared expert module exactly when it is > 0, got {shared_expert!r}")
+        if shared_expert is not None:
+            self.shared_expert = shared_expert
+            self.shared_expert_gate = param(rngs, (d, 1), ("embed", None), dtype)  # [D, 1]
         self.cfg = cfg
         if cfg.expert_parallel > 1 and (mesh is None or mesh.shape.get("model") != cfg.expert_parallel):
             raise ValueError(f"expert_parallel={cfg.expert_parallel} needs the ('model',) mesh of that size the "

@@ -23,7 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import ModelConfig
-from models.hf_weights import WeightSpec, _transpose
+
+# What models.hf_weights.WeightSpec takes (it wraps these; this module sits below it):
+# (path, transform, hf_shape, layer, offset, covers).
+Tensor = tuple
 
 # Per-expert names of the gate, up and down projections, and the block prefix, per family.
 PER_EXPERT = {
@@ -33,41 +36,50 @@ PER_EXPERT = {
 }
 
 
+def _transpose(x: np.ndarray) -> np.ndarray:  # [out, in] -> [in, out]
+    return np.ascontiguousarray(x.T)
+
+
 def _swap_last(x: np.ndarray) -> np.ndarray:  # [E, out, in] -> [E, in, out]
     return np.ascontiguousarray(x.transpose(0, 2, 1))
 
 
-def expert_specs(cfg: ModelConfig, i: int) -> dict[str, WeightSpec]:
-    """HF tensor name -> WeightSpec for the MoE block of layer i, both forms."""
+def _tensor(path, transform, hf_shape, layer, offset=(), covers=()) -> Tensor:
+    """The fields of models.hf_weights.WeightSpec, in its order."""
+    return (path, transform, hf_shape, layer, offset, covers)
+
+
+def expert_tensors(cfg: ModelConfig, i: int) -> dict[str, Tensor]:
+    """HF tensor name -> models.hf_weights.WeightSpec fields for the MoE block of layer i, both forms."""
     if cfg.model_type not in PER_EXPERT:
         raise ValueError(f"no expert tensor names for model_type {cfg.model_type!r}; known: {sorted(PER_EXPERT)}")
     d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     block, (gate, up, down) = PER_EXPERT[cfg.model_type]
     hf, ours = f"model.layers.{i}.", ("layers", "mlp")
     router = hf + block + "gate.weight"
-    specs = {router: WeightSpec(ours + ("router",), _transpose, (e, d), layer=i)}
+    specs = {router: _tensor(ours + ("router",), _transpose, (e, d), i)}
     per_expert: list[str] = []
     for j in range(e):
         name = hf + block + f"experts.{j}."
-        specs[name + f"{gate}.weight"] = WeightSpec(ours + ("gate_up_proj",), _transpose, (f, d), i, (j, 0, 0))
-        specs[name + f"{up}.weight"] = WeightSpec(ours + ("gate_up_proj",), _transpose, (f, d), i, (j, 0, f))
-        specs[name + f"{down}.weight"] = WeightSpec(ours + ("down_proj",), _transpose, (d, f), i, (j, 0, 0))
+        specs[name + f"{gate}.weight"] = _tensor(ours + ("gate_up_proj",), _transpose, (f, d), i, (j, 0, 0))
+        specs[name + f"{up}.weight"] = _tensor(ours + ("gate_up_proj",), _transpose, (f, d), i, (j, 0, f))
+        specs[name + f"{down}.weight"] = _tensor(ours + ("down_proj",), _transpose, (d, f), i, (j, 0, 0))
         per_expert += [name + f"{p}.weight" for p in (gate, up, down)]
     fused = hf + "mlp."
     gate_up = tuple(n for n in per_expert if not n.endswith(f".{down}.weight"))
-    specs[fused + "experts.gate_up_proj"] = WeightSpec(ours + ("gate_up_proj",), _swap_last, (e, 2 * f, d), i,
+    specs[fused + "experts.gate_up_proj"] = _tensor(ours + ("gate_up_proj",), _swap_last, (e, 2 * f, d), i,
                                                        covers=gate_up)
-    specs[fused + "experts.down_proj"] = WeightSpec(ours + ("down_proj",), _swap_last, (e, d, f), i,
+    specs[fused + "experts.down_proj"] = _tensor(ours + ("down_proj",), _swap_last, (e, d, f), i,
                                                     covers=tuple(n for n in per_expert if n not in gate_up))
     if fused + "gate.weight" != router:  # Mixtral's fused form renames block_sparse_moe. to mlp.
-        specs[fused + "gate.weight"] = WeightSpec(ours + ("router",), _transpose, (e, d), i, covers=(router,))
+        specs[fused + "gate.weight"] = _tensor(ours + ("router",), _transpose, (e, d), i, covers=(router,))
     fs = cfg.shared_expert_intermediate_size
     if fs:
         shared = ours + ("shared_expert",)
         specs.update({
-            fused + "shared_expert.gate_proj.weight": WeightSpec(shared + ("gate_proj",), _transpose, (fs, d), i),
-            fused + "shared_expert.up_proj.weight": WeightSpec(shared + ("up_proj",), _transpose, (fs, d), i),
-            fused + "shared_expert.down_proj.weight": WeightSpec(shared + ("down_proj",), _transpose, (d, fs), i),
-            fused + "shared_expert_gate.weight": WeightSpec(ours + ("shared_expert_gate",), _transpose, (1, d), i),
+            fused + "shared_expert.gate_proj.weight": _tensor(shared + ("gate_proj",), _transpose, (fs, d), i),
+            fused + "shared_expert.up_proj.weight": _tensor(shared + ("up_proj",), _transpose, (fs, d), i),
+            fused + "shared_expert.down_proj.weight": _tensor(shared + ("down_proj",), _transpose, (d, fs), i),
+            fused + "shared_expert_gate.weight": _tensor(ours + ("shared_expert_gate",), _transpose, (1, d), i),
         })
     return specs
