@@ -1,14 +1,19 @@
 """Meshes and the logical-axis rules that place parameters and KV pages on them.
 
 A MeshConfig names the mesh axes (`data`, `model`) and their sizes, and one rules table
-maps the model's logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`) to
-mesh axes. `data` > 1 means data parallelism: one engine replica per slice of `model`
+maps the model's logical axes (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, and a
+mixture of experts' `expert`, `expert_mlp`) to mesh axes. `data` > 1 means data parallelism: one engine replica per slice of `model`
 devices (see jaxserve/data_parallel.py); inside a replica, `model` is tensor parallelism.
 
 Kv heads (as vLLM): the KV cache's kv-head axis is split over the model axis, whole heads per
 device. With fewer kv heads than devices each kv head is copied model / kv_heads times
 (`Placement.kv_head_replicas`, applied by models.loader), so a device holds one head, the one
 its query heads read, never all of them.
+
+Experts (as vLLM's expert parallelism): with `expert: model` (the default) a mixture of experts'
+expert weights are split over the model axis, whole experts per device, while attention stays
+tensor parallel over the same devices (`Placement.expert_parallel`, models.moe: each device runs
+its own experts on the tokens routed to them, and one all-reduce adds the devices' outputs).
 
 Refused at start, with what to change: a mesh whose size is not the device count, a model
 axis that does not divide the attention heads, a model axis and kv heads of which neither is a
@@ -31,14 +36,17 @@ from models.config import ModelConfig, kv_head_replicas
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")
-LOGICAL_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+LOGICAL_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "expert", "expert_mlp")
+# Experts (models.moe): whole experts per device over the model axis (expert parallelism), each
+# expert's own width unsplit; a rule table without "expert" keeps every expert on every device.
 DEFAULT_RULES = (("embed", None), ("heads", "model"), ("kv_heads", "model"), ("head_dim", None),
-                 ("mlp", "model"), ("vocab", "model"))
+                 ("mlp", "model"), ("vocab", "model"), ("expert", "model"), ("expert_mlp", None))
 # The logical axes of every array the engine shards (parameters and KV pages), to check
 # that no rule set maps two axes of one array onto one mesh axis.
 ARRAY_AXES = (("vocab", "embed"), ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
               ("heads", "head_dim", "embed"), ("heads", "head_dim"), ("kv_heads", "head_dim"),
-              ("embed", "mlp"), ("mlp", "embed"), ("embed", "vocab"), ("kv_heads", "head_dim"))
+              ("embed", "mlp"), ("mlp", "embed"), ("embed", "vocab"), ("kv_heads", "head_dim"),
+              ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed"))
 
 
 class MeshError(ValueError):
@@ -126,6 +134,11 @@ class MeshConfig:
                 kv_head_replicas(cfg.num_kv_heads, self.model)
             except ValueError as e:
                 raise MeshError(str(e)) from None
+        if self.rule_table.get("expert") == "model" and cfg.num_experts and cfg.num_experts % self.model:
+            raise MeshError(f"expert parallelism over the model axis ({self.model}) needs it to divide num_experts "
+                            f"({cfg.num_experts}); use a model size among "
+                            f"{[m for m in range(1, cfg.num_heads + 1) if cfg.num_heads % m == 0 and cfg.num_experts % m == 0]}"
+                            " or keep the experts whole (rules: expert: null)")
         if self.num_devices < len(devices):
             log.info("mesh data=%d x model=%d uses %d of the %d visible devices", self.data, self.model,
                      self.num_devices, len(devices))
@@ -150,12 +163,16 @@ class Placement:
                                  if self.rules.get("kv_heads") == "model" else 1)
         self.dims = {"embed": cfg.hidden_size, "heads": cfg.num_heads,
                      "kv_heads": cfg.num_kv_heads * self.kv_head_replicas,
-                     "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size}
+                     "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size, "vocab": cfg.vocab_size,
+                     "expert": cfg.num_experts, "expert_mlp": cfg.moe_intermediate_size}
         self.replicated_axes = sorted(a for a, m in self.rules.items()
                                       if m is not None and self.dims[a] % self.size)
         for axis in self.replicated_axes:
             log.warning("logical axis %r (size %d) does not split over the model axis (%d): replicated",
                         axis, self.dims[axis], self.size)
+        # Devices the experts are split over (load_model(expert_parallel=)): the model axis when
+        # the rules map "expert" to it, else 1 (every expert on every device).
+        self.expert_parallel = self.size if cfg.num_experts and self.mesh_axis("expert") == "model" else 1
 
     def mesh_axis(self, logical: str | None) -> str | None:
         if logical is None or logical in self.replicated_axes:

@@ -1,7 +1,8 @@
 """ModelConfig: the architecture facts our decoder needs, read from a Hugging Face config.
 
-One frozen dataclass covers the Llama family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Granite) and
-Gemma 2 / 3, whose layer structure (sandwich norms, (1 + weight) RMSNorm) is `gemma_norms`.
+One frozen dataclass covers the Llama family (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Granite),
+Gemma 2 / 3, whose layer structure (sandwich norms, (1 + weight) RMSNorm) is `gemma_norms`, and
+the mixtures of experts built on the Llama layer (Mixtral, Qwen2-MoE, Qwen3-MoE: `num_experts` > 0).
 `ModelConfig.from_hf(dict)` builds it from the fields that `models.registry` reads out of a HF
 config (both the transformers 4 and 5 forms). Architecture differences are flags and
 multipliers here, not separate model classes.
@@ -66,6 +67,18 @@ class ModelConfig:
     # RoPE of the sliding-window layers when it differs from `rope` (Gemma 3's local layers:
     # rope_local_base_freq, or transformers 5 rope_parameters["sliding_attention"]); None: `rope`.
     sliding_rope: RopeConfig | None = None
+    # Mixture of experts (models.moe; Mixtral, Qwen3-MoE, Qwen2-MoE): every layer's MLP is a block
+    # of num_experts experts of width moe_intermediate_size, num_experts_per_tok of them per token.
+    # 0 experts: the dense MLP of width intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    router_weights_in_model_dtype: bool = False  # Qwen casts the top-k weights; Mixtral keeps float32
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
+    # Expert parallelism: the experts are split over this many devices of the model axis, whole
+    # experts per device (jaxserve.sharding.Placement.expert_parallel); never read from a HF config.
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -103,6 +116,31 @@ class ModelConfig:
             raise ModelConfigError("sliding_rope is set but no layer has a sliding window")
         if self.sliding_rope is not None:
             self.sliding_rope.rotary_dim(self.head_dim)
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ModelConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.expert_parallel, int) or self.expert_parallel < 1:
+            raise ModelConfigError(f"expert_parallel must be a positive integer, got {self.expert_parallel!r}")
+        if not self.num_experts:
+            if self.num_experts_per_tok or self.moe_intermediate_size or self.shared_expert_intermediate_size \
+                    or self.expert_parallel != 1:
+                raise ModelConfigError("num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size "
+                                       "and expert_parallel need num_experts > 0")
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ModelConfigError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                   f"got {self.num_experts_per_tok}")
+        if self.moe_intermediate_size < 1:
+            raise ModelConfigError(f"moe_intermediate_size must be a positive integer, got {self.moe_intermediate_size}")
+        if self.num_experts % self.expert_parallel:
+            raise ModelConfigError(f"expert_parallel ({self.expert_parallel}) must divide num_experts "
+                                   f"({self.num_experts}): whole experts per device")
+        if self.mlp_bias:
+            raise ModelConfigError("mlp_bias is not supported with experts")
 
     @property
     def sm_scale(self) -> float:
@@ -124,11 +162,26 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
-        d, m, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        d, v = self.hidden_size, self.vocab_size
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * m + (4 if self.gemma_norms else 2) * d + 2 * self.qk_norm * self.head_dim
+        per_layer = (attn + self._mlp_params(active=False) + (4 if self.gemma_norms else 2) * d
+                     + 2 * self.qk_norm * self.head_dim)
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_layers * per_layer + d + head
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token's forward pass reads: num_params less the experts it is not routed to."""
+        return self.num_params - self.num_layers * (self._mlp_params(active=False) - self._mlp_params(active=True))
+
+    def _mlp_params(self, active: bool) -> int:
+        """One layer's MLP parameters: dense, or router + experts (only the k routed when active) + shared."""
+        d = self.hidden_size
+        if not self.num_experts:
+            return 3 * d * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        shared = 3 * d * self.shared_expert_intermediate_size + d if self.shared_expert_intermediate_size else 0
+        return d * self.num_experts + experts * 3 * d * self.moe_intermediate_size + shared
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":

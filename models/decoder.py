@@ -5,7 +5,8 @@ norms, sliding windows, multipliers, soft caps), so one module tree serves them 
 differ in structure (their norms) and bring their layer and norm from `models.gemma`
 (`make_layer`, `make_norm`). Every parameter carries logical axis names (`embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`, `vocab`) in its `out_sharding` metadata; a rules table maps them
-to mesh axes elsewhere.
+to mesh axes elsewhere. A mixture of experts (Mixtral, Qwen-MoE) only swaps each layer's MLP
+for models.moe's block (`make_mlp`).
 
 The forward pass is the engine's: a flat ragged batch of tokens and the KV cache in, the
 updated KV cache and logits out.
@@ -37,6 +38,7 @@ F mlp, V vocab, L layers, P pages, B page size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -48,18 +50,10 @@ from models.activations import ACTIVATIONS
 from models.attention_metadata import AttentionMetadata
 from models.config import ModelConfig
 from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+from models.moe import MoEBlock
+from models.params import param as _param
 from models.sharded_attention import sharded_ragged_paged_attention
 from models.rope import apply_rotary, rotary_embedding
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "normal"):
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
-    elif init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -158,12 +152,22 @@ class MLP(nnx.Module):
         return out + self.down_bias[...] if self.mlp_bias else out
 
 
+def make_mlp(cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mesh=None) -> nnx.Module:
+    """A layer's feed-forward block: the dense MLP, or the mixture of experts of models.moe when
+    cfg.num_experts > 0 (same call: x [T, D] -> [T, D]; `mesh` splits the experts over it)."""
+    if not cfg.num_experts:
+        return MLP(cfg, dtype=dtype, rngs=rngs)
+    width = cfg.shared_expert_intermediate_size
+    shared = MLP(dataclasses.replace(cfg, intermediate_size=width), dtype=dtype, rngs=rngs) if width else None
+    return MoEBlock(cfg, dtype=dtype, rngs=rngs, mesh=mesh, shared_expert=shared)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.self_attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = make_mlp(cfg, dtype=dtype, rngs=rngs, **shard)
         self.residual_multiplier = cfg.residual_multiplier
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md, sliding_window):
@@ -176,10 +180,10 @@ class DecoderLayer(nnx.Module):
 
 def make_layer(cfg: ModelConfig, *, dtype, attention_backend: str, rngs: nnx.Rngs, **shard) -> nnx.Module:
     """One decoder layer of this config's structure (one call signature for all): Llama's, or
-    Gemma's norms around the same attention and MLP (models.gemma)."""
+    Gemma's norms around the same attention and feed-forward block (models.gemma)."""
     if cfg.gemma_norms:
         attn = Attention(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
-        return GemmaDecoderLayer(cfg, attn, MLP(cfg, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+        return GemmaDecoderLayer(cfg, attn, make_mlp(cfg, dtype=dtype, rngs=rngs, **shard), dtype=dtype, rngs=rngs)
     return DecoderLayer(cfg, dtype=dtype, attention_backend=attention_backend, rngs=rngs, **shard)
 
 

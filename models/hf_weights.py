@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from models.config import ModelConfig, ModelLoadError
+from models.moe_weights import expert_tensors
 
 Path = tuple[str | int, ...]
 
@@ -25,6 +26,13 @@ class WeightSpec:
     transform: Callable[[np.ndarray], np.ndarray]  # HF layout -> our layout
     hf_shape: tuple[int, ...]  # the shape the HF tensor must have
     layer: int | None = None  # index on the leading layers axis of a stacked parameter
+    # Where in the layer's slice the tensor goes when it fills only a block of it (one expert of
+    # an [E, ...] expert parameter, or its gate or up half): start indices after the layers axis;
+    # the tensor's missing leading axes are size 1. () = the whole slice.
+    offset: tuple[int, ...] = ()
+    # Names of the tensors this one stands in for (a fused transformers 5 expert tensor covers
+    # every per-expert tensor of its layer): loading it satisfies them, and it is never required.
+    covers: tuple[str, ...] = ()
 
 
 def _same(x: np.ndarray) -> np.ndarray:
@@ -88,6 +96,10 @@ def _layer_specs(cfg: ModelConfig, i: int) -> dict[str, WeightSpec]:
         hf + "mlp.up_proj.weight": spec(ours + ("mlp", "up_proj"), _transpose, (f, d)),
         hf + "mlp.down_proj.weight": spec(ours + ("mlp", "down_proj"), _transpose, (d, f)),
     }
+    if cfg.num_experts:  # the MoE block's tensors replace the dense MLP's
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            del specs[hf + f"mlp.{name}.weight"]
+        specs.update({name: WeightSpec(*fields) for name, fields in expert_tensors(cfg, i).items()})
     if cfg.attention_bias:
         specs.update({
             hf + "self_attn.q_proj.bias": spec(attn + ("q_bias",), _head_bias(n, h), (n * h,)),

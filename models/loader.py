@@ -68,13 +68,17 @@ def load_model(
     sharding_fn: ShardingFn | None = None,
     mesh=None,
     kv_head_replicas: int = 1,
+    expert_parallel: int = 1,
 ) -> LoadedModel:
     """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory.
     With `sharding_fn`, each tensor goes straight to its shards; `mesh` tells the model how to
     run a Pallas attention kernel on it; `kv_head_replicas` copies each kv head that many times
-    (jaxserve.sharding.Placement.kv_head_replicas; the returned config carries it)."""
+    (jaxserve.sharding.Placement.kv_head_replicas; the returned config carries it);
+    `expert_parallel` splits a mixture of experts' experts over that many devices of `mesh`
+    (Placement.expert_parallel)."""
     model_dir = resolve_model_dir(model)
-    cfg = dataclasses.replace(ModelConfig.from_hf(read_hf_config(model_dir)), kv_head_replicas=kv_head_replicas)
+    cfg = dataclasses.replace(ModelConfig.from_hf(read_hf_config(model_dir)), kv_head_replicas=kv_head_replicas,
+                              expert_parallel=expert_parallel)
     jdtype = resolve_dtype(dtype, cfg)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh))
     graphdef, state = nnx.split(abstract)
@@ -152,10 +156,11 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
         else:
             if spec.path not in stacked:
                 stacked[spec.path] = _zeros(var.get_value(), dtype, axes, sharding_fn)
-            layer = place(value, None if axes is None else axes[1:], sharding_fn)
-            stacked[spec.path] = _set_layer(stacked[spec.path], layer, spec.layer)
+            layer = place(value, None if axes is None else axes[len(axes) - value.ndim:], sharding_fn)
+            stacked[spec.path] = _set_layer(stacked[spec.path], layer, (spec.layer, *spec.offset))
         loaded.add(name)
-    missing = sorted(set(specs) - loaded)
+        loaded.update(spec.covers)
+    missing = sorted(n for n, spec in specs.items() if not spec.covers and n not in loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ModelLoadError(f"checkpoint in {model_dir} is missing tensors: {', '.join(missing[:5])}{more}")
@@ -174,7 +179,7 @@ def _restore_orbax(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, s
     devices into their final shards."""
     if cfg.kv_head_replicas == 1:
         return restore_state(model_dir / ORBAX_DIR, state, sharding_fn)
-    base = dataclasses.replace(cfg, kv_head_replicas=1)
+    base = dataclasses.replace(cfg, kv_head_replicas=1, expert_parallel=1)  # the same shapes, one device
     _, saved = nnx.split(nnx.eval_shape(lambda: CausalLM(base, dtype=dtype)))
     unsplit = None if sharding_fn is None else (
         lambda axes: sharding_fn(tuple(None if a == "kv_heads" else a for a in axes)))
@@ -197,6 +202,9 @@ def _zeros(abstract, dtype, axes, sharding_fn: ShardingFn | None) -> jax.Array:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _set_layer(stacked: jax.Array, value: jax.Array, layer: int) -> jax.Array:
-    """stacked[layer] = value, in place (stacked is donated)."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, 0)
+def _set_layer(stacked: jax.Array, value: jax.Array, index: tuple[int, ...]) -> jax.Array:
+    """stacked[layer] = value for index (layer,), in place (stacked is donated); with index
+    (layer, *offset), the block of stacked[layer] starting at offset (value's missing leading
+    axes are size 1: one expert of an [L, E, ...] parameter)."""
+    value = value.reshape((1,) * (stacked.ndim - value.ndim) + value.shape)
+    return jax.lax.dynamic_update_slice(stacked, value, tuple(index) + (0,) * (stacked.ndim - len(index)))

@@ -296,6 +296,74 @@ def gemma3(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(gemma3_text(text, model_type="gemma3"), final_logit_softcap=None)
 
 
+# Mixtures of experts (models.moe). Keys a config.json leaves out take transformers' defaults.
+def _experts(hf: Mapping[str, Any], model_type: str, num_experts_keys: tuple[str, ...],
+             defaults: Mapping[str, Any]) -> dict:
+    """The expert fields of ModelConfig; the expert count from the first of num_experts_keys
+    present (transformers 5 saves Qwen3-MoE's num_experts as num_local_experts). Refuses mixed
+    dense / sparse layers (Qwen's decoder_sparse_step > 1 or mlp_only_layers), naming the key:
+    every layer must be sparse."""
+    get = lambda key: hf[key] if hf.get(key) is not None else defaults[key]  # noqa: E731
+    num_layers = int(hf["num_hidden_layers"])
+    if "decoder_sparse_step" in defaults and int(get("decoder_sparse_step")) != 1:
+        raise ModelConfigError(f"decoder_sparse_step {get('decoder_sparse_step')} of model_type {model_type!r} "
+                               "mixes dense and sparse layers, which is not supported; supported: 1 (every layer sparse)")
+    if "mlp_only_layers" in defaults and [i for i in get("mlp_only_layers") if 0 <= int(i) < num_layers]:
+        raise ModelConfigError(f"mlp_only_layers {list(get('mlp_only_layers'))} of model_type {model_type!r} "
+                               "mixes dense and sparse layers, which is not supported; supported: []")
+    key = next((k for k in num_experts_keys if hf.get(k) is not None), num_experts_keys[0])
+    num_experts = int(hf[key] if hf.get(key) is not None else defaults[key])
+    if num_experts < 1:
+        raise ModelConfigError(f"{key} of model_type {model_type!r} must be positive, got {num_experts}")
+    return dict(num_experts=num_experts, num_experts_per_tok=int(get("num_experts_per_tok")),
+                moe_intermediate_size=int(get("moe_intermediate_size")),
+                norm_topk_prob=bool(get("norm_topk_prob")))
+
+
+MIXTRAL_DEFAULTS = dict(num_local_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+QWEN3_MOE_DEFAULTS = dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                          decoder_sparse_step=1, mlp_only_layers=[])
+QWEN2_MOE_DEFAULTS = dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, norm_topk_prob=False,
+                          decoder_sparse_step=1, mlp_only_layers=[], shared_expert_intermediate_size=5632,
+                          qkv_bias=True, max_window_layers=28)
+
+
+def mixtral(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Mixtral: Mistral attention; softmax, top-k, renormalised (always), float32 weights."""
+    kw = mistral(hf)
+    # Mixtral's experts are as wide as its intermediate_size; norm_topk_prob is not a Mixtral key.
+    experts = _experts({**hf, "moe_intermediate_size": hf.get("intermediate_size"), "norm_topk_prob": True},
+                       "mixtral", ("num_local_experts", "num_experts"), MIXTRAL_DEFAULTS)
+    return dict(kw, model_type="mixtral", **experts)
+
+
+def qwen3_moe(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3 attention (q/k norms); one window for every layer when use_sliding_window."""
+    kw = _common(hf, "qwen3_moe")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    kw["sliding_windows"] = (int(window) if window else None,) * kw["num_layers"]
+    bias = bool(hf.get("attention_bias", False))
+    return dict(kw, attention_bias=bias, o_proj_bias=bias, qk_norm=True, router_weights_in_model_dtype=True,
+                **_experts(hf, "qwen3_moe", ("num_experts", "num_local_experts"), QWEN3_MOE_DEFAULTS))
+
+
+def qwen2_moe(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen2-MoE: Qwen2 attention (q/k/v biases when qkv_bias), a sigmoid-gated shared expert."""
+    kw = _common(hf, "qwen2_moe")
+    n = kw["num_layers"]
+    if not hf.get("layer_types") and hf.get("use_sliding_window"):  # transformers 5's Qwen2MoeConfig rule
+        first = int(hf.get("max_window_layers") or QWEN2_MOE_DEFAULTS["max_window_layers"])
+        hf = {**hf, "layer_types": ["sliding_attention" if (i + 1) % 2 and i < first else "full_attention"
+                                    for i in range(n)]}
+    kw["sliding_windows"] = _layer_windows(hf, n) if hf.get("use_sliding_window") else (None,) * n
+    bias = bool(hf.get("qkv_bias", True))
+    shared = hf.get("shared_expert_intermediate_size")
+    return dict(kw, attention_bias=bias, o_proj_bias=False, router_weights_in_model_dtype=True,
+                shared_expert_intermediate_size=int(QWEN2_MOE_DEFAULTS["shared_expert_intermediate_size"]
+                                                    if shared is None else shared),
+                **_experts(hf, "qwen2_moe", ("num_experts", "num_local_experts"), QWEN2_MOE_DEFAULTS))
+
+
 MODEL_TYPES: dict[str, Adapter] = {
     "llama": llama,
     "mistral": mistral,
@@ -306,6 +374,9 @@ MODEL_TYPES: dict[str, Adapter] = {
     "gemma2": gemma2,
     "gemma3_text": gemma3_text,
     "gemma3": gemma3,
+    "mixtral": mixtral,
+    "qwen2_moe": qwen2_moe,
+    "qwen3_moe": qwen3_moe,
 }
 
 ARCHITECTURES: dict[str, str] = {
@@ -318,6 +389,9 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 

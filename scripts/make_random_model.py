@@ -1,5 +1,8 @@
 """Writes a random-weight Hugging Face model of a real model's shape, for benchmarks: Llama
-shapes (PRESETS, Phi-3 among them: PHI3_CONFIGS) and Gemma 2 / 3 (GEMMA_PRESETS: the real models' config values).
+shapes (PRESETS, Phi-3 among them: PHI3_CONFIGS), Gemma 2 / 3 (GEMMA_PRESETS: the real models'
+config values) and the mixtures of experts of MOE_PRESETS (Mixtral-8x7B and Qwen3-30B-A3B with
+their real config values, and a small one for CPU benchmarks), with per-expert tensors as
+published checkpoints.
 
 Nothing is downloaded: the architecture comes from a preset below, the tokenizer is the demo
 model's locally trained one (its ids are a subset of the model's vocabulary), the weights
@@ -10,6 +13,8 @@ index, one tensor at a time. Both jaxserve and transformers load the result.
     python scripts/benchmark_throughput.py --model /tmp/llama3-8b-random --config configs/gpu-h200-1.yaml
     python scripts/make_random_model.py bench-medium /tmp/bench-medium --dtype float32   # CPU benchmarks
     python scripts/make_random_model.py gemma2-9b /tmp/gemma2-9b-random
+    python scripts/make_random_model.py qwen3-30b-a3b /tmp/qwen3-30b-a3b-random   # 61 GB in bf16
+    python scripts/make_random_model.py bench-moe-small /tmp/bench-moe-small --dtype float32
 """
 
 from __future__ import annotations
@@ -90,6 +95,36 @@ GEMMA_PRESETS = {
         "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(34)],
     },
 }
+# Mixtures of experts: config.json fields of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B
+# (tokens ids come from the demo tokenizer, a subset of the vocabulary), and bench-moe-small, a
+# Qwen3-MoE of bench-small's width (8 experts of 512, top-2) for CPU benchmarks.
+MOE_PRESETS = {
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_window": None,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02, "tie_word_embeddings": False,
+    },
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+        "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 48, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+    },
+    "bench-moe-small": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
+        "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 32, "vocab_size": 1024, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "moe_intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+        "tie_word_embeddings": False,
+    },
+}
 SHARD_BYTES = 4 << 30
 
 
@@ -151,9 +186,44 @@ def gemma_tensors(cfg: dict, rng: np.random.Generator, dtype):
     yield "model.norm.weight", np.zeros(d, dtype)
 
 
-def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
-    from safetensors.numpy import save_file
+def moe_tensors(cfg: dict, rng: np.random.Generator, dtype):
+    """Yields (HF name, array) of a MOE_PRESETS config one at a time, per-expert tensors named as
+    the published checkpoints name them (Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2)."""
+    d, v, hd = cfg["hidden_size"], cfg["vocab_size"], cfg["head_dim"]
+    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    mixtral = cfg["model_type"] == "mixtral"
+    e = cfg["num_local_experts"] if mixtral else cfg["num_experts"]
+    f = cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"]
+    block, names = ("block_sparse_moe.", ("w1", "w3", "w2")) if mixtral else ("mlp.", ("gate_proj", "up_proj", "down_proj"))
 
+    def w(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    yield "model.embed_tokens.weight", w(v, d)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", np.ones(d, dtype)
+        yield p + "post_attention_layernorm.weight", np.ones(d, dtype)
+        yield p + "self_attn.q_proj.weight", w(h * hd, d)
+        yield p + "self_attn.k_proj.weight", w(kv * hd, d)
+        yield p + "self_attn.v_proj.weight", w(kv * hd, d)
+        yield p + "self_attn.o_proj.weight", w(d, h * hd)
+        if not mixtral:
+            yield p + "self_attn.q_norm.weight", np.ones(hd, dtype)
+            yield p + "self_attn.k_norm.weight", np.ones(hd, dtype)
+        yield p + block + "gate.weight", w(e, d)
+        for j in range(e):
+            gate, up, down = (p + block + f"experts.{j}.{n}.weight" for n in names)
+            yield gate, w(f, d)
+            yield up, w(f, d)
+            yield down, w(d, f)
+    yield "model.norm.weight", np.ones(d, dtype)
+    yield "lm_head.weight", w(v, d)
+
+
+def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
+    if name in MOE_PRESETS:
+        return write_moe(name, out, dtype_name, seed)
     from jaxserve.demo_model import train_tokenizer
 
     dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
@@ -186,6 +256,29 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
             config.update(PHI3_CONFIGS[name], pad_token_id=tokenizer.pad_token_id)
         source = tensors(preset, rng, dtype, fused=name in PHI3_CONFIGS)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return write_shards(out, source)
+
+
+def write_moe(name: str, out: Path, dtype_name: str, seed: int) -> Path:
+    """A MOE_PRESETS model: its config.json (with the demo tokenizer's special ids) and tensors."""
+    from jaxserve.demo_model import train_tokenizer
+
+    dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.float32
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    tokenizer.model_max_length = MOE_PRESETS[name]["max_position_embeddings"]
+    tokenizer.save_pretrained(out)
+    config = {**MOE_PRESETS[name], "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": [tokenizer.convert_tokens_to_ids("<|eot_id|>")], "pad_token_id": tokenizer.pad_token_id,
+              "dtype": dtype_name, "hidden_act": "silu", "jaxserve_random_model": {"preset": name, "seed": seed}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return write_shards(out, moe_tensors(config, np.random.default_rng(seed), dtype))
+
+
+def write_shards(out: Path, source) -> Path:
+    """Writes (name, array) pairs as sharded safetensors with an index, one shard in memory."""
+    from safetensors.numpy import save_file
+
     shard: dict[str, np.ndarray] = {}  # only the shard being filled is in memory
     names: list[list[str]] = []
     files: list[Path] = []
@@ -217,7 +310,7 @@ def write(name: str, out: Path, dtype_name: str, seed: int) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", choices=sorted(PRESETS) + sorted(GEMMA_PRESETS))
+    parser.add_argument("preset", choices=sorted(PRESETS) + sorted(GEMMA_PRESETS) + sorted(MOE_PRESETS))
     parser.add_argument("out")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)

@@ -142,7 +142,7 @@ class LLMEngine:
         self.model_path = model_path
         loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
                             sharding_fn=placement.sharding, mesh=placement.mesh,
-                            kv_head_replicas=placement.kv_head_replicas)
+                            kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel)
         return loaded, devices
 
     def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device) -> int:
