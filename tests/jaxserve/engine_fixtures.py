@@ -3,6 +3,7 @@ PyTorch twin is the oracle for greedy tokens."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -42,3 +43,33 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids=()) -> 
                              eos_token_id=list(eos_ids) or None, pad_token_id=0,
                              attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
     return out[0, len(prompt_ids):].tolist()
+
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def other_requests(n: int = 32, seed: int = 0, vocab: int = 1000) -> list[tuple[list[int], int]]:
+    """n (prompt ids, max_tokens) pairs of mixed lengths (1-64 prompt tokens, 1-23 new), the
+    requests a family's engine test batches its targets with."""
+    rng = random.Random(seed)
+    return [([rng.randrange(6, vocab) for _ in range(rng.choice([1, 4, 9, 17, 30, 45, 64]))], rng.randrange(1, 24))
+            for _ in range(n)]
+
+
+def hf_oracle(model, targets: list[list[int]], new_tokens: int, work: list[tuple[list[int], int]]):
+    """transformers' greedy tokens of every target prompt (new_tokens each) and of every
+    request of `work`, one request at a time on one thread (a tiny model: more only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [hf_greedy(model, p, new_tokens) for p in targets], [hf_greedy(model, p, m) for p, m in work]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def greedy_generate(llm, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """The engine's greedy tokens (EOS ignored) for each prompt, one batch."""
+    from jaxserve import SamplingParams
+
+    params = [SamplingParams(max_tokens=m, **GREEDY) for m in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

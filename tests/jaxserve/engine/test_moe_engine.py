@@ -9,27 +9,18 @@ different batch mixes) and nothing compiles after warm-up.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from engine_fixtures import hf_greedy
-from jaxserve import LLM, SamplingParams
+from engine_fixtures import greedy_generate, hf_oracle, other_requests
+from jaxserve import LLM
 from moe_engine_fixtures import MOE_MODELS, write_moe_engine_model
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 BUDGET = 32  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
 TARGETS = [[5, 77, 300, 12, 9], list(range(40, 77)), [(7 * i) % 1000 + 3 for i in range(70)]]
 NEW_TOKENS = 32
-
-
-def others(n: int = 32, seed: int = 0) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(6, 1000) for _ in range(rng.choice([1, 4, 9, 17, 30, 45, 64]))], rng.randrange(1, 24))
-            for _ in range(n)]
 
 
 @pytest.fixture(scope="module", params=sorted(MOE_MODELS))
@@ -37,19 +28,9 @@ def moe(request, tmp_path_factory):
     """(model dir, HF greedy tokens of the targets, the other requests, their HF greedy tokens)."""
     path = tmp_path_factory.mktemp(request.param)
     hf = write_moe_engine_model(path, request.param)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only contend
-    try:
-        work = others()
-        return (path, [hf_greedy(hf, p, NEW_TOKENS) for p in TARGETS], work,
-                [hf_greedy(hf, p, m) for p, m in work])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def generate(llm: LLM, prompts, max_tokens) -> list[list[int]]:
-    params = [SamplingParams(max_tokens=m, **GREEDY) for m in max_tokens]
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    work = other_requests()
+    target_tokens, work_tokens = hf_oracle(hf, TARGETS, NEW_TOKENS, work)
+    return path, target_tokens, work, work_tokens
 
 
 def test_alone_and_batched_with_chunked_prefill_and_preemption_equal_transformers(moe):
@@ -61,10 +42,10 @@ def test_alone_and_batched_with_chunked_prefill_and_preemption_equal_transformer
     compiles = llm.stats()["compile_count"]
     assert compiles == len(llm.engine.runner.shapes_to_compile())
     for prompt, want in zip(TARGETS, target_tokens):
-        assert generate(llm, [prompt], [NEW_TOKENS]) == [want]
+        assert greedy_generate(llm, [prompt], [NEW_TOKENS]) == [want]
     prompts = [p for p, _ in work[:16]] + TARGETS + [p for p, _ in work[16:]]
     max_tokens = [m for _, m in work[:16]] + [NEW_TOKENS] * len(TARGETS) + [m for _, m in work[16:]]
-    outs = generate(llm, prompts, max_tokens)
+    outs = greedy_generate(llm, prompts, max_tokens)
     assert outs[16:16 + len(TARGETS)] == target_tokens
     assert outs[:16] + outs[16 + len(TARGETS):] == work_tokens
     stats = llm.stats()
