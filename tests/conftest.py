@@ -11,3 +11,18 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jaxserve-tests-xla-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's in-memory caches of compiled programs after each test module (the disk cache
+    above keeps them for later engines). Every CPU executable holds its own mappings of JIT code,
+    and a whole suite in one process otherwise keeps hundreds of programs alive."""
+    yield
+    gc.collect()
+    jax.clear_caches()
