@@ -33,9 +33,10 @@ ARCHS = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0):
-    config_cls, model_cls, extra = ARCHS[name]
-    config = getattr(transformers, config_cls)(**{**BASE, **extra})
+def random_hf_model(config_cls: str, model_cls: str, fields: dict, seed: int = 0):
+    """A transformers model of that class with every parameter drawn from `seed` (norm weights
+    around 1, the rest around 0), eager attention."""
+    config = getattr(transformers, config_cls)(**fields)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
@@ -47,6 +48,11 @@ def make_hf_model(name: str, seed: int = 0):
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def make_hf_model(name: str, seed: int = 0):
+    config_cls, model_cls, extra = ARCHS[name]
+    return random_hf_model(config_cls, model_cls, {**BASE, **extra}, seed)
 
 
 def save_hf_model(name: str, path: Path, seed: int = 0, **save_kwargs):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import transformers
+from hf_fixtures import random_hf_model
 
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -37,18 +36,7 @@ MOE_ARCHS = {
 
 def make_hf_moe(name: str, seed: int = 0, **overrides):
     config_cls, model_cls, extra = MOE_ARCHS[name]
-    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-    return model
+    return random_hf_model(config_cls, model_cls, {**BASE, **extra, **overrides}, seed)
 
 
 def save_hf_moe(name: str, path: Path, seed: int = 0, **save_kwargs):
