@@ -14,6 +14,8 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from hf_fixtures import random_hf_model
+
 ORIGINAL = 32  # original_max_position_embeddings of the LongRoPE models: prompts past it take long factors
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -37,16 +39,7 @@ PHI3 = {
 
 
 def make_phi3(fields: dict, seed: int = 0) -> transformers.Phi3ForCausalLM:
-    config = transformers.Phi3Config(**{**BASE, **fields})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.Phi3ForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.2 if "norm" in name else 0.15
-            p.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
-    return model
+    return random_hf_model("Phi3Config", "Phi3ForCausalLM", {**BASE, **fields}, seed)
 
 
 def save_phi3(name_or_fields: str | dict, path: Path, seed: int = 0) -> transformers.Phi3ForCausalLM:
