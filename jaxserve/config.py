@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from pallas_kernels.backend import BACKENDS
+from jaxserve.kernels.backend import BACKENDS
 
 ATTENTION_BACKENDS = BACKENDS  # see pallas_kernels.backend for what each name runs
 DTYPES = ("auto", "float32", "bfloat16", "float16")

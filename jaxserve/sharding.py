@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models.config import ModelConfig, kv_head_replicas
+from jaxserve.models.config import ModelConfig, kv_head_replicas
 
 log = logging.getLogger(__name__)
 

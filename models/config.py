@@ -14,10 +14,10 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from models.activations import ACTIVATIONS
-from models.errors import ModelConfigError, ModelLoadError
-from models.registry import config_fields
-from models.rope import RopeConfig
+from jaxserve.models.activations import ACTIVATIONS
+from jaxserve.models.errors import ModelConfigError, ModelLoadError
+from jaxserve.models.registry import config_fields
+from jaxserve.models.rope import RopeConfig
 
 __all__ = ["ModelConfig", "ModelConfigError", "ModelLoadError", "RopeConfig"]
 

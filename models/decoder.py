@@ -45,15 +45,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
-from models.activations import ACTIVATIONS
-from models.attention_metadata import AttentionMetadata
-from models.config import ModelConfig
-from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
-from models.moe import MoEBlock
-from models.params import param as _param
-from models.sharded_attention import sharded_ragged_paged_attention
-from models.rope import apply_rotary, rotary_embedding
+from jaxserve import kernels
+from jaxserve.models.activations import ACTIVATIONS
+from jaxserve.models.attention_metadata import AttentionMetadata
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+from jaxserve.models.moe import MoEBlock
+from jaxserve.models.params import param as _param
+from jaxserve.models.sharded_attention import sharded_ragged_paged_attention
+from jaxserve.models.rope import apply_rotary, rotary_embedding
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -101,7 +101,7 @@ class Attention(nnx.Module):
         self.attention_backend = attention_backend
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
         self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
-                           and pallas_kernels.is_kernel(attention_backend) else None)
+                           and kernels.is_kernel(attention_backend) else None)
 
     def __call__(self, x, cos, sin, kv_pages, first_page, md: AttentionMetadata, sliding_window: int | None):
         """x [T, D]; cos, sin [T, R] (R <= H rotary dims); kv_pages [L*P, B, 2K, H], the pool of every layer's pages, of
@@ -117,8 +117,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         slots = md.slot_mapping + first_page * kv_pages.shape[1]
-        kv_pages = pallas_kernels.write_kv(kv_pages, k, v, slots, backend=self.attention_backend)
-        attend = pallas_kernels.ragged_paged_attention
+        kv_pages = kernels.write_kv(kv_pages, k, v, slots, backend=self.attention_backend)
+        attend = kernels.ragged_paged_attention
         if self.shard_mesh is not None:
             attend = functools.partial(sharded_ragged_paged_attention, self.shard_mesh)
         o = attend(q, kv_pages, md.kv_lens, md.block_tables + first_page, md.cu_q_lens, md.num_seqs,

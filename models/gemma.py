@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 
 
 def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

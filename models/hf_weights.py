@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from models.config import ModelConfig, ModelLoadError
-from models.moe_weights import expert_tensors
+from jaxserve.models.config import ModelConfig, ModelLoadError
+from jaxserve.models.moe_weights import expert_tensors
 
 Path = tuple[str | int, ...]
 

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import ModelConfig, ModelLoadError
-from models.decoder import CausalLM
-from models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model_name, weight_specs
-from models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
-from models.orbax_state import restore_state
+from jaxserve.models.config import ModelConfig, ModelLoadError
+from jaxserve.models.decoder import CausalLM
+from jaxserve.models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model_name, weight_specs
+from jaxserve.models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
+from jaxserve.models.orbax_state import restore_state
 
 __all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
            "resolve_model_dir"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import jax
 
-from models.errors import ModelLoadError
+from jaxserve.models.errors import ModelLoadError
 
 # Maps a parameter's logical axis names to where it should live (None: default device).
 ShardingFn = Callable[[tuple[str | None, ...]], "jax.sharding.Sharding | None"]

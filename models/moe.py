@@ -48,8 +48,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
-from models.params import param
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.params import param
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

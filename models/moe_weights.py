@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 
 # What models.hf_weights.WeightSpec takes (it wraps these; this module sits below it):
 # (path, transform, hf_shape, layer, offset, covers).

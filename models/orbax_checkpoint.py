@@ -11,10 +11,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from models.errors import ModelLoadError
-from models.loader import load_model
-from models.model_files import resolve_model_dir
-from models.orbax_state import save_params
+from jaxserve.models.errors import ModelLoadError
+from jaxserve.models.loader import load_model
+from jaxserve.models.model_files import resolve_model_dir
+from jaxserve.models.orbax_state import save_params
 
 COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 

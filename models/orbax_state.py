@@ -17,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from models.errors import ModelLoadError
-from models.model_files import ORBAX_DIR, ORBAX_MARKER, ShardingFn
+from jaxserve.models.errors import ModelLoadError
+from jaxserve.models.model_files import ORBAX_DIR, ORBAX_MARKER, ShardingFn
 
 # 2: decoder layer parameters stacked on a leading layers axis (1: one subtree per layer).
 FORMAT_VERSION = 2

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from models.activations import ACTIVATIONS
-from models.errors import ModelConfigError
-from models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
+from jaxserve.models.activations import ACTIVATIONS
+from jaxserve.models.errors import ModelConfigError
+from jaxserve.models.rope import SUPPORTED_ROPE_TYPES, RopeConfig
 
 # HF config.json -> keyword arguments of ModelConfig.
 Adapter = Callable[[Mapping[str, Any]], dict[str, Any]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-import pallas_kernels
+from jaxserve import kernels
 
 
 def sharded_ragged_paged_attention(mesh: Mesh, q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, **kwargs):
@@ -27,7 +27,7 @@ def sharded_ragged_paged_attention(mesh: Mesh, q, kv_pages, kv_lens, block_table
                          f"{max(1, model // num_kv_heads)}, see ModelConfig.for_tensor_parallel)")
 
     def body(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs):
-        return pallas_kernels.ragged_paged_attention(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs, **kwargs)
+        return kernels.ragged_paged_attention(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs, **kwargs)
 
     heads = P(None, "model", None)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(heads, P(None, None, "model", None), P(), P(), P(), P()),

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention_metadata import single_sequence_metadata
-from models.decoder import CausalLM, init_kv_caches
+from jaxserve.models.attention_metadata import single_sequence_metadata
+from jaxserve.models.decoder import CausalLM, init_kv_caches
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))

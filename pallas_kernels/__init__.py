@@ -6,8 +6,8 @@ decode tokens over a paged KV cache, with named backends behind one validated wr
 write_kv: stores a step's new K/V into their page slots.
 """
 
-from pallas_kernels.attention_api import ragged_paged_attention
-from pallas_kernels.backend import AttentionBackend, is_kernel, resolve_backend
-from pallas_kernels.kv_write import write_kv
+from jaxserve.kernels.attention_api import ragged_paged_attention
+from jaxserve.kernels.backend import AttentionBackend, is_kernel, resolve_backend
+from jaxserve.kernels.kv_write import write_kv
 
 __all__ = ["AttentionBackend", "is_kernel", "ragged_paged_attention", "resolve_backend", "write_kv"]

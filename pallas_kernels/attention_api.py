@@ -18,8 +18,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_reference import ragged_paged_attention_reference
-from pallas_kernels.backend import resolve_backend
+from jaxserve.kernels.attention_reference import ragged_paged_attention_reference
+from jaxserve.kernels.backend import resolve_backend
 
 # Tuning knobs each backend accepts (static keyword arguments).
 TUNING_KEYS: dict[str, frozenset[str]] = {
@@ -95,16 +95,16 @@ def _dispatch(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_sca
                   **dict(tuning))
     args = (q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     if backend == "xla":
-        from pallas_kernels.attention_xla import ragged_paged_attention_xla
+        from jaxserve.kernels.attention_xla import ragged_paged_attention_xla
         return ragged_paged_attention_xla(*args, **kwargs)
     if backend == "jax_tpu":
-        from pallas_kernels.attention_tpu_jax import ragged_paged_attention_jax_tpu
+        from jaxserve.kernels.attention_tpu_jax import ragged_paged_attention_jax_tpu
         return ragged_paged_attention_jax_tpu(*args, **kwargs)
     if backend == "pallas_tpu":
-        from pallas_kernels.attention_tpu import ragged_paged_attention_tpu
+        from jaxserve.kernels.attention_tpu import ragged_paged_attention_tpu
         return ragged_paged_attention_tpu(*args, **kwargs)
     if backend == "pallas_gpu":
-        from pallas_kernels.attention_gpu import ragged_paged_attention_gpu
+        from jaxserve.kernels.attention_gpu import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(*args, **kwargs)
     return ragged_paged_attention_reference(*args, **kwargs)
 

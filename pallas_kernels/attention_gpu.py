@@ -31,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_reference import MASK_VALUE, token_metadata
-from pallas_kernels.backend import interpret_mode
+from jaxserve.kernels.attention_reference import MASK_VALUE, token_metadata
+from jaxserve.kernels.backend import interpret_mode
 
 MIN_MMA_ROWS = 16          # Triton's dot needs >= 16 rows
 KEYS_PER_SPLIT = 512       # a context split covers at least this many keys

@@ -45,8 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_reference import MASK_VALUE
-from pallas_kernels.backend import interpret_mode
+from jaxserve.kernels.attention_reference import MASK_VALUE
+from jaxserve.kernels.backend import interpret_mode
 
 LANES = 128  # m/l scratch is lane-broadcast: Mosaic dislikes width-1 minor dims.
 SMEM_BYTES_PER_CORE = 1 << 20  # TPU v4/v5e/v5p/v6e: 1 MiB of scalar memory per core

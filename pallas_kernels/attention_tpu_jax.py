@@ -46,7 +46,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as jax_rpa
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import tuned_block_sizes as tuned
 
-from pallas_kernels.backend import interpret_mode
+from jaxserve.kernels.backend import interpret_mode
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 # The tuned table used when no TPU is attached (interpret mode, export for TPU from CPU).

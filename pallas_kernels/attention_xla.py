@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention_reference import MASK_VALUE
+from jaxserve.kernels.attention_reference import MASK_VALUE
 
 # A decode iteration gathers R sequences x Bk keys x 2*Hkv x D values; on a 2-core x86 CPU
 # ~2 MiB per iteration was fastest (64 decodes x 400 keys: blocks of 16-32 keys beat blocks

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import resolve_backend
+from jaxserve.kernels.backend import resolve_backend
 
 
 def interleave_kv(k: jax.Array, v: jax.Array) -> jax.Array:

@@ -36,7 +36,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import ragged_paged_attention, write_kv
+from jaxserve.kernels import ragged_paged_attention, write_kv
 
 JAX_GPU_PAGED = "jax_gpu_paged"     # jax.experimental.pallas.ops.gpu.paged_attention
 KERNEL_ROWS = {"gpu": ("pallas_gpu", JAX_GPU_PAGED), "tpu": ("jax_tpu", "pallas_tpu")}
@@ -231,7 +231,7 @@ def table(rows: list[dict]) -> str:
 def native_backends() -> list[str]:
     """reference, xla (once it exists), and the kernels written for this platform."""
     backends = ["reference"]
-    if importlib.util.find_spec("pallas_kernels.attention_xla") is not None:
+    if importlib.util.find_spec("jaxserve.kernels.attention_xla") is not None:
         backends.append("xla")
     platform_name = "gpu" if jax.default_backend() in ("gpu", "cuda") else jax.default_backend()
     return backends + list(KERNEL_ROWS.get(platform_name, ()))

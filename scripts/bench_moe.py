@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.moe import dense_reference, grouped_experts
+from jaxserve.models.moe import dense_reference, grouped_experts
 
 
 def time_ms(fn, *args, repeat: int) -> float:

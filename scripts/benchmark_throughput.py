@@ -86,7 +86,7 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
     import numpy as np
 
     from jaxserve import LLM, SamplingParams
-    from pallas_kernels.backend import resolve_backend
+    from jaxserve.kernels.backend import resolve_backend
 
     overrides = {k: v for k, v in dict(num_pages=args.num_pages, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
         from jaxserve.demo_model import ensure_demo_model
 
         args.model = str(ensure_demo_model())
-    from models.loader import read_hf_config, resolve_model_dir
+    from jaxserve.models.loader import read_hf_config, resolve_model_dir
 
     vocab = int(read_hf_config(resolve_model_dir(args.model))["vocab_size"])
     work = workload(args, vocab)

@@ -16,8 +16,8 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
-from models.config import ModelConfig
-from models.loader import read_hf_config, resolve_model_dir
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.loader import read_hf_config, resolve_model_dir
 
 log = logging.getLogger(__name__)
 

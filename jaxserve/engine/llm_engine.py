@@ -47,10 +47,10 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import Placement
 from jaxserve.worker.memory_profile import KVLayout, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner, StepHandle
-from models.config import ModelConfig
-from models.decoder import init_kv_caches
-from models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
-from pallas_kernels.backend import interpret_mode, resolve_backend
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.decoder import init_kv_caches
+from jaxserve.models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
+from jaxserve.kernels.backend import interpret_mode, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class LLMEngine:
         if self.attention_backend in ("jax_tpu", "pallas_tpu") and not interpret_mode(self.attention_backend):
             # Both TPU kernels keep block-table data in SMEM (1 MiB a core): refuse at start,
             # with the numbers, a configuration whose tables cannot fit.
-            from pallas_kernels.attention_tpu import check_smem_fit
+            from jaxserve.kernels.attention_tpu import check_smem_fit
 
             check_smem_fit(self.attention_backend, config.max_num_seqs + 1, self.max_model_len, config.page_size,
                            max_num_tokens=config.max_num_batched_tokens)

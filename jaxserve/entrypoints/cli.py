@@ -35,8 +35,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from transformers import AutoTokenizer
 
-    from models.loader import load_model
-    from models.single_sequence import SingleSequenceRunner
+    from jaxserve.models.loader import load_model
+    from jaxserve.models.single_sequence import SingleSequenceRunner
 
     path = _model_path(args.model)
     log.info("loading model %s (dtype %s)", path, args.dtype)
@@ -172,7 +172,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from models.orbax_checkpoint import convert
+    from jaxserve.models.orbax_checkpoint import convert
 
     dst = convert(args.src, args.dst, dtype=args.dtype)
     print(f"wrote a jaxserve Orbax checkpoint to {dst}")
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
-    from models.config import ModelLoadError
+    from jaxserve.models.config import ModelLoadError
 
     try:
         return args.func(args)

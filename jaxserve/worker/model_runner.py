@@ -42,8 +42,8 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
                                          step_positions)
 from jaxserve.worker.sampler import SamplingMetadata, sample
-from models.attention_metadata import AttentionMetadata
-from models.decoder import CausalLM, copy_pages
+from jaxserve.models.attention_metadata import AttentionMetadata
+from jaxserve.models.decoder import CausalLM, copy_pages
 
 log = logging.getLogger(__name__)
 

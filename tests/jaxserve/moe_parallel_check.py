@@ -50,7 +50,7 @@ def expert_update_collectives() -> list[str]:
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from models.loader import _set_layer
+    from jaxserve.models.loader import _set_layer
 
     mesh = Mesh(jax.devices(), ("model",))
     stacked = jax.device_put(jnp.zeros((2, 16, 64, 80)), NamedSharding(mesh, P(None, "model", None, None)))

@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "pallas_kernels"))
 from rpa_batch import make_batch  # noqa: E402
 
-from models.sharded_attention import sharded_ragged_paged_attention  # noqa: E402
-from pallas_kernels import ragged_paged_attention  # noqa: E402
+from jaxserve.models.sharded_attention import sharded_ragged_paged_attention  # noqa: E402
+from jaxserve.kernels import ragged_paged_attention  # noqa: E402
 
 
 def copy_kv_heads(kv_pages, replicas: int):

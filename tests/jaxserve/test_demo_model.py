@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from jaxserve.entrypoints import cli
 from jaxserve.demo_model import (MARKER, RANDOM_WEIGHTS_WARNING, DemoModelError, default_demo_dir, ensure_demo_model,
                                  is_demo_model, write_demo_model)
-from models.loader import load_model
+from jaxserve.models.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from jaxserve.config import EngineConfig
 from jaxserve.sharding import DEFAULT_RULES, MeshConfig, MeshError, Placement
-from models.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 from moe_engine_fixtures import write_moe_engine_model
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ import pytest
 from engine_fixtures import write_engine_test_model
 from jaxserve.config import EngineConfig
 from jaxserve.sharding import MeshConfig, MeshError, parse_mesh
-from models.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

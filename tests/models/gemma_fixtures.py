@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,

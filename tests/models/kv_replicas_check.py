@@ -22,10 +22,10 @@ from flax import nnx  # noqa: E402
 
 from jaxserve.sharding import MeshConfig, Placement  # noqa: E402
 from jaxserve.worker.memory_profile import KVLayout  # noqa: E402
-from models.attention_metadata import single_sequence_metadata  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import init_kv_caches  # noqa: E402
-from models.loader import load_model, read_hf_config  # noqa: E402
+from jaxserve.models.attention_metadata import single_sequence_metadata  # noqa: E402
+from jaxserve.models.config import ModelConfig  # noqa: E402
+from jaxserve.models.decoder import init_kv_caches  # noqa: E402
+from jaxserve.models.loader import load_model, read_hf_config  # noqa: E402
 
 IDS = [5, 17, 3, 44, 90, 12, 7, 8, 9, 10, 11]
 PAGES, PAGE_SIZE = 8, 4

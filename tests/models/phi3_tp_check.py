@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxserve.sharding import MeshConfig, Placement  # noqa: E402
-from models.attention_metadata import single_sequence_metadata  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import init_kv_caches  # noqa: E402
-from models.loader import load_model, read_hf_config  # noqa: E402
+from jaxserve.models.attention_metadata import single_sequence_metadata  # noqa: E402
+from jaxserve.models.config import ModelConfig  # noqa: E402
+from jaxserve.models.decoder import init_kv_caches  # noqa: E402
+from jaxserve.models.loader import load_model, read_hf_config  # noqa: E402
 
 IDS = [(7 * i + 3) % 90 + 3 for i in range(40)]
 PAGES, PAGE_SIZE = 12, 4

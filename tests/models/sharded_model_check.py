@@ -18,9 +18,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxserve.sharding import MeshConfig, Placement  # noqa: E402
-from models.attention_metadata import single_sequence_metadata  # noqa: E402
-from models.decoder import init_kv_caches  # noqa: E402
-from models.loader import load_model  # noqa: E402
+from jaxserve.models.attention_metadata import single_sequence_metadata  # noqa: E402
+from jaxserve.models.decoder import init_kv_caches  # noqa: E402
+from jaxserve.models.loader import load_model  # noqa: E402
 
 IDS = [5, 17, 3, 44, 90, 12, 7, 8, 9, 10, 11]
 PAGES, PAGE_SIZE = 8, 4

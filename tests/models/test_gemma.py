@@ -12,9 +12,9 @@ import torch
 from flax import nnx
 
 from gemma_fixtures import LENGTH, NAMES, gemma, hf_logits, logits, prompt, rel_err  # noqa: F401 (fixture)
-from models.decoder import CausalLM
-from models.loader import load_model
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.decoder import CausalLM
+from jaxserve.models.loader import load_model
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 
 def with_config(model: CausalLM, **changes) -> CausalLM:
@@ -113,7 +113,7 @@ def test_gemma3_follows_transformers_on_the_soft_caps(gemma):
 def test_gemma_layers_and_norms_carry_logical_axes(gemma):
     """The decoder builds Gemma's layer (sandwich norms) and norms from the flag, and every
     parameter names its logical axes (the layers axis first inside the scanned stack)."""
-    from models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+    from jaxserve.models.gemma import GemmaDecoderLayer, GemmaRMSNorm
 
     cfg = load_model(gemma("gemma3_text")[0]).config
     model = nnx.eval_shape(lambda: CausalLM(cfg))

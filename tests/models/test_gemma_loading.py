@@ -16,12 +16,12 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from gemma_fixtures import LENGTH, gemma, hf_config, hf_logits, logits, prompt, rel_err  # noqa: F401 (fixture)
-from models.config import ModelConfig, ModelConfigError
-from models.hf_weights import weight_specs
-from models.loader import load_model
-from models.orbax_checkpoint import convert
-from models.single_sequence import SingleSequenceRunner
-from models.registry import GEMMA2_DEFAULTS, GEMMA3_TEXT_DEFAULTS
+from jaxserve.models.config import ModelConfig, ModelConfigError
+from jaxserve.models.hf_weights import weight_specs
+from jaxserve.models.loader import load_model
+from jaxserve.models.orbax_checkpoint import convert
+from jaxserve.models.single_sequence import SingleSequenceRunner
+from jaxserve.models.registry import GEMMA2_DEFAULTS, GEMMA3_TEXT_DEFAULTS
 
 
 # ---- config forms and refusals ----

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_fixtures import ARCHS
-from models.loader import load_model
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.loader import load_model
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 PROMPT_LENGTHS = (1, 7, 20, 45)
 
@@ -72,7 +72,7 @@ def test_sliding_window_is_honoured(hf_model_dir):
     no_window = dataclasses.replace(loaded.config, sliding_windows=(None,) * loaded.config.num_layers)
     from flax import nnx
 
-    from models.decoder import CausalLM
+    from jaxserve.models.decoder import CausalLM
 
     graphdef, state = nnx.split(loaded.model)
     unwindowed = nnx.merge(nnx.split(nnx.eval_shape(lambda: CausalLM(no_window)))[0], state)

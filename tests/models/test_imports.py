@@ -3,24 +3,24 @@
 import ast
 from pathlib import Path
 
-import models
+from jaxserve import models
 
 PACKAGE = Path(models.__file__).parent
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = ("jaxserve", "models") + path.relative_to(PACKAGE).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imported(node: ast.AST) -> list[str]:
-    """models.* modules named by an import statement (`from models import x` counts as models.x)."""
+    """jaxserve.models.* modules named by an import statement (`from jaxserve.models import x` counts as jaxserve.models.x)."""
     if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == "models"]
+        return [a.name for a in node.names if a.name.startswith("jaxserve.models")]
     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        if node.module == "models":
-            return [f"models.{a.name}" for a in node.names]
-        if node.module.split(".")[0] == "models":
+        if node.module == "jaxserve.models":
+            return [f"jaxserve.models.{a.name}" for a in node.names]
+        if node.module.startswith("jaxserve.models"):
             return [node.module]
     return []
 
@@ -71,7 +71,7 @@ def test_models_modules_import_only_at_top_level():
 
 def test_models_import_graph_has_no_cycle():
     graph, _ = _scan()
-    assert "models.config" in graph and "models.registry" in graph["models.config"]
+    assert "jaxserve.models.config" in graph and "jaxserve.models.registry" in graph["jaxserve.models.config"]
     unknown = {dep for deps in graph.values() for dep in deps} - set(graph)
     assert not unknown, f"imports of models modules that do not exist: {sorted(unknown)}"
     cycle = _find_cycle(graph)

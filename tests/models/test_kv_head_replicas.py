@@ -16,8 +16,8 @@ import torch
 import transformers
 
 from jaxserve.sharding import MeshConfig, MeshError
-from models.config import ModelConfig, ModelConfigError, kv_head_replicas
-from models.orbax_checkpoint import convert
+from jaxserve.models.config import ModelConfig, ModelConfigError, kv_head_replicas
+from jaxserve.models.orbax_checkpoint import convert
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.attention_metadata import single_sequence_metadata
-from models.config import ModelConfig
-from models.decoder import CausalLM, copy_pages, init_kv_caches, kv_cache_shape, layer_groups
-from models.rope import inverse_frequencies, rotary_cos_sin
+from jaxserve.models.attention_metadata import single_sequence_metadata
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.decoder import CausalLM, copy_pages, init_kv_caches, kv_cache_shape, layer_groups
+from jaxserve.models.rope import inverse_frequencies, rotary_cos_sin
 
 PAGES, PAGE_SIZE = 1024, 4
 HERE = Path(__file__).parent

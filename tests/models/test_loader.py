@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models.config import ModelConfig, ModelConfigError, ModelLoadError
-from models.loader import load_model
-from models.orbax_checkpoint import convert
-from models.registry import read_rope, supported_model_types
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.config import ModelConfig, ModelConfigError, ModelLoadError
+from jaxserve.models.loader import load_model
+from jaxserve.models.orbax_checkpoint import convert
+from jaxserve.models.registry import read_rope, supported_model_types
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 IDS = [5, 17, 3, 44, 90, 12, 7]
 

@@ -17,11 +17,11 @@ from flax import nnx
 from safetensors import safe_open
 
 from moe_fixtures import MOE_ARCHS, save_hf_moe
-from models.config import ModelConfig, ModelConfigError
-from models.loader import load_model
-from models.moe import dense_reference, grouped_experts, route
-from models.orbax_checkpoint import convert
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.config import ModelConfig, ModelConfigError
+from jaxserve.models.loader import load_model
+from jaxserve.models.moe import dense_reference, grouped_experts, route
+from jaxserve.models.orbax_checkpoint import convert
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 ROOT = Path(__file__).parents[2]
 

@@ -12,12 +12,12 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from models.config import ModelConfig, ModelConfigError, ModelLoadError
-from models.hf_weights import split_fused
-from models.loader import load_model
-from models.orbax_checkpoint import convert
-from models.rope import RopeConfig, inverse_frequencies
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.config import ModelConfig, ModelConfigError, ModelLoadError
+from jaxserve.models.hf_weights import split_fused
+from jaxserve.models.loader import load_model
+from jaxserve.models.orbax_checkpoint import convert
+from jaxserve.models.rope import RopeConfig, inverse_frequencies
+from jaxserve.models.single_sequence import SingleSequenceRunner
 from phi3_fixtures import BASE, LONG, ORIGINAL, PHI3, SHORT, hf_cached_greedy, hf_cached_steps, hf_full_logits, \
     longrope, save_phi3
 
@@ -114,7 +114,7 @@ def test_window_and_partial_rotary_are_honoured(phi3):
 
     from flax import nnx
 
-    from models.decoder import CausalLM
+    from jaxserve.models.decoder import CausalLM
 
     path, hf, model = phi3("phi3_window")
     cfg = model.cfg

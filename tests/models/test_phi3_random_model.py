@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from models.config import ModelConfig
-from models.loader import load_model
-from models.single_sequence import SingleSequenceRunner
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.loader import load_model
+from jaxserve.models.single_sequence import SingleSequenceRunner
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "make_random_model.py"
 

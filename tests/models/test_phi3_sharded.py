@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.orbax_checkpoint import convert
+from jaxserve.models.orbax_checkpoint import convert
 from phi3_fixtures import BASE, hf_full_logits, longrope, save_phi3
 
 HERE = Path(__file__).parent

@@ -111,7 +111,7 @@ def dense_oracle(batch: Batch, *, sm_scale, sliding_window=None, soft_cap=None) 
 def assert_backend_matches_reference(batch: Batch, backend: str, *, sm_scale, sliding_window=None,
                                      soft_cap=None, **tuning) -> None:
     """`backend` equals the dense reference on the real rows (no NaN leaked), padding rows zeros."""
-    from pallas_kernels import ragged_paged_attention
+    from jaxserve.kernels import ragged_paged_attention
 
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     want = ragged_paged_attention(*batch.args, backend="reference", **opts)

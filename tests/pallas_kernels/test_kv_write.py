@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import write_kv
+from jaxserve.kernels import write_kv
 
 
 @pytest.mark.parametrize("page_dtype,new_dtype", [(jnp.float32, jnp.float32),

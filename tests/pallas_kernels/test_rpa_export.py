@@ -16,9 +16,9 @@ import pytest
 
 from jax._src.pallas.mosaic import tpu_info
 
-import pallas_kernels.attention_gpu as gpu
-import pallas_kernels.attention_tpu as tpu
-import pallas_kernels.attention_tpu_jax as tpu_jax
+import jaxserve.kernels.attention_gpu as gpu
+import jaxserve.kernels.attention_tpu as tpu
+import jaxserve.kernels.attention_tpu_jax as tpu_jax
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"     # the custom call Pallas' Triton lowering emits
 KERNELS = {   # backend: (module, function, platform, custom call expected in the module)

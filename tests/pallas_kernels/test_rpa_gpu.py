@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import pytest
 from jax._src.pallas.triton import lowering as triton_lowering
 
-import pallas_kernels.attention_gpu as gpu
-from pallas_kernels import ragged_paged_attention
+import jaxserve.kernels.attention_gpu as gpu
+from jaxserve.kernels import ragged_paged_attention
 from rpa_batch import assert_backend_matches_reference, make_batch
 
 TRITON_CALL = "__gpu$xla.gpu.triton"    # custom call target of a Pallas Triton kernel

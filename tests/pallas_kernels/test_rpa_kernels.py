@@ -11,7 +11,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_paged_attention
+from jaxserve.kernels import ragged_paged_attention
 from rpa_batch import assert_backend_matches_reference, make_batch
 
 MIXES = {

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_paged_attention
+from jaxserve.kernels import ragged_paged_attention
 from rpa_batch import dense_oracle, make_batch
 
 MIXES = {

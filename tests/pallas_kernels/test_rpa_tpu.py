@@ -15,8 +15,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_paged_attention
-from pallas_kernels.attention_tpu import (check_smem_fit, max_tiles, q_tiles,
+from jaxserve.kernels import ragged_paged_attention
+from jaxserve.kernels.attention_tpu import (check_smem_fit, max_tiles, q_tiles,
                                           smem_bytes_needed)
 from rpa_batch import assert_backend_matches_reference, make_batch
 

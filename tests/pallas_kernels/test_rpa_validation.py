@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_paged_attention, resolve_backend
+from jaxserve.kernels import ragged_paged_attention, resolve_backend
 
 
 def _args(**over):

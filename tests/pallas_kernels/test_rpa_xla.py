@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_paged_attention
-from pallas_kernels.attention_xla import default_block_sizes
+from jaxserve.kernels import ragged_paged_attention
+from jaxserve.kernels.attention_xla import default_block_sizes
 from rpa_batch import dense_oracle, make_batch
 
 MIXES = {

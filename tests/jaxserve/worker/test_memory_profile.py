@@ -12,8 +12,8 @@ from jaxserve.core.step_shapes import StepShapes
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells
 from jaxserve.worker.memory_profile import StepMemory, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner
-from models.decoder import init_kv_caches
-from models.loader import load_model
+from jaxserve.models.decoder import init_kv_caches
+from jaxserve.models.loader import load_model
 
 
 @pytest.fixture(scope="module")
