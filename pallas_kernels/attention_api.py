@@ -3,6 +3,9 @@
 Shapes (T padded tokens, S max sequences, P pages):
   q             [T, Hq, D]              any float dtype; Hq % Hkv == 0
   kv_pages      [P, page_size, 2*Hkv, D] K of kv head h at 2h, V at 2h+1; page 0 = null page
+                or a kv_quant.QuantizedKV: 8-bit pages of that shape and float32 scales
+                [P, page_size, 2*Hkv] (one per token and combined head), dequantized
+                inside each backend's kernel
   kv_lens       int32 [S]               context length after this step (new tokens included)
   block_tables  int32 [S, max_pages_per_seq]
   cu_q_lens     int32 [S + 1]           q row offsets; seq i owns rows cu_q_lens[i]:cu_q_lens[i+1]
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxserve.kernels.attention_reference import ragged_paged_attention_reference
 from jaxserve.kernels.backend import resolve_backend
+from jaxserve.kernels.kv_quant import QuantizedKV, is_quantized_dtype
 
 # Tuning knobs each backend accepts (static keyword arguments).
 TUNING_KEYS: dict[str, frozenset[str]] = {
@@ -46,7 +50,13 @@ def validate_attention_args(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_s
     """Raise ValueError naming the first offending argument."""
     if q.ndim != 3 or not jnp.issubdtype(q.dtype, jnp.floating):
         raise _shape_error("q", "a float [num_tokens, num_q_heads, head_dim] array", q)
-    if (kv_pages.ndim != 4 or not jnp.issubdtype(kv_pages.dtype, jnp.floating)
+    if isinstance(kv_pages, QuantizedKV):
+        kv_pages = kv_pages.pages           # QuantizedKV checked its scales on construction
+    elif is_quantized_dtype(kv_pages.dtype):
+        raise ValueError(f"kv_pages of dtype {kv_pages.dtype} need their scales: pass a "
+                         "pallas_kernels.kv_quant.QuantizedKV (pages and scales)")
+    if (kv_pages.ndim != 4 or not (jnp.issubdtype(kv_pages.dtype, jnp.floating)
+                                   or is_quantized_dtype(kv_pages.dtype))
             or kv_pages.shape[2] % 2):
         raise _shape_error("kv_pages", "a float [num_pages, page_size, 2*num_kv_heads, head_dim]"
                            " array", kv_pages)
@@ -93,6 +103,8 @@ def _dispatch(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_sca
               sliding_window, soft_cap, backend, tuning):
     kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   **dict(tuning))
+    if isinstance(kv_pages, QuantizedKV):
+        kv_pages, kwargs["kv_scales"] = kv_pages.pages, kv_pages.scales
     args = (q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs)
     if backend == "xla":
         from jaxserve.kernels.attention_xla import ragged_paged_attention_xla
@@ -109,7 +121,7 @@ def _dispatch(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_sca
     return ragged_paged_attention_reference(*args, **kwargs)
 
 
-def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array,
+def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array | QuantizedKV, kv_lens: jax.Array,
                            block_tables: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array,
                            *, sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, backend: str = "auto",
@@ -123,7 +135,7 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, kv_lens: jax.Array
     """
     validate_attention_args(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    concrete = resolve_backend(backend)
+    concrete = resolve_backend(backend, quantized_kv=isinstance(kv_pages, QuantizedKV))
     _check_tuning(concrete, tuning)
     return _dispatch(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                      sm_scale=float(sm_scale),

@@ -15,6 +15,9 @@ block is Bkp pages gathered by page id straight from HBM (kv_pages[pages, :, 2h,
 [Bkp*ps, D]), one online-softmax update in float32. An empty tile or run loops zero times
 and writes zeros. Page slots outside [lo, hi) are pointed at the null page and replaced by
 zeros with jnp.where before any arithmetic, so NaN in unused pages cannot leak.
+8-bit pages (pallas_kernels.kv_quant) come with their scales [P, ps, 2Hkv]: the kernel
+gathers each block's scales by the same page ids and dequantizes K and V in float32 before
+that select (then casts to q's dtype for the dots).
 
 Combine (XLA). With one split the kernel writes the normalised output in q.dtype; with
 several, each split writes its normalised partial output and log-sum-exp in float32 and a
@@ -104,8 +107,11 @@ def _split_blocks(lo, hi, block_k, num_splits):
 
 
 def _kernel(seq_ref, start_ref, rows_ref, kv_lens_ref, tables_ref, cu_ref, q_ref, kv_ref,
-            *out_refs, sm_scale, sliding_window, soft_cap, group, pages_per_blk, num_splits):
-    # q_ref [Bq, Gp, D] (tile t, kv head h); kv_ref [P, ps, 2Hkv, D] in HBM.
+            *refs, sm_scale, sliding_window, soft_cap, group, pages_per_blk, num_splits,
+            quantized):
+    # q_ref [Bq, Gp, D] (tile t, kv head h); kv_ref [P, ps, 2Hkv, D] in HBM;
+    # quantized: refs[0] = scales [P, ps, 2Hkv] f32 in HBM, then the outputs.
+    scales_ref, out_refs = (refs[0], refs[1:]) if quantized else (None, refs)
     bq, gp, head_dim = q_ref.shape
     num_pages, page_size = kv_ref.shape[:2]
     max_pages = tables_ref.shape[1]
@@ -118,7 +124,9 @@ def _kernel(seq_ref, start_ref, rows_ref, kv_lens_ref, tables_ref, cu_ref, q_ref
     b0, b1 = _split_blocks(lo, hi, block_k, num_splits)
     # 16-bit caches: both dots on 16-bit operands (tensor cores); f32 without TF32, so
     # float32 inputs match the reference.
-    pv_dtype = kv_ref.dtype if jnp.dtype(kv_ref.dtype).itemsize == 2 else jnp.float32
+    # 8-bit caches: dequantized to float32, then dotted in q's dtype (16-bit or float32).
+    cache_dtype = q_ref.dtype if quantized else kv_ref.dtype
+    pv_dtype = cache_dtype if jnp.dtype(cache_dtype).itemsize == 2 else jnp.float32
     tf32 = lambda dt: False if jnp.dtype(dt).itemsize == 4 else None
 
     q = q_ref[...].reshape(num_rows, head_dim)
@@ -135,6 +143,11 @@ def _kernel(seq_ref, start_ref, rows_ref, kv_lens_ref, tables_ref, cu_ref, q_ref
                           jnp.clip(pages, 0, num_pages - 1), 0)
         k = kv_ref[pages, :, 2 * h, :].reshape(block_k, head_dim)
         v = kv_ref[pages, :, 2 * h + 1, :].reshape(block_k, head_dim)
+        if quantized:
+            k_scale = scales_ref[pages, :, 2 * h].reshape(block_k, 1)
+            v_scale = scales_ref[pages, :, 2 * h + 1].reshape(block_k, 1)
+            k = k.astype(jnp.float32) * k_scale
+            v = v.astype(jnp.float32) * v_scale
         k_pos = j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         key_ok = ((k_pos >= lo) & (k_pos < hi))[:, None]
         k = jnp.where(key_ok, k, 0).astype(q.dtype)
@@ -193,8 +206,10 @@ def _combine(o, lse, row_idx, num_splits):
 def ragged_paged_attention_gpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                                sm_scale, sliding_window=None, soft_cap=None,
                                num_q_per_block=None, num_kv_pages_per_block=None,
-                               num_kv_splits=None, num_warps=None, num_stages=None):
+                               num_kv_splits=None, num_warps=None, num_stages=None,
+                               kv_scales=None):
     """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off GPU.
+    kv_scales [P, page_size, 2*Hkv] float32 goes with 8-bit kv_pages (pallas_kernels.kv_quant).
 
     num_q_per_block: tokens per q tile (Bq); num_kv_pages_per_block: pages per kv block;
     num_kv_splits: context splits per tile. On a GPU, Bq*Gp and pages*page_size must be
@@ -218,14 +233,14 @@ def ragged_paged_attention_gpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
 
     seq, start, rows, first_tile = tile_work_list(cu_q_lens, num_seqs, num_tiles, bq)
     qt = _gather_q_tiles(q, start, rows, bq, num_kv_heads, gp)
-    out = _call_kernel(qt, kv_pages, (seq, start, rows, kv_lens, block_tables, cu_q_lens),
+    out = _call_kernel(qt, kv_pages, kv_scales, (seq, start, rows, kv_lens, block_tables, cu_q_lens),
                        q.dtype, bq=bq, splits=splits, interpret=interpret,
                        compiler_params=pltriton.CompilerParams(num_warps=num_warps or 4,
                                                                num_stages=num_stages or 2),
                        kernel=functools.partial(
                            _kernel, sm_scale=sm_scale, sliding_window=sliding_window,
                            soft_cap=soft_cap, group=group, pages_per_blk=pages_per_blk,
-                           num_splits=splits))
+                           num_splits=splits, quantized=kv_scales is not None))
 
     tok_seq, _, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
     in_seq = jnp.arange(num_tokens, dtype=jnp.int32) - cu_q_lens[tok_seq]
@@ -245,9 +260,10 @@ def _check_triton_sizes(rows: int, block_k: int, head_dim: int) -> None:
                              f"got {n}")
 
 
-def _call_kernel(qt, kv_pages, scalars, dtype, *, bq, splits, interpret, compiler_params,
-                 kernel):
-    """The pallas_call. qt [num_tiles*Bq, Hkv, Gp, D] -> ((splits,) rows, Hkv, Gp, D)[, lse]."""
+def _call_kernel(qt, kv_pages, kv_scales, scalars, dtype, *, bq, splits, interpret,
+                 compiler_params, kernel):
+    """The pallas_call. qt [num_tiles*Bq, Hkv, Gp, D] -> ((splits,) rows, Hkv, Gp, D)[, lse].
+    kv_scales: None, or the 8-bit pages' scales (a whole-array input beside kv_pages)."""
     tiles_x_bq, num_kv_heads, gp, head_dim = qt.shape
     num_tiles = tiles_x_bq // bq
     full = lambda x: pl.BlockSpec(x.shape, lambda t, h, s: (0,) * x.ndim)
@@ -262,14 +278,15 @@ def _call_kernel(qt, kv_pages, scalars, dtype, *, bq, splits, interpret, compile
         ]
         out_shape = [jax.ShapeDtypeStruct((splits,) + qt.shape, jnp.float32),
                      jax.ShapeDtypeStruct((splits,) + qt.shape[:3], jnp.float32)]
+    kv_inputs = (kv_pages,) if kv_scales is None else (kv_pages, kv_scales)
     outs = pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, splits),
-        in_specs=[*(full(x) for x in scalars), q_spec, full(kv_pages)],
+        in_specs=[*(full(x) for x in scalars), q_spec, *(full(x) for x in kv_inputs)],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
         name="ragged_paged_attention_gpu",
-    )(*scalars, qt, kv_pages)
+    )(*scalars, qt, *kv_inputs)
     return outs[0], (outs[1] if splits > 1 else None)

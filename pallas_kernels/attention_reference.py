@@ -49,12 +49,17 @@ def key_mask(pos: jax.Array, kv_len: jax.Array, num_keys: int,
     return mask
 
 
-def _attend_one(q, kv_pages, pages, pos, kv_len, *, sm_scale, sliding_window, soft_cap):
-    """One query token. q [Hq, D]; pages int32 [max_pages] -> out [Hq, D] float32."""
+def _attend_one(q, kv_pages, pages, pos, kv_len, *, sm_scale, sliding_window, soft_cap,
+                kv_scales=None):
+    """One query token. q [Hq, D]; pages int32 [max_pages] -> out [Hq, D] float32.
+    kv_scales [P, page_size, 2*Hkv] float32: 8-bit pages are dequantized after the gather."""
     num_q_heads, d = q.shape
     _, page_size, two_hkv, _ = kv_pages.shape
     hkv = two_hkv // 2
-    kv = kv_pages[pages].reshape(-1, hkv, 2, d)                  # [L, Hkv, 2, D]
+    kv = kv_pages[pages]                                         # [max_pages, ps, 2Hkv, D]
+    if kv_scales is not None:
+        kv = kv.astype(jnp.float32) * kv_scales[pages][..., None]
+    kv = kv.reshape(-1, hkv, 2, d)                               # [L, Hkv, 2, D]
     mask = key_mask(pos, kv_len, kv.shape[0], sliding_window)    # [L]
     # Select (never multiply) so garbage/NaN in unused slots cannot leak.
     kv = jnp.where(mask[:, None, None, None], kv, 0).astype(jnp.float32)
@@ -72,8 +77,9 @@ def _attend_one(q, kv_pages, pages, pos, kv_len, *, sm_scale, sliding_window, so
 def ragged_paged_attention_reference(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs,
                                      *, sm_scale: float, sliding_window: int | None = None,
                                      soft_cap: float | None = None,
-                                     token_chunk: int = 8) -> jax.Array:
-    """Reference ragged paged attention. Shapes as in pallas_kernels.ragged_paged_attention.
+                                     token_chunk: int = 8, kv_scales=None) -> jax.Array:
+    """Reference ragged paged attention. Shapes as in pallas_kernels.ragged_paged_attention;
+    kv_scales [P, page_size, 2*Hkv] float32 goes with 8-bit kv_pages (pallas_kernels.kv_quant).
 
     Output [T, Hq, D] in q.dtype; padding rows are zeros.
     """
@@ -83,7 +89,7 @@ def ragged_paged_attention_reference(q, kv_pages, kv_lens, block_tables, cu_q_le
     def one(args):
         q_t, s, p = args
         return _attend_one(q_t, kv_pages, block_tables[s], p, kv_lens[s], sm_scale=sm_scale,
-                           sliding_window=sliding_window, soft_cap=soft_cap)
+                           sliding_window=sliding_window, soft_cap=soft_cap, kv_scales=kv_scales)
 
     out = jax.lax.map(one, (q, seq, pos), batch_size=min(token_chunk, num_tokens))
     out = jnp.where(valid[:, None, None], out, 0.0)

@@ -32,6 +32,13 @@ axis); bf16 through a uint32 bitcast of the ref, where one word holds K (low hal
 types). Interpreted off TPU, where the interpreter resolves only index transforms of refs,
 bf16 K and V are read by the same strided index as f32. Stale or unused buffer slots (and
 NaN pages) are neutralised by jnp.where before any arithmetic.
+
+8-bit pages (pallas_kernels.kv_quant: int8 / fp8 e4m3 with float32 scales [P, ps, 2Hkv]).
+Each page's scales are DMAed beside it into a VMEM double buffer [2, Bkp, ps, 2Hkv]; K and
+V of head h are dequantized in float32 (times their [Bk, 1] scale column) before the
+select, then cast to q's dtype for the MXU. On TPU an 8-bit buffer is read as uint32 words
+holding 4 combined heads (K and V of heads 2j, 2j+1), split by shifts and bitcast back to
+8 bits, as jax's own kernel reads int8/fp8 pages; that needs 2*Hkv % 4 == 0.
 """
 
 from __future__ import annotations
@@ -136,22 +143,50 @@ def _load_kv_head(kv_buf, slot, h, interpret):
             flat(pltpu.bitcast(word & jnp.uint32(0xFFFF0000), jnp.float32)))
 
 
+def _load_quantized_kv_head(kv_buf, sc_buf, slot, h, interpret):
+    """Dequantized (K, V) of kv head h from buffer slot `slot`, each [Bk, D] float32.
+    kv_buf [2, Bkp, ps, 2Hkv, D] 8-bit; sc_buf [2, Bkp, ps, 2Hkv] float32."""
+    _, pages, page_size, _, head_dim = kv_buf.shape
+    block_k = pages * page_size
+    if interpret:
+        k, v = kv_buf[slot, :, :, 2 * h, :], kv_buf[slot, :, :, 2 * h + 1, :]
+    else:
+        # Word j holds combined heads 4j..4j+3, one byte each: K of head h is byte 2(h % 2).
+        word = kv_buf.bitcast(jnp.uint32)[slot, :, :, h // 2, :]   # [Bkp, ps, D]
+        byte = 2 * (h % 2)
+        k, v = (pltpu.bitcast((word >> (8 * b)).astype(jnp.uint8), kv_buf.dtype)
+                for b in (byte, byte + 1))
+    k_scale = sc_buf[slot, :, :, pl.ds(2 * h, 1)].reshape(block_k, 1)
+    v_scale = sc_buf[slot, :, :, pl.ds(2 * h + 1, 1)].reshape(block_k, 1)
+    flat = lambda x: x.reshape(block_k, head_dim).astype(jnp.float32)
+    return flat(k) * k_scale, flat(v) * v_scale
+
+
 def _kernel(kv_lens_ref, cu_ref, tile_seq_ref, tile_start_ref, tile_len_ref, count_ref,  # SMEM
-            q_hbm, kv_hbm, tables_hbm,                                               # inputs
-            o_hbm,                                                                   # output
-            bt_buf, kv_slot_ref, q_buf, o_buf, kv_buf, sems, m_ref, l_ref, acc_ref,  # scratch
-            *, sm_scale, sliding_window, soft_cap, small, interpret):
+            *refs, sm_scale, sliding_window, soft_cap, small, interpret, quantized):
+    # refs: inputs q_hbm, kv_hbm, tables_hbm[, scales_hbm]; output o_hbm; scratch bt_buf,
+    # kv_slot_ref, q_buf, o_buf, kv_buf[, sc_buf], sems, m_ref, l_ref, acc_ref.
     # q_hbm/o_hbm [T, Hq, D]; kv_hbm [P, ps, 2Hkv, D]; tables_hbm [S, max_pages]
+    # scales_hbm [P, ps, 2Hkv] f32 (8-bit pages only)
     # bt_buf SMEM [2, max_pages]; q_buf [2, Bq, Hq, D]; o_buf [Bq, Hq, D]
-    # kv_buf [2, Bkp, ps, 2Hkv, D]; sems DMA [4, 2] (kv, q, block table, out) x slot
+    # kv_buf [2, Bkp, ps, 2Hkv, D]; sc_buf [2, Bkp, ps, 2Hkv] f32
+    # sems DMA [4 or 5, 2] (kv, q, block table, out[, scales]) x slot
     # m_ref/l_ref [Hkv, Bq*G, LANES] f32; acc_ref [Hkv, Bq*G, D] f32
+    if quantized:
+        (q_hbm, kv_hbm, tables_hbm, scales_hbm, o_hbm, bt_buf, kv_slot_ref, q_buf, o_buf, kv_buf,
+         sc_buf, sems, m_ref, l_ref, acc_ref) = refs
+    else:
+        (q_hbm, kv_hbm, tables_hbm, o_hbm, bt_buf, kv_slot_ref, q_buf, o_buf, kv_buf,
+         sems, m_ref, l_ref, acc_ref) = refs
+        scales_hbm = sc_buf = None
     _, bq, num_q_heads, head_dim = q_buf.shape
     _, pages_per_blk, page_size, num_combined, _ = kv_buf.shape
     num_kv_heads = num_combined // 2
     group = num_q_heads // num_kv_heads
     block_k = pages_per_blk * page_size
     max_pages = bt_buf.shape[1]
-    pv_dtype = kv_buf.dtype if jnp.dtype(kv_buf.dtype).itemsize == 2 else jnp.float32
+    cache_dtype = q_buf.dtype if quantized else kv_buf.dtype   # 8-bit: dequantized to q's
+    pv_dtype = cache_dtype if jnp.dtype(cache_dtype).itemsize == 2 else jnp.float32
     t = pl.program_id(0)
     count = count_ref[0]
 
@@ -177,6 +212,9 @@ def _kernel(kv_lens_ref, cu_ref, tile_seq_ref, tile_start_ref, tile_len_ref, cou
             page = bt_buf[lax.rem(i, 2), jnp.minimum(idx, max_pages - 1)]
             out.append((needed, pltpu.make_async_copy(kv_hbm.at[page], kv_buf.at[slot, p],
                                                       sems.at[0, slot])))
+            if quantized:
+                out.append((needed, pltpu.make_async_copy(scales_hbm.at[page], sc_buf.at[slot, p],
+                                                          sems.at[4, slot])))
         return out
 
     def q_copies(i):
@@ -234,7 +272,10 @@ def _kernel(kv_lens_ref, cu_ref, tile_seq_ref, tile_start_ref, tile_len_ref, cou
             k_col = kv_blk * block_k + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             key_ok = (k_col >= lo) & (k_col < hi)                        # [Bk, 1]
             for h in range(num_kv_heads):
-                k, v = _load_kv_head(kv_buf, slot, h, interpret)         # [Bk, D] each
+                if quantized:
+                    k, v = _load_quantized_kv_head(kv_buf, sc_buf, slot, h, interpret)
+                else:
+                    k, v = _load_kv_head(kv_buf, slot, h, interpret)     # [Bk, D] each
                 q = q_buf[lax.rem(t, 2), :n_tok, h * group:(h + 1) * group, :]   # [n_tok, G, D]
                 if jnp.dtype(q.dtype).itemsize == 2 and group % 2:
                     q = q.astype(jnp.float32)      # packed rows fold only in pairs
@@ -304,11 +345,12 @@ def default_block_sizes(num_tokens: int, group: int, page_size: int,
 def ragged_paged_attention_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                                sm_scale, sliding_window=None, soft_cap=None,
                                num_q_per_block=None, num_kv_pages_per_block=None,
-                               vmem_limit_bytes=None):
+                               vmem_limit_bytes=None, kv_scales=None):
     """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off TPU.
 
     num_q_per_block: tokens (of one sequence) per q tile; num_kv_pages_per_block: pages
-    per kv block.
+    per kv block. kv_scales [P, page_size, 2*Hkv] float32 goes with 8-bit kv_pages
+    (pallas_kernels.kv_quant).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_combined, _ = kv_pages.shape
@@ -321,26 +363,34 @@ def ragged_paged_attention_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
     num_tiles = max_tiles(num_tokens, max_seqs, bq)
     tiles = q_tiles(cu_q_lens, num_seqs, num_tiles, bq)
     interpret = interpret_mode("pallas_tpu")
+    quantized = kv_scales is not None
+    if quantized and not interpret and num_combined % 4:
+        raise ValueError(f"pallas_tpu reads 8-bit pages as words of 4 combined kv heads: it needs "
+                         f"2*num_kv_heads % 4 == 0, got 2*num_kv_heads={num_combined}")
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    kv_scratch = [pltpu.VMEM((2, pages_per_blk, page_size, num_combined, head_dim), kv_pages.dtype)]
+    if quantized:
+        kv_scratch.append(pltpu.VMEM((2, pages_per_blk, page_size, num_combined), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=6,
         grid=(num_tiles,),
-        in_specs=[any_spec, any_spec, any_spec],
+        in_specs=[any_spec] * (4 if quantized else 3),
         out_specs=any_spec,
         scratch_shapes=[
             pltpu.SMEM((2, max_pages), jnp.int32),
             pltpu.SMEM((1,), jnp.int32),
             pltpu.VMEM((2, bq, num_q_heads, head_dim), q.dtype),
             pltpu.VMEM((bq, num_q_heads, head_dim), q.dtype),
-            pltpu.VMEM((2, pages_per_blk, page_size, num_combined, head_dim), kv_pages.dtype),
-            pltpu.SemaphoreType.DMA((4, 2)),
+            *kv_scratch,
+            pltpu.SemaphoreType.DMA((5 if quantized else 4, 2)),
             pltpu.VMEM((num_combined // 2, bq * group, LANES), jnp.float32),
             pltpu.VMEM((num_combined // 2, bq * group, LANES), jnp.float32),
             pltpu.VMEM((num_combined // 2, bq * group, head_dim), jnp.float32),
         ],
     )
     kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap, small=small, interpret=interpret)
+                               soft_cap=soft_cap, small=small, interpret=interpret,
+                               quantized=quantized)
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -349,6 +399,7 @@ def ragged_paged_attention_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, nu
                                              vmem_limit_bytes=vmem_limit_bytes),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="ragged_paged_attention_tpu",
-    )(kv_lens, cu_q_lens, *tiles, q, kv_pages, block_tables)
+    )(kv_lens, cu_q_lens, *tiles, q, kv_pages, block_tables,
+      *((kv_scales,) if quantized else ()))
     valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

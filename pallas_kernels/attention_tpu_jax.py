@@ -29,7 +29,9 @@ therefore capped at G (q heads per kv head); on TPU the tuned value is used.
 
 Constraints (checked by `check_supported`): head_dim % 128 == 0, q and kv_pages both
 float32 or both bfloat16, 2*num_kv_heads tileable (see get_min_heads_per_blk).
-sliding_window and soft_cap are supported. The whole block table is scalar-prefetched into
+sliding_window and soft_cap are supported. An 8-bit KV cache (pallas_kernels.kv_quant) is
+refused: jax's kernel dequantizes with one static per-tensor k_scale / v_scale, ours has a
+scale per token and kv head (pallas_kernels.backend.resolve_backend picks pallas_tpu then). The whole block table is scalar-prefetched into
 SMEM (see attention_tpu.smem_bytes_needed). A real sequence with kv_len == 0 is not
 supported by jax's kernel (its prefetched DMA is never waited); our contract has
 q_len <= kv_len, and the engine never schedules an empty context.
@@ -97,8 +99,12 @@ def default_block_sizes(q, kv_pages, block_tables) -> tuple[int, int]:
 def ragged_paged_attention_jax_tpu(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                                    sm_scale, sliding_window=None, soft_cap=None,
                                    num_q_per_block=None, num_kv_pages_per_block=None,
-                                   vmem_limit_bytes=None):
+                                   vmem_limit_bytes=None, kv_scales=None):
     """Shapes as in pallas_kernels.ragged_paged_attention; runs interpreted off TPU."""
+    if kv_scales is not None:
+        raise ValueError("attention backend 'jax_tpu' cannot read an 8-bit KV cache with a scale per token "
+                         "and kv head (jax's kernel takes one static per-tensor k_scale / v_scale); use "
+                         "'pallas_tpu'")
     check_supported(q.shape, q.dtype, kv_pages.shape, kv_pages.dtype)
     bkv_default, bq_default = default_block_sizes(q, kv_pages, block_tables)
     opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,

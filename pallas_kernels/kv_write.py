@@ -2,6 +2,9 @@
 
 Layout: kv_pages [P, page_size, 2*Hkv, D]; K of kv head h at index 2h, V at 2h+1.
 slot = page * page_size + offset; padded tokens carry a slot in the null page 0.
+An 8-bit cache (pallas_kernels.kv_quant.QuantizedKV) is written the same way: each new K
+and V row is quantized on its own (one scale per token and combined head), and the rows
+and their scales are scattered to the same slots.
 
 Why only an XLA scatter (no Pallas kernel, no fusion into the attention kernel):
 - Bytes: the write moves T * 2*Hkv * D elements, while the same step's attention reads
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.kernels.backend import resolve_backend
+from jaxserve.kernels.kv_quant import QuantizedKV, is_quantized_dtype, quantize
 
 
 def interleave_kv(k: jax.Array, v: jax.Array) -> jax.Array:
@@ -41,7 +45,24 @@ def write_kv_reference(kv_pages: jax.Array, k: jax.Array, v: jax.Array,
     return flat.reshape(kv_pages.shape)
 
 
+def write_kv_quantized_reference(kv: QuantizedKV, k: jax.Array, v: jax.Array,
+                                 slot_mapping: jax.Array) -> QuantizedKV:
+    """Quantize the new K/V rows (one scale each) and scatter rows and scales to their slots."""
+    num_pages, page_size, two_hkv, d = kv.pages.shape
+    rows, scales = quantize(interleave_kv(k, v), kv.pages.dtype)   # [T, 2Hkv, D], [T, 2Hkv]
+    flat = kv.pages.reshape(num_pages * page_size, two_hkv, d)
+    flat_scales = kv.scales.reshape(num_pages * page_size, two_hkv)
+    flat = flat.at[slot_mapping].set(rows, mode="drop")
+    flat_scales = flat_scales.at[slot_mapping].set(scales, mode="drop")
+    return QuantizedKV(flat.reshape(kv.pages.shape), flat_scales.reshape(kv.scales.shape))
+
+
 def _check_write_args(kv_pages, k, v, slot_mapping) -> None:
+    if isinstance(kv_pages, QuantizedKV):
+        kv_pages = kv_pages.pages
+    elif is_quantized_dtype(kv_pages.dtype):
+        raise ValueError(f"kv_pages of dtype {kv_pages.dtype} need their scales: pass a "
+                         "pallas_kernels.kv_quant.QuantizedKV (pages and scales)")
     if kv_pages.ndim != 4:
         raise ValueError(f"kv_pages must be [num_pages, page_size, 2*num_kv_heads, head_dim], "
                          f"got shape {kv_pages.shape}")
@@ -58,18 +79,24 @@ def _check_write_args(kv_pages, k, v, slot_mapping) -> None:
     if slot_mapping.dtype != jnp.int32:
         raise ValueError(f"slot_mapping must be int32, got {slot_mapping.dtype}")
     for name, x in (("kv_pages", kv_pages), ("k", k), ("v", v)):
+        if name == "kv_pages" and is_quantized_dtype(x.dtype):
+            continue
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating dtype, got {x.dtype}")
 
 
-def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
-             *, backend: str = "auto") -> jax.Array:
-    """Return kv_pages with k[t], v[t] stored at slot slot_mapping[t] (cast to kv_pages.dtype).
+def write_kv(kv_pages: jax.Array | QuantizedKV, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+             *, backend: str = "auto") -> jax.Array | QuantizedKV:
+    """Return kv_pages with k[t], v[t] stored at slot slot_mapping[t] (cast to kv_pages.dtype,
+    or quantized with their scales when kv_pages is a QuantizedKV).
 
-    kv_pages: [P, page_size, 2*Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: int32 [T].
+    kv_pages: [P, page_size, 2*Hkv, D] (a QuantizedKV: 8-bit pages and scales
+    [P, page_size, 2*Hkv]); k, v: [T, Hkv, D]; slot_mapping: int32 [T].
     Every backend uses the XLA scatter (see the module docstring for why). Donate kv_pages
     under jit so the update happens in place.
     """
     _check_write_args(kv_pages, k, v, slot_mapping)
     resolve_backend(backend)  # validates the name
+    if isinstance(kv_pages, QuantizedKV):
+        return write_kv_quantized_reference(kv_pages, k, v, slot_mapping)
     return write_kv_reference(kv_pages, k, v, slot_mapping)

@@ -124,3 +124,31 @@ def assert_backend_matches_reference(batch: Batch, backend: str, *, sm_scale, sl
     tol = 2e-5 if batch.q.dtype == jnp.float32 else 1.6e-2
     np.testing.assert_allclose(got32[:n], want32[:n], rtol=tol, atol=tol)
     assert (got32[n:] == 0).all(), "padding rows must be zeros"
+
+
+def quantize_batch(batch: Batch, kv_dtype, seed: int = 0) -> Batch:
+    """`batch` with its K/V quantized to 8-bit pages (pallas_kernels.kv_quant.QuantizedKV), one
+    scale per token and combined head, and k_seqs / v_seqs replaced by the dequantized values,
+    so dense_oracle is the dequantized dense reference. Every slot not holding real context
+    gets NaN scales and garbage pages (random bytes for int8, NaN for fp8)."""
+    from jaxserve.kernels.kv_quant import QuantizedKV, quantize
+
+    rng = np.random.default_rng(seed)
+    pages = np.asarray(batch.kv_pages.astype(jnp.float32))            # [P, ps, 2Hkv, D], NaN unused
+    real = ~np.isnan(pages).any(axis=-1)                               # [P, ps, 2Hkv]
+    q, scales = quantize(jnp.asarray(np.where(real[..., None], pages, 0.0)), kv_dtype)
+    q, scales = np.asarray(q), np.asarray(scales)
+    if jnp.dtype(kv_dtype) == jnp.int8:
+        garbage = rng.integers(-128, 128, q.shape).astype(np.int8)
+    else:
+        garbage = np.full(q.shape, np.nan, np.float32).astype(q.dtype)
+    q = np.where(real[..., None], q, garbage)
+    scales = np.where(real, scales, np.nan).astype(np.float32)
+
+    def dequant(x):                       # [L, Hkv, D] float -> the values the pages hold
+        xq, s = quantize(jnp.asarray(x, jnp.float32), kv_dtype)
+        return np.asarray(xq.astype(jnp.float32), np.float64) * np.asarray(s, np.float64)[..., None]
+
+    return dataclasses.replace(batch, kv_pages=QuantizedKV(jnp.asarray(q), jnp.asarray(scales)),
+                               k_seqs=[dequant(k) for k in batch.k_seqs],
+                               v_seqs=[dequant(v) for v in batch.v_seqs])
