@@ -18,6 +18,9 @@ from jaxserve.kernels.backend import BACKENDS
 
 ATTENTION_BACKENDS = BACKENDS  # see pallas_kernels.backend for what each name runs
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The KV cache also takes 8-bit pages with a scale per token and kv head (pallas_kernels.kv_quant);
+# vLLM's "fp8" is e4m3 and is stored as "fp8_e4m3".
+KV_CACHE_DTYPES = DTYPES + ("int8", "fp8_e4m3", "fp8")
 
 
 def _power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -34,7 +37,7 @@ class EngineConfig:
     model: str | None = None  # HF dir, hub id or Orbax checkpoint; None: the demo model
     tokenizer: str | None = None  # defaults to the model directory
     dtype: str = "auto"  # weights and activations; "auto": the checkpoint's dtype
-    kv_cache_dtype: str = "auto"  # "auto": same as dtype
+    kv_cache_dtype: str = "auto"  # "auto": same as dtype; "int8" | "fp8_e4m3" ("fp8"): 8-bit pages + scales
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 64  # sequences per step
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
@@ -70,8 +73,10 @@ class EngineConfig:
             positive(name)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8":
+            object.__setattr__(self, "kv_cache_dtype", "fp8_e4m3")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve import kernels
+from jaxserve.kernels.kv_quant import QuantizedKV, init_quantized, is_quantized_dtype
 from jaxserve.models.activations import ACTIVATIONS
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.config import ModelConfig
@@ -226,8 +227,9 @@ def layer_groups(sliding_windows: tuple[Window, ...]) -> list[tuple[int, int, tu
 
 
 def _check_kv(cfg: ModelConfig, kv_caches) -> None:
-    if not isinstance(kv_caches, jax.Array) or kv_caches.ndim != 5 or kv_caches.shape[0] != cfg.num_layers:
-        got = f"a {type(kv_caches).__name__}" if not isinstance(kv_caches, jax.Array) else f"shape {kv_caches.shape}"
+    is_cache = isinstance(kv_caches, (jax.Array, QuantizedKV))
+    if not is_cache or kv_caches.ndim != 5 or kv_caches.shape[0] != cfg.num_layers:
+        got = f"a {type(kv_caches).__name__}" if not is_cache else f"shape {kv_caches.shape}"
         raise TypeError(f"kv_caches must be the one stacked [num_layers={cfg.num_layers}, P, B, 2K, H] array that "
                         f"models.decoder.init_kv_caches makes (copy pages with models.decoder.copy_pages), got {got}")
 
@@ -257,7 +259,8 @@ class CausalLM(nnx.Module):
         logits_indices: jax.Array | None = None,
         rope_lengths: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """kv_caches [L, P, B, 2K, H] (from init_kv_caches; donate it); input_ids, positions int32[T];
+        """kv_caches [L, P, B, 2K, H] (from init_kv_caches; donate it; an 8-bit cache is a QuantizedKV of
+        pages and scales [L, P, B, 2K]); input_ids, positions int32[T];
         logits_indices int32[R] selects the rows to project to the vocabulary (all when None);
         rope_lengths int32[T]: the lengths that pick longrope's factors (models.rope.rotary_embedding).
         Returns (updated kv_caches, logits float32[R or T, V])."""
@@ -338,20 +341,33 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[in
     return (cfg.num_layers, num_pages, page_size, 2 * cfg.cache_kv_heads, cfg.head_dim)
 
 
-def copy_pages(kv_caches: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+def copy_pages(kv_caches: jax.Array | QuantizedKV, src: jax.Array, dst: jax.Array) -> jax.Array | QuantizedKV:
     """Copy-on-write in every layer: pages[:, dst[i]] = pages[:, src[i]] (src, dst int32[C]; a
-    padding pair copies the null page 0 onto itself). In place when kv_caches is donated."""
-    return kv_caches.at[:, dst].set(kv_caches[:, src])
+    padding pair copies the null page 0 onto itself; an 8-bit cache's scales move with their pages).
+    In place when kv_caches is donated."""
+    return jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), kv_caches)
 
 
-def init_kv_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> jax.Array:
+def kv_cache_sharding(sharding, kv_caches):
+    """The sharding of each array of the KV cache, from the five-axis sharding of its pages (an 8-bit
+    cache's scales [L, P, B, 2K] take the first four): a pytree like kv_caches."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = tuple(sharding.spec) + (None,) * (5 - len(sharding.spec))
+    return jax.tree.map(lambda a: NamedSharding(sharding.mesh, PartitionSpec(*spec[:a.ndim])), kv_caches)
+
+
+def init_kv_caches(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
+                   sharding=None) -> jax.Array | QuantizedKV:
     """Allocates the KV cache once (zeros), optionally placed with a sharding of its five axes
     (jaxserve.sharding.Placement.kv_sharding: split over the cached kv heads, whole heads per
-    device, never over layers)."""
+    device, never over layers). An 8-bit dtype (int8, float8_e4m3fn) gives a QuantizedKV: the pages
+    and their float32 scales [L, P, B, 2K] (pallas_kernels.kv_quant), both device state."""
     shape = kv_cache_shape(cfg, num_pages, page_size)
     if cfg.num_layers * num_pages * page_size > jnp.iinfo(jnp.int32).max:
         raise ValueError(f"{cfg.num_layers} layers x {num_pages} pages x {page_size} slots overflow the int32 "
                          "slot index of the layer-stacked KV cache; use fewer pages")
+    make = (lambda: init_quantized(shape, dtype)) if is_quantized_dtype(dtype) else (lambda: jnp.zeros(shape, dtype))
     if sharding is None:
-        return jnp.zeros(shape, dtype)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        return make()
+    return jax.jit(make, out_shardings=kv_cache_sharding(sharding, jax.eval_shape(make)))()

@@ -14,11 +14,13 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxserve import kernels
+from jaxserve.kernels.kv_quant import QuantizedKV
 
 
 def sharded_ragged_paged_attention(mesh: Mesh, q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, **kwargs):
     """Same contract as pallas_kernels.ragged_paged_attention; q [T, N, H] and kv_pages
-    [P, B, 2K, H] split over 'model' on their head axes (N and K multiples of the model size)."""
+    [P, B, 2K, H] split over 'model' on their head axes (N and K multiples of the model size);
+    an 8-bit cache's scales [P, B, 2K] split with their pages."""
     model = mesh.shape["model"]
     num_heads, num_kv_heads = q.shape[1], kv_pages.shape[2] // 2
     if num_heads % model or num_kv_heads % model:
@@ -30,6 +32,9 @@ def sharded_ragged_paged_attention(mesh: Mesh, q, kv_pages, kv_lens, block_table
         return kernels.ragged_paged_attention(q, kv, kv_lens, block_tables, cu_q_lens, num_seqs, **kwargs)
 
     heads = P(None, "model", None)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(heads, P(None, None, "model", None), P(), P(), P(), P()),
+    kv_spec = P(None, None, "model", None)
+    if isinstance(kv_pages, QuantizedKV):
+        kv_spec = QuantizedKV(kv_spec, P(None, None, "model"))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(heads, kv_spec, P(), P(), P(), P()),
                        out_specs=heads, check_vma=False)
     return fn(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs)

@@ -48,9 +48,10 @@ from jaxserve.sharding import Placement
 from jaxserve.worker.memory_profile import KVLayout, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner, StepHandle
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.decoder import init_kv_caches
+from jaxserve.models.decoder import init_kv_caches, kv_cache_sharding
 from jaxserve.models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
 from jaxserve.kernels.backend import interpret_mode, resolve_backend
+from jaxserve.kernels.kv_quant import is_quantized_dtype, kv_cache_dtype
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,10 @@ class LLMEngine:
                         config.max_model_len, mc.max_position_embeddings, self.max_model_len)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-        kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else resolve_dtype(config.kv_cache_dtype)
+        kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
+                    else kv_cache_dtype(config.kv_cache_dtype) or resolve_dtype(config.kv_cache_dtype))
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
-        self.attention_backend = resolve_backend(config.attention_backend)
+        self.attention_backend = resolve_backend(config.attention_backend, quantized_kv=is_quantized_dtype(kv_dtype))
         if self.attention_backend in ("jax_tpu", "pallas_tpu") and not interpret_mode(self.attention_backend):
             # Both TPU kernels keep block-table data in SMEM (1 MiB a core): refuse at start,
             # with the numbers, a configuration whose tables cannot fit.
@@ -109,8 +111,8 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
                                    long_prompt_threshold=mc.rope.long_context_threshold)
-        log.info("KV cache (%s): %s", np.dtype(kv_dtype).name,
-                 KVLayout.of(mc, placement, config.page_size, kv_dtype).describe(num_pages))
+        self.kv_layout = KVLayout.of(mc, placement, config.page_size, kv_dtype)
+        log.info("KV cache (%s): %s", np.dtype(kv_dtype).name, self.kv_layout.describe(num_pages))
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
@@ -156,8 +158,9 @@ class LLMEngine:
             budget = cfg.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
             num_pages = min(budget // page_bytes, useful)
         else:
-            spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.placement.kv_sharding),
-                                jax.eval_shape(lambda: init_kv_caches(mc, 2, cfg.page_size, kv_dtype)))
+            shape = jax.eval_shape(lambda: init_kv_caches(mc, 2, cfg.page_size, kv_dtype))
+            spec = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                shape, kv_cache_sharding(self.placement.kv_sharding, shape))
             step = profile_step_memory(model, spec, shapes=self.shapes, page_size=cfg.page_size,
                                        max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
                                        placement=self.placement)
@@ -259,6 +262,8 @@ class LLMEngine:
             "compile_count": self.runner.compile_count,
             "num_free_pages": self.kv.num_free_pages,
             "num_total_pages": self.kv.num_total_pages,
+            "kv_bytes_per_token": self.kv_layout.token_bytes,  # every layer, K and V (8-bit: with scales), per device
+            "kv_cache_bytes": self.kv.num_total_pages * self.kv_layout.page_bytes,  # per device
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.kv.prefix_cache_hit_tokens,
             "prefix_cache_query_tokens": self.kv.prefix_cache_query_tokens,

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.core.step_shapes import StepShapes
+from jaxserve.kernels.kv_quant import SCALE_BYTES, is_quantized_dtype
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
 
@@ -84,7 +85,10 @@ def _mib(n: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class KVLayout:
-    """Per-device sizes of the KV cache [L, P, B, 2K, H] on one replica's mesh."""
+    """Per-device sizes of the KV cache [L, P, B, 2K, H] on one replica's mesh. Pages are sized by
+    bytes: an 8-bit cache (int8 / fp8, pallas_kernels.kv_quant) stores 1-byte values plus a float32
+    scale per token and cached kv head for K and for V, so a budget holds about twice the tokens of
+    a 16-bit cache (2H / (H + 4): 1.94x at head_dim 128)."""
 
     num_layers: int
     page_size: int
@@ -94,17 +98,19 @@ class KVLayout:
     cache_kv_heads: int  # K: kv heads in the cache, each of the model's copied kv_head_replicas times
     heads_per_device: int  # of K, held by each device
     num_devices: int
+    scale_bytes: int = 0  # per token, kv head and K/V: the 8-bit cache's scale (0 for float caches)
 
     @classmethod
     def of(cls, cfg, placement, page_size: int, dtype) -> "KVLayout":
         """cfg: the loaded ModelConfig (with its kv_head_replicas); placement: jaxserve.sharding.Placement."""
+        scale = SCALE_BYTES if is_quantized_dtype(dtype) else 0
         return cls(cfg.num_layers, page_size, cfg.head_dim, np.dtype(dtype).itemsize, cfg.num_kv_heads,
-                   cfg.cache_kv_heads, placement.kv_heads_per_device, placement.size)
+                   cfg.cache_kv_heads, placement.kv_heads_per_device, placement.size, scale)
 
     @property
     def token_bytes(self) -> int:
         """One token's K and V in every layer, on one device."""
-        return self.num_layers * 2 * self.heads_per_device * self.head_dim * self.itemsize
+        return self.num_layers * 2 * self.heads_per_device * (self.head_dim * self.itemsize + self.scale_bytes)
 
     @property
     def page_bytes(self) -> int:
@@ -115,7 +121,7 @@ class KVLayout:
         heads = f"{self.heads_per_device} of {self.cache_kv_heads} cached kv heads" + (
             f" ({self.num_kv_heads} kv heads x {copies} copies)" if copies > 1 else "")
         return (f"{num_pages} pages x {self.page_size} tokens, {self.num_layers} layers; per device "
-                f"({self.num_devices}): {heads}, {self.token_bytes} B per token, {self.page_bytes} B per page, "
+                f"({self.num_devices}): {heads}, {self.token_bytes} B per token{' (scales included)' if self.scale_bytes else ''}, {self.page_bytes} B per page, "
                 f"{_mib(num_pages * self.page_bytes)} in all")
 
 

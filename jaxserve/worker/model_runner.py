@@ -43,7 +43,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          step_positions)
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.models.attention_metadata import AttentionMetadata
-from jaxserve.models.decoder import CausalLM, copy_pages
+from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ModelRunner:
         state = init_slot_state(self.batch.num_slots, self.max_pages_per_seq, vocab)
         kv_out = rep = None
         if placement is not None:
-            kv_out, rep = jax.tree.map(lambda _: placement.kv_sharding, kv_caches), placement.replicated
+            kv_out, rep = kv_cache_sharding(placement.kv_sharding, kv_caches), placement.replicated
             state = jax.device_put(state, rep)
         else:
             state = jax.device_put(state)
