@@ -1,0 +1,33 @@
+"""An 8-bit KV cache under tensor parallelism (8 fake CPU devices, subprocesses): the scales are
+split over the model axis with their pages (whole kv heads per device, copied when there are
+fewer kv heads than devices), the Pallas kernels through shard_map equal the reference on
+8-bit pages, and an int8-KV engine gives identical greedy tokens on meshes model=1/2/4/8."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from test_sharding import CPU, HERE, model8, run_script  # noqa: F401  (model8 is a fixture)
+
+
+def test_int8_kv_engine_gives_identical_tokens_over_tensor_parallel_meshes(model8, monkeypatch):  # noqa: F811
+    meshes = ["model=1", "model=2", "model=4", "model=8"]
+    monkeypatch.setenv("MESH_CHECK_KV_CACHE_DTYPE", "int8")
+    monkeypatch.setenv("MESH_CHECK_REQUESTS", "12")
+    (result,) = run_script([str(HERE / "mesh_check.py"), str(model8), CPU, *meshes])
+    runs = result["meshes"]
+    for mesh in meshes:
+        assert runs[mesh]["tokens"] == runs["model=1"]["tokens"], mesh
+        assert runs[mesh]["free_pages"] == runs[mesh]["total_pages"]
+        assert runs[mesh]["kv_dtype"] == "int8"
+    for mesh in meshes[1:]:                       # 2 kv heads: split over 2, copied over 4 and 8
+        assert runs[mesh]["kv_spec"] == "P(None, None, None, 'model', None)", mesh
+        assert runs[mesh]["scales_spec"] == "P(None, None, None, 'model')", mesh
+
+
+@pytest.mark.parametrize("backend,kv_dtype", [("pallas_tpu", "int8"), ("pallas_gpu", "fp8")])
+def test_pallas_kernels_through_shard_map_read_8bit_pages(backend, kv_dtype):
+    (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend, kv_dtype])
+    assert set(errors) == {"model=2,kv_heads=4", "model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
+    assert max(errors.values()) < 2e-5, errors
