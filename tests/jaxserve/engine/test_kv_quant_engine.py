@@ -150,3 +150,17 @@ def test_unknown_kv_cache_dtype_is_refused(bad):
 def test_jax_tpu_with_an_8bit_cache_is_refused_at_start(model_dir):
     with pytest.raises(ValueError, match="'jax_tpu' cannot read an 8-bit"):
         _engine(model_dir[0], kv_cache_dtype="int8", attention_backend="jax_tpu")
+
+
+@pytest.mark.parametrize("backend,name", [("pallas_tpu", "int8"), ("pallas_gpu", "fp8")])
+def test_kernel_backends_serve_an_8bit_cache(model_dir, backend, name):
+    """Our TPU and GPU kernels (interpreted) inside the engine's scanned step on an 8-bit cache."""
+    path, hf = model_dir
+    llm = _engine(path, kv_cache_dtype=name, attention_backend=backend, token_buckets=[32], seq_buckets=[4],
+                  max_num_seqs=4, max_num_batched_tokens=32)
+    work = [(list(range(40, 80)), 5), ([7, 8, 9], 6), ([300], 4)]
+    outs = llm.generate([p for p, _ in work], [SamplingParams(max_tokens=m, **GREEDY) for _, m in work],
+                        use_tqdm=False)
+    with hf_with_quantized_kv(name):
+        want = [hf_greedy(hf, p, m) for p, m in work]
+    assert [o.outputs[0].token_ids for o in outs] == want
