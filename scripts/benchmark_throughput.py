@@ -91,7 +91,8 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
     overrides = {k: v for k, v in dict(num_pages=args.num_pages, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=max_model_len,
-                                       attention_backend=args.attention_backend).items() if v is not None}
+                                       attention_backend=args.attention_backend,
+                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", None)).items() if v is not None}
     load_before = load_avg()
     t0 = time.perf_counter()
     llm = LLM(args.model, config=args.config, **overrides)
@@ -124,6 +125,7 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
                   warmup=warm, preemptions=stats["num_preemptions"], model_dir=str(engine.model_path),
                   backend=resolve_backend(cfg.attention_backend), max_num_seqs=cfg.max_num_seqs,
                   max_num_batched_tokens=cfg.max_num_batched_tokens, num_pages=engine.kv.num_total_pages,
+                  kv_cache_dtype=cfg.kv_cache_dtype, kv_bytes_per_token=stats.get("kv_bytes_per_token"),
                   load_before=load_before, load_after=load_avg())
     del llm, engine
     _release_jax()
@@ -276,7 +278,8 @@ def table(args, results: list[dict]) -> str:
         if r["engine"] == "jaxserve":
             lines.append(f"- jaxserve at max_model_len {r['max_model_len']}: attention `{r['backend']}`, "
                          f"max_num_seqs {r['max_num_seqs']}, token budget {r['max_num_batched_tokens']}, "
-                         f"{r['num_pages']} KV pages; KV memory waste {100 * r['waste']:.1f}% (allocated page "
+                         f"{r['num_pages']} KV pages (kv_cache_dtype {r.get('kv_cache_dtype', 'auto')}, "
+                         f"{r.get('kv_bytes_per_token')} B per token); KV memory waste {100 * r['waste']:.1f}% (allocated page "
                          f"slots not holding a token, averaged over steps), {r['compiles']} compilations at "
                          f"warm-up ({r['warmup']:.1f} s), {r['new_compiles']} during the run, {r['preemptions']} "
                          f"preemptions.")
@@ -304,6 +307,8 @@ def parse_args(argv):
     parser.add_argument("--max-model-len", default=None,
                         help="comma list, e.g. 512,8192: one fresh jaxserve engine per value (default: the config's)")
     parser.add_argument("--attention-backend", default=None, help="default: the config's attention_backend")
+    parser.add_argument("--kv-cache-dtype", default=None, help="auto | float32 | bfloat16 | float16 | int8 | fp8_e4m3 "
+                        "(default: the config's); scripts/bench_kv_quant.py compares several in one run")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -93,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
     try:
         config = EngineConfig.load(args.config, model=args.model, max_model_len=args.max_model_len,
-                                   dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh)
+                                   dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh,
+                                   kv_cache_dtype=args.kv_cache_dtype)
         frontends = []
         if args.grpc_port >= 0:
             frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="model name reported to clients")
     srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the config's")
+    srv.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3", "fp8"],
+                     help="KV pages: auto (= dtype) or a float dtype, or 8-bit int8 / fp8_e4m3 (vLLM's fp8) with a "
+                          "scale per token and kv head, ~2x the tokens per byte; default: the config's")
     srv.add_argument("--tensor-parallel-size", "-tp", type=int, help="devices per replica (the mesh's model axis)")
     srv.add_argument("--mesh", help="data=D,model=M: data-parallel replicas x tensor-parallel devices")
     srv.add_argument("--coordinator-address", help="multi-host: process 0's HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
