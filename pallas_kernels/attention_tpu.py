@@ -154,11 +154,15 @@ def _load_quantized_kv_head(kv_buf, sc_buf, slot, h, interpret):
         # Word j holds combined heads 4j..4j+3, one byte each: K of head h is byte 2(h % 2).
         word = kv_buf.bitcast(jnp.uint32)[slot, :, :, h // 2, :]   # [Bkp, ps, D]
         byte = 2 * (h % 2)
-        k, v = (pltpu.bitcast((word >> (8 * b)).astype(jnp.uint8), kv_buf.dtype)
-                for b in (byte, byte + 1))
+        if kv_buf.dtype == jnp.int8:   # sign-extend in 32 bits: no 8-bit vector op at all
+            k, v = (pltpu.bitcast(word << (24 - 8 * b), jnp.int32) >> 24 for b in (byte, byte + 1))
+        else:                          # fp8: back to 8 bits for the float conversion, as jax's kernel
+            k, v = (pltpu.bitcast((word >> (8 * b)).astype(jnp.uint8), kv_buf.dtype)
+                    for b in (byte, byte + 1))
     k_scale = sc_buf[slot, :, :, pl.ds(2 * h, 1)].reshape(block_k, 1)
     v_scale = sc_buf[slot, :, :, pl.ds(2 * h + 1, 1)].reshape(block_k, 1)
-    flat = lambda x: x.reshape(block_k, head_dim).astype(jnp.float32)
+    # Convert before merging (Bkp, ps): float32 rows tile by 8, 8-bit rows by 32.
+    flat = lambda x: x.astype(jnp.float32).reshape(block_k, head_dim)
     return flat(k) * k_scale, flat(v) * v_scale
 
 
