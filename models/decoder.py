@@ -20,8 +20,9 @@ through the scan and updated in place: inside the step it is viewed as one pool 
 pages [L*P, B, 2K, H] (a free reshape) in which layer l's page p is l * P + p, so the KV write
 scatters straight into it and attention gathers straight from it by offsetting the slot
 mapping and block tables. No layer's pages are ever sliced out or copied,
-and the attention kernels need no layer argument. The kernels take the sliding window as a
-static argument, so the scan runs over groups of layers with static windows (`layer_groups`):
+and the attention kernels need no layer argument. An 8-bit cache (kv_cache_dtype int8 / fp8) is
+a `QuantizedKV` of the pages and their scales [L, P, B, 2K], viewed and carried the same way.
+The kernels take the sliding window as a static argument, so the scan runs over groups of layers with static windows (`layer_groups`):
 one scan for uniform models, two for Qwen2's `max_window_layers`, one scan over the repeated
 pattern for alternating local/global layers. RoPE is computed once per distinct config: sliding
 layers use `cfg.sliding_rope` when set (Gemma 3's local base), the others `cfg.rope`.
@@ -230,7 +231,8 @@ def _check_kv(cfg: ModelConfig, kv_caches) -> None:
     is_cache = isinstance(kv_caches, (jax.Array, QuantizedKV))
     if not is_cache or kv_caches.ndim != 5 or kv_caches.shape[0] != cfg.num_layers:
         got = f"a {type(kv_caches).__name__}" if not is_cache else f"shape {kv_caches.shape}"
-        raise TypeError(f"kv_caches must be the one stacked [num_layers={cfg.num_layers}, P, B, 2K, H] array that "
+        raise TypeError(f"kv_caches must be the one stacked [num_layers={cfg.num_layers}, P, B, 2K, H] array (8-bit: "
+                        f"QuantizedKV) that "
                         f"models.decoder.init_kv_caches makes (copy pages with models.decoder.copy_pages), got {got}")
 
 

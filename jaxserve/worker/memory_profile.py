@@ -120,8 +120,9 @@ class KVLayout:
         copies = self.cache_kv_heads // self.num_kv_heads
         heads = f"{self.heads_per_device} of {self.cache_kv_heads} cached kv heads" + (
             f" ({self.num_kv_heads} kv heads x {copies} copies)" if copies > 1 else "")
+        scales = " (scales included)" if self.scale_bytes else ""
         return (f"{num_pages} pages x {self.page_size} tokens, {self.num_layers} layers; per device "
-                f"({self.num_devices}): {heads}, {self.token_bytes} B per token{' (scales included)' if self.scale_bytes else ''}, {self.page_bytes} B per page, "
+                f"({self.num_devices}): {heads}, {self.token_bytes} B per token{scales}, {self.page_bytes} B per page, "
                 f"{_mib(num_pages * self.page_bytes)} in all")
 
 
