@@ -25,6 +25,13 @@ A page-head layout ([P, 2*Hkv]) would cost 1/page_size of that and makes the sam
 kernels work unchanged apart from the scale gather; it is the layout to try if a TPU
 measurement shows the per-row scale loads to matter.
 
+Not measured (no TPU was available): XLA's TPU layouts tile the last two axes of an array,
+and the scales' last axis (2*Hkv, 16 for 8 kv heads) is narrower than a 128-lane tile, so on
+TPU the scales may occupy up to 128 / (2*Hkv) times their logical 4 bytes. The byte budget
+(jaxserve.worker.memory_profile.KVLayout) counts logical bytes. If a TPU run shows the padding,
+the fix is a lane-dense scale layout (the page's scales as one [page_size * 2*Hkv] row) or
+the page-head layout above; CPU and GPU arrays are not tiled.
+
 Every attention backend dequantizes inside its kernel (pages.astype(f32) * scale, per
 block of keys, after the gather); no dense dequantized copy of the cache is ever made.
 """
