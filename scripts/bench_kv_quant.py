@@ -10,9 +10,12 @@ EOS ignored), the first --kv-cache-dtypes entry (default bfloat16) the baseline:
      with the requests whose whole output is identical.
   2. Teacher-forced: every prompt + the baseline's output through the model once per
      kv_cache_dtype (models.single_sequence, the same paged forward pass); over the output
-     positions, the top-1 agreement of the next-token argmax with the baseline's and the mean
-     KL(baseline || run) of the next-token distributions. This is the per-step effect of the
-     cache's rounding, without divergence compounding.
+     positions, the top-1 agreement of the next-token argmax with the baseline's, the same
+     over the positions whose baseline top-1 leads its runner-up by >= MARGIN nats (not a
+     near-tie), the largest such lead a run overturned, and the mean KL(baseline || run) of
+     the next-token distributions. This is the per-step effect of the cache's rounding,
+     without divergence compounding; the entropy and margins say how near-tied the model's
+     choices are (a random-weight model's are: its logits are nearly flat).
   3. Scale granularity, on the K/V the model really wrote (the float32 cache of part 2) and
      on the same with 1% of the token rows made 20x larger (outlier / sink tokens): relative
      RMS error of the dequantized values with a scale per token and kv head (what the cache
@@ -38,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark_throughput as bt  # noqa: E402
+
+MARGIN = 0.05  # nats: a baseline top-1 this far above its runner-up is not a near-tie
 
 
 def parse_args(argv=None):
@@ -177,16 +182,26 @@ def main(argv=None) -> int:
             print(f"[bench_kv_quant] teacher-forced, kv_cache_dtype {name}", file=sys.stderr, flush=True)
             logps[name], _ = teacher_forced_logits(args, seqs, name)
         _, f32_cache = teacher_forced_logits(args, seqs[-1:], "float32")
-        ref = logps[names[0]]
+        ref = np.concatenate(logps[names[0]])                   # [positions, V] log-probs
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]                        # baseline's top-1 minus top-2 log-prob
+        entropy = -(np.exp(ref) * ref).sum(-1)
+        wide = margin >= MARGIN
         lines += [f"Teacher-forced, the first {n} requests (prompt + the baseline's output, one forward pass each; "
-                  f"{sum(len(x) for x in ref)} output positions; load avg {bt._load(dict(load_before=load_before, load_after=bt.load_avg()))}):",
-                  "", "| kv_cache_dtype | next-token top-1 = baseline | mean KL(baseline \\|\\| run) nats |",
-                  "|---|---|---|"]
+                  f"{len(ref)} output positions; load avg "
+                  f"{bt._load(dict(load_before=load_before, load_after=bt.load_avg()))}). How peaked the baseline's "
+                  f"next-token distribution is: entropy {np.mean(entropy):.2f} nats (uniform: {np.log(ref.shape[1]):.2f}), "
+                  f"top-1 minus top-2 log-prob median {np.median(margin):.2e}, {100 * np.mean(~wide):.1f}% of the "
+                  f"positions below {MARGIN:g}:", "",
+                  "| kv_cache_dtype | next-token top-1 = baseline | where the baseline's margin >= "
+                  f"{MARGIN:g} | largest margin flipped | mean KL(baseline \\|\\| run) nats |", "|---|---|---|---|---|"]
         for name, lp in logps.items():
-            top = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, lp))
-            total = sum(len(a) for a in ref)
-            kl = sum(float((np.exp(a) * (a - b)).sum()) for a, b in zip(ref, lp)) / total
-            lines.append(f"| {name} | {top}/{total} = {100 * top / total:.2f}% | {kl:.2e} |")
+            lp = np.concatenate(lp)
+            same = ref.argmax(-1) == lp.argmax(-1)
+            kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+            flipped = f"{margin[~same].max():.2e}" if (~same).any() else "-"
+            lines.append(f"| {name} | {same.sum()}/{len(same)} = {100 * same.mean():.2f}% | {same[wide].sum()}/"
+                         f"{wide.sum()} = {100 * same[wide].mean():.2f}% | {flipped} | {kl:.2e} |")
         lines.append("")
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
         lines += [f"Scale granularity (int8), on the float32 K/V the model wrote for the last teacher-forced "
