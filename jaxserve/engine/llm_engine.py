@@ -237,8 +237,11 @@ class LLMEngine:
         self._dispatched = not out.is_empty
         if self._dispatched:
             rows = [s.request for s in out.seqs for _ in range(s.num_samples)]
-            mask = functools.partial(self._bitmask, rows) if needs_bitmask(rows) else None
-            self._in_flight.append((out, self.runner.dispatch(out, mask)))
+            if needs_bitmask(rows):
+                handle = self.runner.dispatch(out, functools.partial(self._bitmask, rows))
+            else:
+                handle = self.runner.dispatch(out)
+            self._in_flight.append((out, handle))
 
     def _bitmask(self, rows: list[Request], num_rows: int) -> np.ndarray:
         """The token bitmask of a step being dispatched (its body is queued): the steps still

@@ -183,3 +183,28 @@ def test_slow_compile_is_refused_without_blocking_others(sync_llm):
     assert len(plain.outputs[0].token_ids) >= 1
     out = regex.outputs[0]
     assert re.fullmatch(REGEXES[1], out.text) if out.finish_reason == "stop" else out.finish_reason == "length"
+
+
+def test_mask_of_step_n_plus_1_is_filled_while_its_body_runs(llm):
+    """Per constrained step: body(N+1) queued, then step N's tokens read, then the mask filled,
+    then sample(N+1) queued with it; steps without constrained rows never wait."""
+    engine, runner = llm.engine, llm.engine.runner
+    events: list[str] = []
+    originals = runner._body, runner._sample, runner.collect, engine.structured.bitmask
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    runner._body, runner._sample = record("body", originals[0]), record("sample", originals[1])
+    runner.collect, engine.structured.bitmask = record("collect", originals[2]), record("mask", originals[3])
+    try:
+        generate(llm, [constrained(0, max_tokens=12, regex="[a-z]{10}")])
+    finally:
+        del runner._body, runner._sample, runner.collect, engine.structured.bitmask
+    steps = "".join({"body": "B", "sample": "S", "collect": "C", "mask": "M"}[e] for e in events)
+    # The first step has nothing in flight to read; in every later one the body runs while
+    # step N is read and N+1 masked; the last step's tokens are read by finish_step.
+    assert re.fullmatch(r"BMS(BCMS){3,}C*", steps), steps
