@@ -208,3 +208,14 @@ def test_mask_of_step_n_plus_1_is_filled_while_its_body_runs(llm):
     # The first step has nothing in flight to read; in every later one the body runs while
     # step N is read and N+1 masked; the last step's tokens are read by finish_step.
     assert re.fullmatch(r"BMS(BCMS){3,}C*", steps), steps
+
+
+def test_multi_host_wire_carries_structured_outputs():
+    """Followers rebuild the leader's SamplingParams from the JSON broadcast, constraint included."""
+    from jaxserve.engine.async_llm import _from_wire, _to_wire
+
+    for so in (dict(json=random_schemas(1, seed=2)[0]), dict(choice=["a", "b"]), dict(regex="x+", disable_any_whitespace=False),
+               dict(json_object=True)):
+        params = constrained(3, **so)
+        wire = json.loads(json.dumps(_to_wire(("add", "r", [1, 2], params, None, None))))
+        assert _from_wire(wire)[3] == params
