@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -219,3 +222,18 @@ def test_multi_host_wire_carries_structured_outputs():
         params = constrained(3, **so)
         wire = json.loads(json.dumps(_to_wire(("add", "r", [1, 2], params, None, None))))
         assert _from_wire(wire)[3] == params
+
+
+def test_tensor_and_data_parallel_meshes_give_the_same_constrained_outputs():
+    here = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{here.parents[1]}{os.pathsep}{here}"}
+    proc = subprocess.run([sys.executable, str(here / "structured_mesh_check.py"), CPU, "model=1", "model=2",
+                           "data=2,model=2"], capture_output=True, text=True, timeout=600, env=env)
+    lines = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0])
+    runs = result["meshes"]
+    for mesh, run in runs.items():
+        assert run["texts"] == runs["model=1"]["texts"] and run["compiles"] == 0, mesh
+    for schema, text in zip(result["schemas"], runs["model=1"]["texts"]):
+        jsonschema.validate(json.loads(text), schema)
