@@ -53,8 +53,10 @@ def llm():
 
 @pytest.fixture(scope="module")
 def sync_llm():
-    """Synchronous loop, and a compile timeout that the slow schema exceeds many times over."""
-    engine = LLM(None, config=CPU, async_scheduling=False, structured_outputs_compile_timeout_s=0.2, **SHAPES)
+    """Synchronous loop, a small KV pool (preemption), and a compile timeout that the slow
+    schema exceeds several times over."""
+    engine = LLM(None, config=CPU, async_scheduling=False, structured_outputs_compile_timeout_s=0.2, num_pages=48,
+                 **SHAPES)
     engine.warm_compiles = engine.stats()["compile_count"]
     return engine
 
@@ -115,13 +117,18 @@ def test_constrained_rows_leave_30_others_unchanged(llm):
     assert llm.stats()["compile_count"] == llm.warm_compiles
 
 
-def test_overlapped_loop_equals_synchronous(llm, sync_llm):
-    schemas = random_schemas(12, seed=99)
+def test_overlapped_loop_equals_synchronous_with_preemption(llm, sync_llm):
+    """Matchers follow their requests through preemption and recomputation."""
+    schemas = random_schemas(24, seed=99)
     params = ([constrained(i, json=s) for i, s in enumerate(schemas)]
               + [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=20) for i in range(6)]
               + [constrained(7, regex=REGEXES[3]), constrained(8, choice=CHOICES[1])])
+    before = sync_llm.stats()["num_preemptions"]
     a, b = generate(llm, params), generate(sync_llm, params)
+    assert sync_llm.stats()["num_preemptions"] > before
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for schema, out in zip(schemas, b):
+        jsonschema.validate(json.loads(out.text), schema)
     assert sync_llm.stats()["compile_count"] == sync_llm.warm_compiles
 
 
