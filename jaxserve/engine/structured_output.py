@@ -174,8 +174,13 @@ class StructuredOutputManager:
 
     def check(self, params: SamplingParams) -> None:
         """Raises the compile's ValueError (or its timeout) for a request about to be added."""
-        if params.structured_outputs is not None:
-            self.compiled(params.structured_outputs)
+        if params.structured_outputs is None:
+            return
+        if params.min_tokens:
+            # The grammar decides where the output ends: a ban on EOS after it ended would
+            # leave no token allowed.
+            raise ValueError(f"min_tokens must be 0 with structured_outputs, got {params.min_tokens}")
+        self.compiled(params.structured_outputs)
 
     def bitmask(self, rows: Sequence[Request | None], num_rows: int) -> np.ndarray:
         """int32[num_rows, words]: row i allows what rows[i]'s grammar allows next (all bits
@@ -194,7 +199,12 @@ class StructuredOutputManager:
             if j != i:
                 copies.append((i, j))
                 continue
-            state = self._sync(req)
+            try:
+                state = self._sync(req)
+            except Exception:  # noqa: BLE001 - one request's grammar must not stop the engine
+                log.exception("request %s: its grammar failed; the request is ended with EOS", req.request_id)
+                mask[i] = self._eos_row
+                continue
             if state.failed or state.matcher.is_stopped():
                 mask[i] = self._eos_row
             else:

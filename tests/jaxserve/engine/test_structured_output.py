@@ -244,3 +244,22 @@ def test_tensor_and_data_parallel_meshes_give_the_same_constrained_outputs():
         assert run["texts"] == runs["model=1"]["texts"] and run["compiles"] == 0, mesh
     for schema, text in zip(result["schemas"], runs["model=1"]["texts"]):
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_min_tokens_is_refused_with_a_grammar(llm):
+    with pytest.raises(ValueError, match="min_tokens must be 0 with structured_outputs"):
+        llm.generate([PROMPT], SamplingParams(min_tokens=3, structured_outputs={"regex": "a+"}), use_tqdm=False)
+
+
+def test_grammars_compile_once_per_text(llm):
+    manager = llm.engine.structured
+    schema = {"type": "object", "properties": {"zz": {"type": "boolean"}}, "required": ["zz"]}
+    before = manager.num_compiles
+    first = manager.compiled(StructuredOutputsParams(json=schema))
+    same = manager.compiled(StructuredOutputsParams(json=json.dumps(schema, indent=2)))  # same schema, other text
+    assert same is first and manager.num_compiles == before + 1
+    loose = manager.compiled(StructuredOutputsParams(json=schema, disable_any_whitespace=False))
+    assert loose is not first and manager.num_compiles == before + 2
+    outs = generate(llm, [constrained(s, json=schema) for s in range(3)])
+    assert all(json.loads(o.text) in ({"zz": True}, {"zz": False}) for o in outs)
+    assert manager.num_compiles == before + 2
