@@ -253,7 +253,7 @@ def test_min_tokens_is_refused_with_a_grammar(llm):
 
 def test_grammars_compile_once_per_text(llm):
     manager = llm.engine.structured
-    schema = {"type": "object", "properties": {"zz": {"type": "boolean"}}, "required": ["zz"]}
+    schema = {"type": "object", "properties": {"zz": {"type": "boolean"}}, "required": ["zz"], "additionalProperties": False}
     before = manager.num_compiles
     first = manager.compiled(StructuredOutputsParams(json=schema))
     same = manager.compiled(StructuredOutputsParams(json=json.dumps(schema, indent=2)))  # same schema, other text
