@@ -35,8 +35,8 @@ GBNF_RE = r"x[0-9][0-9]?(,x[0-9])?"
 # Nested 12 deep with every level twice: llguidance takes ~0.7 s (more on a loaded machine).
 SLOW_SCHEMA: dict = {"type": "integer"}
 for _ in range(12):
-    SLOW_SCHEMA = {"type": "object", "properties": {"a": SLOW_SCHEMA, "b": {"anyOf": [SLOW_SCHEMA, {"type": "string"}]}},
-                   "required": ["a"]}
+    SLOW_SCHEMA = {"type": "object", "required": ["a"],
+                   "properties": {"a": SLOW_SCHEMA, "b": {"anyOf": [SLOW_SCHEMA, {"type": "string"}]}}}
 
 
 def constrained(seed: int, max_tokens: int = 200, **so) -> SamplingParams:
@@ -224,8 +224,8 @@ def test_multi_host_wire_carries_structured_outputs():
     """Followers rebuild the leader's SamplingParams from the JSON broadcast, constraint included."""
     from jaxserve.engine.async_llm import _from_wire, _to_wire
 
-    for so in (dict(json=random_schemas(1, seed=2)[0]), dict(choice=["a", "b"]), dict(regex="x+", disable_any_whitespace=False),
-               dict(json_object=True)):
+    for so in (dict(json=random_schemas(1, seed=2)[0]), dict(choice=["a", "b"]),
+               dict(regex="x+", disable_any_whitespace=False), dict(json_object=True)):
         params = constrained(3, **so)
         wire = json.loads(json.dumps(_to_wire(("add", "r", [1, 2], params, None, None))))
         assert _from_wire(wire)[3] == params
@@ -253,7 +253,8 @@ def test_min_tokens_is_refused_with_a_grammar(llm):
 
 def test_grammars_compile_once_per_text(llm):
     manager = llm.engine.structured
-    schema = {"type": "object", "properties": {"zz": {"type": "boolean"}}, "required": ["zz"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"zz": {"type": "boolean"}}, "required": ["zz"],
+              "additionalProperties": False}
     before = manager.num_compiles
     first = manager.compiled(StructuredOutputsParams(json=schema))
     same = manager.compiled(StructuredOutputsParams(json=json.dumps(schema, indent=2)))  # same schema, other text
