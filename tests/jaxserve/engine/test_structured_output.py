@@ -213,7 +213,8 @@ def test_mask_of_step_n_plus_1_is_filled_while_its_body_runs(llm):
     try:
         generate(llm, [constrained(0, max_tokens=12, regex="[a-z]{10}")])
     finally:
-        del runner._body, runner._sample, runner.collect, engine.structured.bitmask
+        runner._body, runner._sample = originals[:2]  # the jitted programs are instance attributes
+        del runner.collect, engine.structured.bitmask  # methods: the class's come back
     steps = "".join({"body": "B", "sample": "S", "collect": "C", "mask": "M"}[e] for e in events)
     # The first step has nothing in flight to read; in every later one the body runs while
     # step N is read and N+1 masked; the last step's tokens are read by finish_step.
