@@ -1,7 +1,8 @@
 """Structured outputs: the grammar-engine choice (xgrammar vs llguidance) and the engine's
 mask cost per step.
 
-1. Engines (--engines): on the demo tokenizer (byte-level BPE, vocab 1024), for the 60
+1. Engines (--engines): on the demo tokenizer (byte-level BPE, vocab 1024) and a synthetic
+   byte-level tokenizer of --vocab tokens (default 32000: a real model's size), for the 60
    random schemas of tests/jaxserve/random_schemas.py (seed 0) and a table of JSON-schema
    features, each engine compiles the schema (compact JSON: no free whitespace) and runs
    random walks: fill the next-token mask, pick a uniformly random allowed token, accept it,
@@ -170,14 +171,41 @@ def _valid(tok, tokens, schema) -> bool:
         return False
 
 
-def bench_engines() -> list[str]:
+def synthetic_tokenizer(vocab: int, seed: int = 0):
+    """A byte-level tokenizer of `vocab` tokens (a Unigram over the 256 byte symbols and random
+    2-8 character pieces of letters, digits and JSON punctuation, 40% with a leading space):
+    the size of a real model's vocabulary, which the demo's 1024 is not. No download."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;\"'{}[]()-_"
+    pieces = ["<|begin_of_text|>", "<|eot_id|>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    seen = set(pieces)
+    while len(pieces) < vocab:
+        piece = ("\u0120" if rng.random() < 0.4 else "") + "".join(rng.choice(chars) for _ in range(rng.randint(2, 8)))
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append(piece)
+    tok = Tokenizer(models.Unigram([(p, -float(len(p))) for p in pieces], unk_id=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def bench_engines(vocab_size: int) -> list[str]:
     from transformers import AutoTokenizer
 
     from jaxserve.demo_model import ensure_demo_model
     from random_schemas import random_schemas
 
-    tok = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
-    vocab, eos = 1024, tok.convert_tokens_to_ids("<|eot_id|>")
+    if vocab_size == 1024:
+        tok = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
+    else:
+        tok = synthetic_tokenizer(vocab_size)
+    vocab, eos = len(tok), tok.convert_tokens_to_ids("<|eot_id|>")
     engines = [_Xgrammar(tok, vocab, eos), _Llguidance(tok, vocab, eos)]
     la0 = loadavg()
     rows = ["| engine | compile ms (median / max) | mask us per token (median / p99) | random schemas: valid / 60 |",
@@ -310,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-steps", action="store_true")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=80)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[1024, 32000],
+                    help="tokenizer sizes for --engines: 1024 is the demo's, others synthetic")
     ap.add_argument("--write", action="store_true", help="append the tables to BENCHMARKS.md")
     args = ap.parse_args(argv)
     if not (args.engines or args.engine_steps):
@@ -320,7 +350,9 @@ def main(argv=None) -> int:
     lines = [f"### Structured outputs ({day}, {jax.devices()[0].platform} x{len(jax.devices())}, host "
              f"{platform.machine()} ({os.cpu_count()} CPUs))", ""]
     if args.engines:
-        lines += ["#### Grammar engines on the demo tokenizer (vocab 1024), random walks", ""] + bench_engines() + [""]
+        for v in args.vocab:
+            name = "the demo tokenizer" if v == 1024 else "a synthetic byte-level tokenizer"
+            lines += [f"#### Grammar engines on {name} (vocab {v}), random walks", ""] + bench_engines(v) + [""]
     if args.engine_steps:
         lines += [f"#### The mask in the engine: demo model, {args.rows} rows, regex \"[a-z ]*\" vs plain, "
                   "temperature 1, configs/cpu.yaml", ""] + bench_engine_steps(args.rows, args.tokens) + [""]
