@@ -165,7 +165,7 @@ class SamplingParams:
         set_("stop", _as_stop(self.stop))
         set_("stop_token_ids", _as_token_ids("stop_token_ids", self.stop_token_ids))
         set_("logit_bias", _as_logit_bias(self.logit_bias))
-        set_("structured_outputs", _as_structured(self.structured_outputs))
+        set_("structured_outputs", as_structured_outputs(self.structured_outputs))
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -330,7 +330,8 @@ def _as_choice(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _as_structured(value: Any) -> StructuredOutputsParams | None:
+def as_structured_outputs(value: Any) -> StructuredOutputsParams | None:
+    """None, a StructuredOutputsParams, or a dict of its fields (unknown fields refused)."""
     if value is None or isinstance(value, StructuredOutputsParams):
         return value
     if isinstance(value, Mapping):

@@ -26,7 +26,7 @@ from typing import Any
 from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.tool_parsers import (Parsed, ParsedCall, ToolParser, _call_from, _skip_ws,
                                                       scan_object)
-from jaxserve.sampling_params import StructuredOutputsParams
+from jaxserve.sampling_params import StructuredOutputsParams, as_structured_outputs
 
 ANY_OBJECT = {"type": "object"}
 
@@ -42,7 +42,7 @@ def from_request(body: Any) -> StructuredOutputsParams | None:
                           f"{fmt.type!r}, not both", param="structured_outputs")
     try:
         if so is not None:
-            return StructuredOutputsParams(**so)
+            return as_structured_outputs(so)
         if not constrained_format:
             return None
     except (TypeError, ValueError) as e:

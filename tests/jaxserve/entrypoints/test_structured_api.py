@@ -97,6 +97,9 @@ def test_structured_outputs_extra_body_on_both_endpoints(http):
         got = client.completions.create(model=MODEL, prompt="JSON:", seed=k, extra_body={"structured_outputs": {
             "json": schema}}, **SAMPLED)
         jsonschema.validate(json.loads(got.choices[0].text), schema)
+    fmt = client.completions.create(model=MODEL, prompt="JSON:", seed=9, extra_body={
+        "response_format": json_schema_format(SCHEMA)}, **SAMPLED)  # vLLM takes response_format here too
+    jsonschema.validate(json.loads(fmt.choices[0].text), SCHEMA)
     regex = client.completions.create(model=MODEL, prompt="Call", n=3, seed=2, temperature=1.0, max_tokens=20,
                                       extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{4}"}})
     assert all(re.fullmatch(r"[0-9]{3}-[0-9]{4}", c.text) for c in regex.choices)
@@ -179,6 +182,8 @@ def test_bad_grammars_are_400_naming_the_field(http):
     e = error("/v1/chat/completions", {**chat, "structured_outputs": {"json": {}},
                                        "response_format": {"type": "json_object"}})
     assert e["param"] == "structured_outputs"
+    e = error("/v1/completions", {"prompt": "x", "structured_outputs": {"jsn": {}}})
+    assert e["param"] == "structured_outputs" and "unknown fields jsn" in e["message"]
     e = error("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema"}})
     assert e["param"] == "response_format"
     bad_tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
