@@ -153,17 +153,18 @@ class StructuredOutputManager:
         kind, spec, compact = key
         start = time.perf_counter()
         field = f"structured_outputs.{kind}"
+        tokenizer = self._tokenizer()  # its failure is the server's, not the request's
         try:
             if kind in ("json", "json_object"):
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(
                     spec, defaults=_JSON_SEPARATORS if compact else {"whitespace_flexible": True})
             else:
                 grammar = llguidance.grammar_from({"regex": "regex", "choice": "choice"}.get(kind, "grammar"), spec)
-        except ValueError as e:
-            raise ValueError(f"{field}: {e}") from None
-        matcher = llguidance.LLMatcher(self._tokenizer(), grammar)
-        if not matcher.is_error():  # the first mask builds the lexer: errors of the grammar show here
-            llnp.fill_next_token_bitmask(matcher, llnp.allocate_token_bitmask(1, self.vocab_size), 0)
+            matcher = llguidance.LLMatcher(tokenizer, grammar)
+            if not matcher.is_error():  # the first mask builds the lexer: errors of the grammar show here
+                llnp.fill_next_token_bitmask(matcher, llnp.allocate_token_bitmask(1, self.vocab_size), 0)
+        except Exception as e:  # noqa: BLE001 - whatever the engine says of this grammar is the caller's 400
+            raise ValueError(f"{field} is invalid: {_first_lines(str(e))}") from None
         if matcher.is_error():
             raise ValueError(f"{field} is invalid: {_first_lines(matcher.get_error())}")
         with self._lock:
