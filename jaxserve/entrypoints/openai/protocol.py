@@ -53,6 +53,11 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     # vLLM's constrained decoding: {json | regex | choice | grammar | json_object, ...}
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's older names of the same (still sent by many clients): one of them at most.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod

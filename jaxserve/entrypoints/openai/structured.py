@@ -7,6 +7,8 @@ field, and tool calls enforced by a grammar.
                                                            grammar always enforces it)
     structured_outputs {json | regex | choice | grammar   StructuredOutputsParams as given
                         | json_object, ...}  (extra body)
+    guided_json | guided_regex | guided_choice |          vLLM's older names: the same, one
+      guided_grammar (extra body)                         field each
     tool_choice "required"                                a JSON array of one or more
                                                           {"name": <a tool>, "parameters":
                                                           <its schema>} (at most one when
@@ -31,23 +33,39 @@ from jaxserve.sampling_params import StructuredOutputsParams, as_structured_outp
 ANY_OBJECT = {"type": "object"}
 
 
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def _guided(body: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """(the guided_* field set, as structured_outputs fields); a 400 when several are set."""
+    given = [name for name in GUIDED if getattr(body, name, None) is not None]
+    if not given:
+        return None, None
+    if len(given) > 1 or getattr(body, "structured_outputs", None) is not None:
+        raise bad_request(f"{given[0]}: set one of structured_outputs, {', '.join(GUIDED)}, got "
+                          f"{', '.join(given)}{' and structured_outputs' if len(given) == 1 else ''}", param=given[0])
+    return given[0], {given[0].removeprefix("guided_"): getattr(body, given[0])}
+
+
 def from_request(body: Any) -> StructuredOutputsParams | None:
-    """The constraint a request's `structured_outputs` or `response_format` asks for (a 400
-    naming the field when both are set or the value is malformed)."""
-    so = getattr(body, "structured_outputs", None)
+    """The constraint a request's `structured_outputs` (or vLLM's older guided_* fields) or
+    `response_format` asks for (a 400 naming the field when two are set or one is malformed)."""
+    guided, so = _guided(body)
+    so = so if so is not None else getattr(body, "structured_outputs", None)
     fmt = getattr(body, "response_format", None)
     constrained_format = fmt is not None and fmt.type != "text"
+    field = guided or "structured_outputs"
     if so is not None and constrained_format:
-        raise bad_request("structured_outputs: set either structured_outputs or a response_format of type "
-                          f"{fmt.type!r}, not both", param="structured_outputs")
+        raise bad_request(f"{field}: set either {field} or a response_format of type {fmt.type!r}, not both",
+                          param=field)
     try:
         if so is not None:
             return as_structured_outputs(so)
         if not constrained_format:
             return None
     except (TypeError, ValueError) as e:
-        raise bad_request(str(e) if str(e).startswith("structured_outputs") else f"structured_outputs: {e}",
-                          param="structured_outputs") from None
+        message = str(e) if str(e).startswith("structured_outputs") else f"structured_outputs: {e}"
+        raise bad_request(message if guided is None else f"{guided}: {message}", param=field) from None
     if fmt.type == "json_object":
         return StructuredOutputsParams(json_object=True)
     if fmt.json_schema is None:
@@ -60,6 +78,9 @@ def error_field(body: Any) -> str:
     """The request field a structured_outputs ValueError is about."""
     if getattr(body, "tools", None) and getattr(body, "tool_choice", None) not in (None, "none", "auto"):
         return "tools"
+    guided = next((name for name in GUIDED if getattr(body, name, None) is not None), None)
+    if guided is not None:
+        return guided
     fmt = getattr(body, "response_format", None)
     if getattr(body, "structured_outputs", None) is None and fmt is not None and fmt.type != "text":
         return "response_format"

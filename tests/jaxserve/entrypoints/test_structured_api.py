@@ -106,6 +106,12 @@ def test_structured_outputs_extra_body_on_both_endpoints(http):
     choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=3, temperature=1.0, max_tokens=20,
                                             extra_body={"structured_outputs": {"choice": ["sunny", "rain", "fog"]}})
     assert choice.choices[0].message.content in ("sunny", "rain", "fog")
+    guided = client.completions.create(model=MODEL, prompt="Call", seed=4, temperature=1.0, max_tokens=20,
+                                       extra_body={"guided_regex": "[a-c]{2,5}"})  # vLLM's older name
+    assert re.fullmatch("[a-c]{2,5}", guided.choices[0].text)
+    guided = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=5, extra_body={"guided_json": SCHEMA},
+                                            **SAMPLED)
+    jsonschema.validate(json.loads(guided.choices[0].message.content), SCHEMA)
 
 
 def check_calls(calls, max_calls: int | None = None) -> None:
@@ -184,6 +190,10 @@ def test_bad_grammars_are_400_naming_the_field(http):
     assert e["param"] == "structured_outputs"
     e = error("/v1/completions", {"prompt": "x", "structured_outputs": {"jsn": {}}})
     assert e["param"] == "structured_outputs" and "unknown fields jsn" in e["message"]
+    e = error("/v1/completions", {"prompt": "x", "guided_regex": "a(b"})
+    assert e["param"] == "guided_regex" and "unclosed group" in e["message"]
+    e = error("/v1/completions", {"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]})
+    assert e["param"] == "guided_regex"
     e = error("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema"}})
     assert e["param"] == "response_format"
     bad_tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
