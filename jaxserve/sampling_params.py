@@ -7,7 +7,9 @@ ranges of every field and normalises the container fields:
 - `stop` (None | str | list of str) becomes a tuple of str,
 - `stop_token_ids` becomes a tuple of int,
 - `logit_bias` (None | dict[int, float] | pairs) becomes a sorted tuple of (id, bias) pairs,
-- numeric fields become plain Python `int` / `float` (numpy scalars are accepted).
+- numeric fields become plain Python `int` / `float` (numpy scalars are accepted),
+- `structured_outputs` (None | StructuredOutputsParams | a dict of its fields) becomes a
+  StructuredOutputsParams, whose JSON schema is canonical JSON text.
 
 Every invalid value raises `ValueError` naming the field, the allowed range and the value
 got. Every number is bounded to what the engine's fixed-width arrays hold: counts and token
