@@ -37,7 +37,7 @@ if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py")
     sys.meta_path.insert(0, _SourceCheckoutFinder(_here.parent))
 
 __all__ = ["AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput",
-           "SamplingParams"]
+           "SamplingParams", "StructuredOutputsParams"]
 
 _EXPORTS = {
     "AsyncClient": "jaxserve.entrypoints.client",
@@ -49,6 +49,7 @@ _EXPORTS = {
     "LLMEngine": "jaxserve.engine.llm_engine",
     "RequestOutput": "jaxserve.outputs",
     "SamplingParams": "jaxserve.sampling_params",
+    "StructuredOutputsParams": "jaxserve.sampling_params",
 }
 
 

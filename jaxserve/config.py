@@ -61,6 +61,10 @@ class EngineConfig:
     # Persistent XLA compilation cache: "auto" = <cache dir>/xla, "" = off. Restarts with the
     # same model and buckets then load the step programs instead of compiling them again.
     compilation_cache_dir: str = "auto"
+    # Structured outputs: a grammar (JSON schema, regex, choice, Lark / GBNF) that takes longer
+    # than this to compile is refused (a 400 / INVALID_ARGUMENT); compiles run in their own
+    # threads, so a slow one never holds up other requests.
+    structured_outputs_compile_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -94,6 +98,9 @@ class EngineConfig:
             rules = tuple((str(k), v) for k, v in (rules.items() if isinstance(rules, Mapping) else rules))
             object.__setattr__(self, "sharding_rules", rules)
             MeshConfig(rules=rules)  # refuses bad rules now, with the reason
+        timeout = self.structured_outputs_compile_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ValueError(f"structured_outputs_compile_timeout_s must be in (0, 3600] seconds, got {timeout!r}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

@@ -7,7 +7,9 @@ ranges of every field and normalises the container fields:
 - `stop` (None | str | list of str) becomes a tuple of str,
 - `stop_token_ids` becomes a tuple of int,
 - `logit_bias` (None | dict[int, float] | pairs) becomes a sorted tuple of (id, bias) pairs,
-- numeric fields become plain Python `int` / `float` (numpy scalars are accepted).
+- numeric fields become plain Python `int` / `float` (numpy scalars are accepted),
+- `structured_outputs` (None | StructuredOutputsParams | a dict of its fields) becomes a
+  StructuredOutputsParams, whose JSON schema is canonical JSON text.
 
 Every invalid value raises `ValueError` naming the field, the allowed range and the value
 got. Every number is bounded to what the engine's fixed-width arrays hold: counts and token
@@ -19,6 +21,7 @@ length check belongs to the engine, which knows the prompt length.
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import math
 import numbers
 from collections.abc import Mapping
@@ -144,6 +147,8 @@ class SamplingParams:
     # Additive bias per token id, in [-100, 100]; accepts dict[int, float], stored as a
     # sorted tuple of (id, bias) pairs so the dataclass stays hashable.
     logit_bias: tuple[tuple[int, float], ...] | None = None
+    # Constrained decoding (JSON schema, regex, choice, grammar); accepts a dict of its fields.
+    structured_outputs: "StructuredOutputsParams | None" = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -162,6 +167,7 @@ class SamplingParams:
         set_("stop", _as_stop(self.stop))
         set_("stop_token_ids", _as_token_ids("stop_token_ids", self.stop_token_ids))
         set_("logit_bias", _as_logit_bias(self.logit_bias))
+        set_("structured_outputs", as_structured_outputs(self.structured_outputs))
         self._check_ranges()
 
     def _check_ranges(self) -> None:
@@ -220,3 +226,121 @@ class SamplingParams:
         for t, _ in self.logit_bias or ():
             if t >= vocab_size:
                 raise _fail("logit_bias key", f"< vocab_size ({vocab_size})", t)
+
+
+# -- structured outputs (vLLM's StructuredOutputsParams) ---------------------------------
+
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema / regex / grammar larger than 1 MiB is refused
+MAX_CHOICES = 4096
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrains a request's output to a JSON schema, a regex, one of a list of strings, or a
+    grammar (Lark, or GBNF as llama.cpp writes it); vLLM's names. Exactly one is set.
+
+    `json` accepts a dict or a JSON string and is stored as canonical JSON text (sorted keys),
+    so equal schemas share one compiled grammar and the dataclass stays hashable; `choice`
+    accepts a list and is stored as a tuple. `json_object=True` is any JSON object (OpenAI's
+    response_format json_object).
+
+    disable_any_whitespace: JSON is written with fixed separators (", " and ": ") and no other
+    whitespace. True by default here (vLLM's default is False): with free whitespace a model
+    can emit whitespace until max_tokens, a known failure of constrained JSON. Set False for
+    free whitespace between JSON tokens.
+    """
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.json is not None:
+            set_("json", _as_schema_text(self.json))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str) or not value:
+                    raise _fail(f"structured_outputs.{name}", "a non-empty string", value)
+                _check_size(f"structured_outputs.{name}", len(value))
+        if self.choice is not None:
+            set_("choice", _as_choice(self.choice))
+        if self.json_object is not None:
+            _as_bool("structured_outputs.json_object", self.json_object)
+            if not self.json_object:
+                set_("json_object", None)
+        _as_bool("structured_outputs.disable_any_whitespace", self.disable_any_whitespace)
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(_STRUCTURED_KINDS)}, "
+                             f"got {', '.join(given) or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: json | regex | choice | grammar | json_object."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text: the schema's JSON, the regex, the grammar, the choices as a
+        JSON list, or the any-object schema."""
+        kind = self.kind
+        if kind == "choice":
+            return _json.dumps(list(self.choice))
+        if kind == "json_object":
+            return '{"type": "object"}'
+        return getattr(self, kind)
+
+
+def _check_size(name: str, n: int) -> None:
+    if n > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"{name} must be at most {MAX_GRAMMAR_CHARS} characters, got {n}")
+
+
+def _as_schema_text(value: Any) -> str:
+    name = "structured_outputs.json"
+    if isinstance(value, str):
+        _check_size(name, len(value))
+        try:
+            value = _json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{name} must be a JSON schema, got text that is not JSON: {e}") from None
+    if not isinstance(value, (Mapping, bool)):
+        raise _fail(name, "a JSON schema (an object, or true / false)", value)
+    try:
+        text = _json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be JSON-serialisable: {e}") from None
+    _check_size(name, len(text))
+    return text
+
+
+def _as_choice(value: Any) -> tuple[str, ...]:
+    name = "structured_outputs.choice"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _fail(name, "a list of strings", value)
+    if not 1 <= len(value) <= MAX_CHOICES:
+        raise ValueError(f"{name} must hold 1 to {MAX_CHOICES} strings, got {len(value)}")
+    if not all(isinstance(c, str) for c in value):
+        raise _fail(name, "a list of strings", value)
+    _check_size(name, sum(len(c) for c in value))
+    return tuple(value)
+
+
+def as_structured_outputs(value: Any) -> StructuredOutputsParams | None:
+    """None, a StructuredOutputsParams, or a dict of its fields (unknown fields refused)."""
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs has unknown fields {', '.join(map(str, unknown))}; "
+                             f"known: {', '.join(sorted(known))}")
+        return StructuredOutputsParams(**value)
+    raise _fail("structured_outputs", "a StructuredOutputsParams, a dict or None", value)

@@ -170,6 +170,8 @@ class AsyncLLM:
         Leaving the loop early (break, cancellation, client gone) aborts the request."""
         request_id = request_id or uuid.uuid4().hex
         params = params if params is not None else SamplingParams()
+        if params.structured_outputs is not None:
+            await self._compile_grammar(params)
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), params.n)
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._send(("add", request_id, prompt, params, stream, added))
@@ -191,6 +193,17 @@ class AsyncLLM:
                 # to another caller's request. A cancel while the add runs on the engine
                 # thread decides when the add does (the callback runs then, or now if done).
                 added.add_done_callback(functools.partial(self._abort_if_added, request_id))
+
+    async def _compile_grammar(self, params: SamplingParams) -> None:
+        """Waits, off the event loop and off the engine thread, for the request's grammar to
+        compile (a cache hit is immediate), so the engine's add finds it compiled. Raises
+        ValueError naming the field when it is invalid or exceeds the compile timeout."""
+        structured, so = self.engine.structured, params.structured_outputs
+        future = asyncio.wrap_future(structured.submit(so))
+        try:  # shielded: a timeout must not cancel the compile other requests may share
+            await asyncio.wait_for(asyncio.shield(future), structured.compile_timeout_s)
+        except asyncio.TimeoutError:
+            raise structured.timeout_error(so) from None
 
     def _abort_if_added(self, request_id: str, added: concurrent.futures.Future) -> None:
         if not added.cancelled() and added.exception() is None:
@@ -386,6 +399,8 @@ def _to_wire(command: tuple) -> list:
         _, request_id, prompt, params, _, _ = command
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
                   if getattr(params, f.name) != f.default}
+        if fields.get("structured_outputs") is not None:  # a dataclass: sent as its fields
+            fields["structured_outputs"] = dataclasses.asdict(fields["structured_outputs"])
         return ["add", request_id, prompt, fields]
     return list(command)
 

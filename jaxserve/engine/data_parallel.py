@@ -43,6 +43,10 @@ class DataParallelEngine:
         self.config, self.tokenizer, self.model_config = first.config, first.tokenizer, first.model_config
         self.max_model_len, self.model_path, self.dtype = first.max_model_len, first.model_path, first.dtype
         self.eos_token_ids = first.eos_token_ids
+        self.structured = first.structured  # one grammar cache and compile pool for all replicas
+        for replica in self.replicas[1:]:
+            replica.structured.shutdown()
+            replica.structured = first.structured
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
         if request_id in self._owner:

@@ -66,6 +66,9 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for p in params:  # every grammar starts compiling (in parallel threads) before the first add waits
+            if isinstance(p, SamplingParams) and p.structured_outputs is not None:
+                self.engine.structured.submit(p.structured_outputs)
         try:
             for rid, prompt, p in zip(ids, prompts, params):
                 self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), p)

@@ -13,6 +13,12 @@ One call of `step()` with the overlapped loop (`async_scheduling`, on by default
       strings -> RequestOutput deltas
     return the deltas of step N
 
+Structured outputs: a step with constrained rows needs, for its sampler, the grammar state
+after step N's tokens. begin_step queues step N+1's body first, then applies step N's tokens
+to the scheduler (update only: detokenization waits for finish_step), fills N+1's token
+bitmask from the requests' matchers and queues N+1's sampler with it: the mask is computed
+while the device runs N+1's body (engine/structured_output.py).
+
 So the host's scheduling, input building, update and detokenization all run while the
 device computes, and step N+1 reads the tokens of step N on the device (the slot's last
 token), never waiting for the host. Exactness: a request that stops at step N (length,
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import random
 
@@ -42,6 +49,7 @@ from jaxserve.core.scheduler import Scheduler, SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
+from jaxserve.engine.structured_output import StructuredOutputManager, needs_bitmask
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import Placement
@@ -124,6 +132,10 @@ class LLMEngine:
                                      eos_token_ids=self.eos_token_ids, sliding_window=self.kv.sliding_window,
                                      max_num_batched_tokens=config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(self.tokenizer, vocab_size=mc.vocab_size,
+                                                  eos_token_ids=self.eos_token_ids,
+                                                  compile_timeout_s=config.structured_outputs_compile_timeout_s)
+        self._updated: list[list[Request]] = []  # steps applied early (masks), their outputs not made yet
         self._rng = random.Random(config.seed)
         # Dispatched steps whose tokens are not applied yet, oldest first (at most two).
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepHandle]] = collections.deque()
@@ -181,6 +193,7 @@ class LLMEngine:
         if request_id in self.outputs.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids, max_tokens = self.inputs.process(prompt, params)
+        self.structured.check(params)  # compiled (cached) or refused: ValueError naming the field
         # One seed for the group: sample k folds k into its key, so samples are independent
         # streams and sample k of seed s is not sample 0 of seed s + k.
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
@@ -204,7 +217,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests to schedule, or dispatched steps whose outputs are not returned yet."""
-        return self.scheduler.has_unfinished() or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or bool(self._updated)
 
     @property
     def num_unfinished(self) -> int:
@@ -226,7 +239,19 @@ class LLMEngine:
         self.runner.batch.release(out.released)
         self._dispatched = not out.is_empty
         if self._dispatched:
-            self._in_flight.append((out, self.runner.dispatch(out)))
+            rows = [s.request for s in out.seqs for _ in range(s.num_samples)]
+            if needs_bitmask(rows):
+                handle = self.runner.dispatch(out, functools.partial(self._bitmask, rows))
+            else:
+                handle = self.runner.dispatch(out)
+            self._in_flight.append((out, handle))
+
+    def _bitmask(self, rows: list[Request], num_rows: int) -> np.ndarray:
+        """The token bitmask of a step being dispatched (its body is queued): the steps still
+        in flight are applied first, so every matcher has seen every token before it."""
+        while self._in_flight:
+            self._updated.append(self._update(*self._in_flight.popleft()))
+        return self.structured.bitmask(rows, num_rows)
 
     def finish_step(self) -> list[RequestOutput]:
         """Applies the dispatched steps but the one `begin_step` just queued (overlapped), or
@@ -234,11 +259,18 @@ class LLMEngine:
         waiting for tokens still in flight)."""
         keep = 1 if self.config.async_scheduling and self._dispatched else 0
         outputs: list[RequestOutput] = []
+        for touched in self._updated:
+            outputs += self._process(touched)
+        self._updated.clear()
         while len(self._in_flight) > keep:
             outputs += self._apply(*self._in_flight.popleft())
         return outputs
 
     def _apply(self, out: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        return self._process(self._update(out, handle))
+
+    def _update(self, out: SchedulerOutput, handle: StepHandle) -> list[Request]:
+        """Step N's tokens into the scheduler; returns the requests it touched."""
         tokens, logprobs = self.runner.collect(handle)
         self.num_computed_tokens += out.num_tokens
         sampled = []
@@ -252,7 +284,9 @@ class LLMEngine:
                     lp = (float(logprobs[0][i]), logprobs[1][i, :k].tolist(), logprobs[2][i, :k].tolist())
                 sampled.append((int(tokens[i]), lp))
                 i += 1
-        touched = self.scheduler.update(out, sampled, self.outputs.make_child)
+        return self.scheduler.update(out, sampled, self.outputs.make_child)
+
+    def _process(self, touched: list[Request]) -> list[RequestOutput]:
         # A failure in one request's output processing finishes that request with an error
         # (RequestOutput.error); the engine serves on (OutputProcessor.process).
         return self.outputs.process(touched, self.scheduler.finish, self._abort_samples)

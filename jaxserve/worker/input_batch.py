@@ -113,6 +113,8 @@ class SampleInputs:
     row_slots: jax.Array  # i32[R]  slot whose parameters and penalty state the row uses
     row_sample_index: jax.Array  # i32[R]  sample of the request (folded into its PRNG key)
     row_owner: jax.Array  # bool[R]  the row's token is the slot's own next token
+    # i32[R, ceil(V / 32)] allowed tokens (worker.bitmask); the runner sets it at dispatch
+    bitmask: jax.Array | None = None
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.kernels.kv_quant import SCALE_BYTES, is_quantized_dtype
+from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
 
@@ -59,7 +60,8 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
     body_c = body.lower(params, kv_spec, state, body_in, cells).compile()
     hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs, model.cfg.hidden_size), model.dtype, sharding=rep)
     sample_in = jax.tree.map(abstract, SampleInputs(np.zeros(r, np.int32), np.zeros(r, np.int32),
-                                                    np.zeros(r, np.bool_)))
+                                                    np.zeros(r, np.bool_),
+                                                    allow_all(r, -(-model.cfg.vocab_size // 32))))
     sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
     sample_c = sampler.lower(params, state, hidden, sample_in).compile()
     temps = [_temp_bytes(c) for c in (body_c, sample_c)]

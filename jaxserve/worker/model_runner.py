@@ -13,7 +13,9 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
                         read from the slot's last token), slot mapping and block tables are
                         derived on the device from the slot state; KV pages donated
     sample(R)           LM head on the R sample rows, sampling, and the slot updates
-                        (last token, output count, penalty counts) that the next step reads
+                        (last token, output count, penalty counts) that the next step reads;
+                        its token bitmask input (structured outputs) is a device-resident
+                        all-ones mask in plain steps, so both kinds run one program
 
 `dispatch` returns as soon as the programs are queued (JAX dispatch is asynchronous) and
 starts the device-to-host copy of the tokens; `collect` waits for them. The engine
@@ -41,6 +43,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          SampleInputs, SlotAssignment, SLOT_COLUMNS, SlotState, apply_assignment,
                                          apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
                                          step_positions)
+from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
@@ -76,7 +79,8 @@ def _sample(graphdef, params, state: SlotState, hidden: jax.Array, inp: SampleIn
         frequency_penalty=state.frequency_penalty[sl], seeds=state.seeds[sl], sample_index=inp.row_sample_index,
         steps=steps, bias_token_ids=state.bias_token_ids[sl], bias_values=bias, row_slots=sl,
         want_logprobs=state.want_logprobs[sl])
-    out = sample(logits, md, state.prompt_mask, state.output_counts, num_logprobs=num_logprobs)
+    out = sample(logits, md, state.prompt_mask, state.output_counts, num_logprobs=num_logprobs,
+                 bitmask=inp.bitmask)
     own = jax.numpy.where(inp.row_owner, sl, state.seq_lens.shape[0])  # rows without a slot: dropped
     state = dataclasses.replace(
         state, last_tokens=state.last_tokens.at[own].set(out.token_ids, mode="drop"),
@@ -121,6 +125,11 @@ class ModelRunner:
         else:
             state = jax.device_put(state)
         self.state = state
+        # The all-ones token bitmask of each row bucket, on the device once: plain steps send
+        # none; a constrained step's host mask goes to the same sharding (same program).
+        self.mask_words = -(-vocab // 32)
+        self._mask_placement = rep  # both kinds are put the same way: one jit cache entry
+        self._allow_all = {r: jax.device_put(allow_all(r, self.mask_words), rep) for r in shapes.row_buckets}
         # Per-runner jits: the sum of their cache sizes is this engine's compile count. The
         # KV pages and the slot state are donated (updated in place) and keep their shardings.
         g = self.graphdef
@@ -161,7 +170,8 @@ class ModelRunner:
                 self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
                                                                 _no_cells())
             elif name == "sample":
-                inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_))
+                inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
+                                   self._allow_all[k])
                 self.state, out = self._sample(self.params, self.state, hidden, inp)
             elif name == "assign":
                 cols = {c: np.full(k, pad, dt) for c, (dt, pad) in SLOT_COLUMNS.items()}
@@ -179,9 +189,12 @@ class ModelRunner:
         jax.block_until_ready((self.state, out.token_ids))
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
-    def dispatch(self, out: SchedulerOutput) -> StepHandle:
+    def dispatch(self, out: SchedulerOutput, bitmask=None) -> StepHandle:
         """Queues one step on the device and returns at once; `collect` waits for its tokens.
-        The host can schedule and dispatch the next step in between."""
+        The host can schedule and dispatch the next step in between.
+
+        bitmask: None, or a callable (padded row count R) -> int32[R, mask_words], called
+        after the body is queued, so the host computes the mask while the body runs."""
         plan = self.batch.prepare(out)
         for rows in plan.resets:
             self.state = self._reset(self.state, rows)
@@ -196,7 +209,12 @@ class ModelRunner:
             self.kv_caches = self._copy(self.kv_caches, src, dst)
         self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
                                                         plan.cells[-1])
-        self.state, result = self._sample(self.params, self.state, hidden, plan.sample)
+        r = plan.sample.row_slots.shape[0]
+        mask = self._allow_all[r]
+        if bitmask is not None:
+            mask = jax.device_put(bitmask(r), self._mask_placement)
+        self.state, result = self._sample(self.params, self.state, hidden,
+                                          dataclasses.replace(plan.sample, bitmask=mask))
         result.token_ids.copy_to_host_async()
         if plan.want_logprobs:
             for a in (result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxserve.sampling_params import GREEDY_TEMPERATURE_EPS
+from jaxserve.worker.bitmask import apply_token_bitmask
 
 SEED_MODULUS = 2**31  # host seeds are reduced mod this to fit int32
 
@@ -244,7 +245,8 @@ def _check_shapes(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Arra
 
 
 def sample(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
-           output_counts: jax.Array, *, num_logprobs: int) -> SamplerOutput:
+           output_counts: jax.Array, *, num_logprobs: int,
+           bitmask: jax.Array | None = None) -> SamplerOutput:
     """Sample one token per row from logits f32/bf16[S, V].
 
     prompt_mask bool[N, V] and output_counts i32[N, V] are the per-slot penalty state,
@@ -252,11 +254,15 @@ def sample(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
     K >= 1) sizes the logprob fields; they hold the log_softmax of the raw logits (before
     bias, penalties and temperature, vLLM's default) when any row wants logprobs, zeros
     otherwise. Rows that do not want logprobs get values too when a neighbour does.
+    bitmask int32[S, ceil(V / 32)] (structured outputs, worker.bitmask): tokens whose bit is
+    clear get -inf after the penalties; logprobs stay those of the raw logits.
     """
     _check_shapes(logits, md, prompt_mask, output_counts, num_logprobs)
     raw = logits.astype(jnp.float32)
     x = add_logit_bias(raw, md.bias_token_ids, md.bias_values.astype(jnp.float32))
     x = _penalize(x, md, prompt_mask, output_counts)
+    if bitmask is not None:
+        x = apply_token_bitmask(x, bitmask)
     greedy = md.temperature < GREEDY_TEMPERATURE_EPS
     greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)
     token_ids = lax.cond(

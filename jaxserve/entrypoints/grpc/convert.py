@@ -12,7 +12,7 @@ from typing import Any
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.protos.v1 import generate_pb2 as pb
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 # SamplingParams fields that are proto3 `optional` scalars: unset means the Python default.
 SCALAR_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -37,7 +37,30 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     if msg.logit_bias:
         kwargs["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)
+
+
+def structured_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object, "
+                         "got none")
+    value = list(msg.choice.choices) if kind == "choice" else getattr(msg, kind)
+    kwargs: dict[str, Any] = {kind: value}
+    if msg.HasField("disable_any_whitespace"):
+        kwargs["disable_any_whitespace"] = msg.disable_any_whitespace
+    return StructuredOutputsParams(**kwargs)
+
+
+def structured_to_proto(so: StructuredOutputsParams) -> pb.StructuredOutputs:
+    msg = pb.StructuredOutputs(disable_any_whitespace=so.disable_any_whitespace)
+    if so.kind == "choice":
+        msg.choice.choices.extend(so.choice)
+    else:
+        setattr(msg, so.kind, True if so.kind == "json_object" else getattr(so, so.kind))
+    return msg
 
 
 def request_from_proto(msg: pb.GenerateRequest) -> tuple[str | list[int], SamplingParams]:
@@ -110,6 +133,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     msg.stop_token_ids.extend(params.stop_token_ids)
     for tid, bias in params.logit_bias or ():
         msg.logit_bias[tid] = bias
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
     return msg
 
 

@@ -51,6 +51,13 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's constrained decoding: {json | regex | choice | grammar | json_object, ...}
+    structured_outputs: dict[str, Any] | None = None
+    # vLLM's older names of the same (still sent by many clients): one of them at most.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -71,6 +78,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: "ResponseFormat | None" = None
 
 
 class TextPart(BaseModel):
@@ -133,9 +141,18 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the grammar enforces the schema either way
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
-    type: Literal["text"]  # json_object / json_schema need guided decoding: not supported
+    type: Literal["text", "json_object", "json_schema"]  # see openai/structured.py
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -185,3 +202,6 @@ class DetokenizeRequest(BaseModel):
     model_config = _CONFIG
     model: str | None = None
     tokens: list[int]
+
+
+CompletionRequest.model_rebuild()  # its response_format refers to ResponseFormat, defined below it

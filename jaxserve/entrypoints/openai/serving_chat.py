@@ -6,17 +6,19 @@ BOS itself, and tokenizing with them would add a second one.
 
 Tools:
   tool_choice "none"      the template does not see the tools; nothing is parsed.
-  "auto" / "required"     the template sees every tool; the configured parser (hermes |
-                          llama3_json) turns tool-call text into tool_calls. "required" is
-                          honoured by prompting only: without a call the answer is content.
-  a named function        the template sees only that tool; the answer is parsed by the
-                          configured parser, else a bare JSON object is taken as that
-                          function's arguments (NamedFunctionParser). Not constrained.
-  Without a parser, tools default to tool_choice "none"; "auto" / "required" are a 400.
+  "auto"                  the template sees every tool; the configured parser (hermes |
+                          llama3_json) turns tool-call text into tool_calls.
+  "required"              the template sees every tool; a grammar built from the tools'
+                          schemas enforces a JSON array of calls (openai/structured.py),
+                          read into tool_calls; no parser needed.
+  a named function        the template sees only that tool; a grammar enforces its
+                          parameters schema: the whole answer is that call's arguments.
+  Without a parser, tools default to tool_choice "none"; "auto" is a 400.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,8 +33,8 @@ from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from jaxserve.entrypoints.openai.serving_engine import (SSE_DONE, EngineRequests, OpenAIServing, ServingState, sse,
                                             stream_response, unless_disconnected)
-from jaxserve.entrypoints.openai.tool_parsers import (NamedFunctionParser, ToolParser, ToolStreamer, get_tool_parser,
-                                          tool_calls_json)
+from jaxserve.entrypoints.openai.structured import tool_constraint
+from jaxserve.entrypoints.openai.tool_parsers import ToolParser, ToolStreamer, get_tool_parser, tool_calls_json
 from jaxserve.outputs import CompletionOutput
 
 # apply_chat_template's own arguments: chat_template_kwargs may not override them.
@@ -71,7 +73,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, request: Request) -> Response:
         body = self.parse(await request.body(), ChatCompletionRequest)
-        template_tools, parser = self._tool_mode(body)
+        enforced = tool_constraint(body)  # (grammar, parser) for "required" / a named function
+        template_tools, parser = self._tool_mode(body, enforced)
         prompt_ids = await self.render_async(body.messages, template_tools, body.add_generation_prompt,
                                              body.chat_template_kwargs)
         if body.top_logprobs is not None and not body.logprobs:
@@ -79,6 +82,8 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
+        if enforced is not None:
+            params = dataclasses.replace(params, structured_outputs=enforced[0])
         response_id = self.new_id("chatcmpl")
         requests = await self.start(body, [prompt_ids], params, response_id)
         if body.stream:
@@ -88,7 +93,8 @@ class OpenAIServingChat(OpenAIServing):
 
     # -- prompt -----------------------------------------------------------------------
 
-    def _tool_mode(self, body: ChatCompletionRequest) -> tuple[list[dict] | None, ToolParser | None]:
+    def _tool_mode(self, body: ChatCompletionRequest,
+                   enforced: tuple | None = None) -> tuple[list[dict] | None, ToolParser | None]:
         """(tools shown to the template, parser of the answer)."""
         choice = body.tool_choice
         if not body.tools:
@@ -100,7 +106,9 @@ class OpenAIServingChat(OpenAIServing):
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
         if isinstance(choice, NamedToolChoice):
             name = choice.function.name
-            return [t for t in tools if t["function"]["name"] == name], NamedFunctionParser(name, self.tool_parser)
+            return [t for t in tools if t["function"]["name"] == name], enforced[1]
+        if enforced is not None:  # "required"
+            return tools, enforced[1]
         if self.tool_parser is None:
             raise bad_request(f"tool_choice {choice!r} needs a server started with a tool-call parser "
                               "(--tool-call-parser hermes or llama3_json)", param="tool_choice")

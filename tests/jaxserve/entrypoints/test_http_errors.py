@@ -103,7 +103,8 @@ CHAT_ONLY = {
                        st.just([{"type": "function", "function": {"name": "bad name!"}}])),
     "tool_choice": st.one_of(st.just("bogus"), st.just("auto"), st.just("required"), st.integers(),
                              st.just({"type": "function", "function": {"name": "nope"}})),
-    "response_format": st.one_of(st.just({"type": "json_object"}), st.just("x")),
+    "response_format": st.one_of(st.just({"type": "json_schema"}), st.just({"type": "bogus"}), st.just("x"),
+                                 st.just({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": 3}}})),
     "chat_template_kwargs": st.one_of(st.just({"tokenize": True}), st.just([1])),
 }
 
