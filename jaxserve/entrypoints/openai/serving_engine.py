@@ -43,7 +43,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from jaxserve.engine.async_llm import EngineDeadError, RequestError
-from jaxserve.entrypoints.openai import structured
+from jaxserve.entrypoints.openai.structured import error_field as structured_error_field
+from jaxserve.entrypoints.openai.structured import from_request as structured_from_request
 from jaxserve.entrypoints.openai.errors import (OpenAIError, bad_request, engine_dead, from_validation_error,
                                                 from_value_error, model_not_found, request_failed)
 from jaxserve.outputs import Logprob, RequestOutput
@@ -242,7 +243,7 @@ class OpenAIServing:
         return out
 
     def value_error(self, e: ValueError, body: BaseModel) -> OpenAIError:
-        aliases = {**self.aliases_for(body), "structured_outputs": structured.error_field(body)}
+        aliases = {**self.aliases_for(body), "structured_outputs": structured_error_field(body)}
         return from_value_error(e, type(body).model_fields, aliases)
 
     def aliases_for(self, body: BaseModel) -> dict[str, str]:
@@ -253,7 +254,7 @@ class OpenAIServing:
             n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids,
             skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-            logprobs=logprobs, logit_bias=body.logit_bias_ids(), structured_outputs=structured.from_request(body))
+            logprobs=logprobs, logit_bias=body.logit_bias_ids(), structured_outputs=structured_from_request(body))
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty"):
             if getattr(body, name) is not None:
