@@ -8,7 +8,9 @@ LoRA on the decoder's linear projections (q/k/v/o/gate/up/down); anything we wou
 The weights come back per layer and module as A [in, r] and B [r, out] (float32 numpy, PEFT's
 `lora_A.weight` [r, in] and `lora_B.weight` [out, r] transposed), with the scaling
 (`lora_alpha / r`, or `lora_alpha / sqrt(r)` under `use_rslora`) folded into B, so that
-delta(x) = (x @ A) @ B. Stacking them into device arrays and applying them is not built yet.
+delta(x) = (x @ A) @ B. `pad_to_slot` pads one adapter to the fixed slot rank and `lora_delta`
+computes a mixed-slot batch by gather + einsum; the stacked per-layer device parameters, the
+decoder hook, the engine config and the request path are not built yet.
 """
 
 from __future__ import annotations
@@ -106,3 +108,25 @@ def load_lora_adapter(path, module_shapes: dict[str, tuple[int, int]], num_layer
                              f"do not match the base model ({d_in} -> {d_out}, r={cfg.r})")
         out[(layer, module)] = (a.T.copy(), (b.T * cfg.scaling).astype(np.float32))
     return cfg, out
+
+
+def pad_to_slot(a: np.ndarray, b: np.ndarray, max_lora_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """One adapter's A [in, r] / B [r, out] zero-padded to A [in, R] / B [R, out] (R = max_lora_rank),
+    the fixed per-slot shape of the stacked arrays; the padding adds exact zeros to the delta."""
+    r = a.shape[1]
+    if r > max_lora_rank:
+        raise ValueError(f"rank {r} exceeds max_lora_rank={max_lora_rank}")
+    return (np.pad(a, ((0, 0), (0, max_lora_rank - r))), np.pad(b, ((0, max_lora_rank - r), (0, 0))))
+
+
+def lora_delta(x, a_stack, b_stack, slots):
+    """The low-rank delta of every token of a flat batch, each with its own adapter slot
+    (slot 0 holds zeros = no adapter), by gather + einsum.
+
+    x [T, in], a_stack [S, in, R], b_stack [S, R, out], slots int32 [T] -> [T, out]."""
+    import jax.numpy as jnp
+
+    a = jnp.take(a_stack, slots, axis=0)  # [T, in, R]
+    b = jnp.take(b_stack, slots, axis=0)  # [T, R, out]
+    xa = jnp.einsum("ti,tir->tr", x.astype(a.dtype), a)  # [T, R]
+    return jnp.einsum("tr,tro->to", xa, b).astype(x.dtype)  # [T, out]

@@ -63,3 +63,21 @@ def test_refusals(tmp_path):
             load_lora_adapter(tmp_path, SHAPES, num_layers=2, max_lora_rank=8)
     with pytest.raises(ValueError, match="r must be a positive integer"):
         LoRAAdapterConfig(r=0, lora_alpha=1.0, target_modules=("q_proj",))
+
+
+def test_lora_delta_mixed_slots():
+    from jaxserve.models.lora import lora_delta, pad_to_slot
+
+    rng = np.random.default_rng(3)
+    ranks, R, d_in, d_out = (2, 5), 8, 16, 12
+    halves = [(rng.standard_normal((d_in, r)).astype(np.float32), rng.standard_normal((r, d_out)).astype(np.float32))
+              for r in ranks]
+    padded = [pad_to_slot(a, b, R) for a, b in halves]
+    a_stack = np.stack([np.zeros((d_in, R), np.float32)] + [p[0] for p in padded])  # [3, in, R]
+    b_stack = np.stack([np.zeros((R, d_out), np.float32)] + [p[1] for p in padded])  # [3, R, out]
+    slots = np.array([0, 1, 2, 2, 0, 1, 1], np.int32)
+    x = rng.standard_normal((len(slots), d_in)).astype(np.float32)
+    got = np.asarray(lora_delta(x, a_stack, b_stack, slots))
+    want = np.stack([np.zeros(d_out, np.float32) if s == 0 else x[t] @ halves[s - 1][0] @ halves[s - 1][1]
+                     for t, s in enumerate(slots)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
