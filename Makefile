@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 # (few buckets: starts in well under a minute). On a TPU/GPU VM pass a model and its preset:
 #   SERVE_ARGS="serve meta-llama/Llama-3.2-1B --config configs/... --host 0.0.0.0" make serve
 SERVE_ARGS ?= serve --config configs/cpu.yaml --host 127.0.0.1 --grpc-port 50051 --http-port 8000
-PYTEST_ARGS ?=
+# `make test`: one line per test as it finishes (no silent minutes) and the 25 slowest at the end.
+PYTEST_ARGS ?= -v --durations=25
 
 .PHONY: serve test clean-venv
 
