@@ -1,6 +1,6 @@
 """LLM: the offline Python API (vLLM-style).
 
-    llm = LLM(model="path/or/hub-id", config="configs/cpu.yaml", max_model_len=512)
+    llm = LLM(model="path/or/hub-id", config="cpu", max_model_len=512)   # a preset's name or a YAML path
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=64, temperature=0.0))
     outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
 """

@@ -5,6 +5,7 @@
     jaxserve serve [MODEL] [--config YAML]        gRPC + OpenAI HTTP server (`jaxserve serve --help`)
     jaxserve demo-model DIR                       write the built-in demo model (random weights)
     jaxserve convert SRC DST                      HF model -> jaxserve Orbax checkpoint
+    jaxserve presets                              the engine presets (--config NAME), one line each
     jaxserve bench --server HOST:PORT             serving benchmark (throughput, TTFT, TPOT)
 
 MODEL is a local HF directory, a hub id (downloaded when online) or a converted checkpoint;
@@ -180,6 +181,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    """`presets`: the engine presets, one line each (name, mesh, dtype, buckets, machine)."""
+    from jaxserve.presets import format_presets, presets_dir
+
+    print(format_presets())
+    print(f"(from {presets_dir()}; use one with --config NAME or LLM(model, config=NAME))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference and serving in JAX")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -252,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="new directory for the checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     conv.set_defaults(func=cmd_convert)
+
+    presets = sub.add_parser("presets", help="list the engine presets (--config NAME): machine, mesh, dtype, buckets")
+    presets.set_defaults(func=cmd_presets)
     return parser
 
 
