@@ -43,6 +43,7 @@ from jaxserve.entrypoints.openai.errors import OpenAIError, bad_request
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jaxserve.entrypoints.openai.generation_config import load_generation_defaults, model_dir_of
 from jaxserve.entrypoints.openai.serving_engine import ServingState
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None, max_concurrent: int | None = None,
               chat_template: str | None = None, tool_parser: str | None = None,
               max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-              request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> FastAPI:
+              request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+              generation_config: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
     Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing).
     `max_request_body_bytes` (413 above) and `request_read_timeout` (seconds; 408 after):
-    None for no limit."""
+    None for no limit. `generation_config`: "auto" | "vllm" | a directory (openai.generation_config)."""
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 or None, got {max_concurrent}")
     if api_key is not None and not api_key:
@@ -214,7 +216,8 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
                          max_body_bytes=max_request_body_bytes, read_timeout=request_read_timeout,
                          max_prompt_chars=engine.max_model_len * max_chars_per_token(engine.tokenizer),
                          executor=concurrent.futures.ThreadPoolExecutor(TOKENIZE_WORKERS,
-                                                                        thread_name_prefix="jaxserve-tokenize"))
+                                                                        thread_name_prefix="jaxserve-tokenize"),
+                         sampling_defaults=load_generation_defaults(generation_config, model_dir_of(engine)))
     completions = OpenAIServingCompletion(engine, state)
     chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser)
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)

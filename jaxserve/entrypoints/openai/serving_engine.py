@@ -72,6 +72,8 @@ class ServingState:
     read_timeout: float | None = None  # seconds a request body may take to arrive; then 408
     max_prompt_chars: int | None = None  # string prompts longer: 400 before tokenizing
     executor: concurrent.futures.Executor | None = None  # tokenization / template rendering
+    # --generation-config: SamplingParams defaults for fields a request leaves unset
+    sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) in the worker pool (inline without one)."""
@@ -258,6 +260,10 @@ class OpenAIServing:
                      "repetition_penalty"):
             if getattr(body, name) is not None:
                 kwargs[name] = getattr(body, name)
+            elif name in self.state.sampling_defaults:
+                kwargs[name] = self.state.sampling_defaults[name]
+        if max_tokens is None and "max_tokens" in self.state.sampling_defaults:
+            kwargs["max_tokens"] = self.state.sampling_defaults["max_tokens"]
         try:
             return SamplingParams(**kwargs)
         except ValueError as e:
