@@ -102,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
                                            max_concurrent=args.max_concurrent, chat_template=args.chat_template,
                                            tool_parser=args.tool_call_parser,
+                                           enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
                                            max_request_body_bytes=args.max_request_body_bytes or None,
                                            request_read_timeout=args.request_read_timeout or None,
                                            generation_config=args.generation_config,
@@ -109,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               if args.served_model_name else {})))
         if not frontends:
             raise ValueError("--grpc-port and --http-port are both disabled (-1); enable at least one")
+        if args.enable_auto_tool_choice and not args.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -211,7 +214,11 @@ def add_serve_args(srv: argparse.ArgumentParser) -> None:
     server.add_argument("--http-port", "--port", type=int, default=8000,
                         help="OpenAI-compatible HTTP (vLLM's --port); 0: any free port; -1: off")
     server.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged); -1: no gRPC")
-    server.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], help="parse tool calls in chat")
+    server.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"],
+                        help="parse tool calls in chat answers (the demo model's template is hermes style)")
+    server.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                        help="tool_choice 'auto' (the default when a request has tools): the model decides, the "
+                             "parser finds its calls; needs --tool-call-parser")
     server.add_argument("--max-concurrent", type=int,
                         help="generation calls in flight; beyond: RESOURCE_EXHAUSTED / 429")
     server.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,

@@ -199,7 +199,7 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
               chat_template: str | None = None, tool_parser: str | None = None,
               max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
               request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
-              generation_config: str | None = None) -> FastAPI:
+              generation_config: str | None = None, enable_auto_tool_choice: bool | None = None) -> FastAPI:
     """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
     Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing).
     `max_request_body_bytes` (413 above) and `request_read_timeout` (seconds; 408 after):
@@ -219,7 +219,8 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
                                                                         thread_name_prefix="jaxserve-tokenize"),
                          sampling_defaults=load_generation_defaults(generation_config, model_dir_of(engine)))
     completions = OpenAIServingCompletion(engine, state)
-    chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser)
+    chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser,
+                             enable_auto_tool_choice=enable_auto_tool_choice)
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jaxserve = state
     app.state.engine = engine
