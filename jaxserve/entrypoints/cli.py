@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.grpc_port >= 0:
             frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
                                            tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                           max_concurrent=args.max_concurrent))
+                                           max_concurrent=args.max_concurrent,
+                                           log_requests=not args.disable_log_requests))
         if args.http_port >= 0:
             frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
                                            max_concurrent=args.max_concurrent, chat_template=args.chat_template,
@@ -106,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                            max_request_body_bytes=args.max_request_body_bytes or None,
                                            request_read_timeout=args.request_read_timeout or None,
                                            generation_config=args.generation_config,
+                                           log_requests=not args.disable_log_requests,
                                            **({"served_model_name": args.served_model_name}
                                               if args.served_model_name else {})))
         if not frontends:
@@ -225,6 +227,9 @@ def add_serve_args(srv: argparse.ArgumentParser) -> None:
                         help="HTTP request bodies above this are refused with 413 (default 8 MiB; 0: no limit)")
     server.add_argument("--request-read-timeout", type=float, default=30.0,
                         help="seconds an HTTP request body may take to arrive, then 408 (default 30; 0: none)")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="no access-log line per request (logger jaxserve.access; refusals are still counted "
+                             "in jaxserve_requests_rejected_total)")
     server.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
     security.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
     security.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")

@@ -43,7 +43,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from jaxserve.engine.async_llm import EngineDeadError, RequestError
-from jaxserve.entrypoints.openai import structured
+from jaxserve.entrypoints.openai import access_log, structured
 from jaxserve.entrypoints.openai.errors import (OpenAIError, bad_request, engine_dead, from_validation_error,
                                                 from_value_error, model_not_found, request_failed)
 from jaxserve.outputs import Logprob, RequestOutput
@@ -65,6 +65,7 @@ class ServingState:
     api_key: str | None = None
     max_concurrent: int | None = None
     draining: bool = False  # True: every request but /metrics gets 503
+    ready: bool = True  # False while `jaxserve serve` warms up: the probes say "starting"
     in_flight: int = 0  # generation requests being served (the Gate's max_concurrent count)
     in_flight_seqs: int = 0  # engine sequences (prompts x n) admitted and not yet released
     request_ids: set[str] = dataclasses.field(default_factory=set)  # engine requests in flight
@@ -96,6 +97,9 @@ class EngineRequests:
         self._buffered: list[tuple[int, Any]] = []
         self._closed = False
         self._held = 0  # sequences this request holds in state.in_flight_seqs
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> its tokens (the access log)
+        self.output_tokens = 0
+        access_log.register(self, base_id)
 
     def _admit(self) -> None:
         """Counts this request's sequences against max_concurrent (see the module doc)."""
@@ -176,6 +180,9 @@ class EngineRequests:
         try:
             async for delta in self.engine.generate(prompt, self.params, rid):
                 finished = delta.finished
+                if delta.prompt_token_ids:
+                    self.prompt_tokens[i] = len(delta.prompt_token_ids)
+                self.output_tokens += sum(len(c.token_ids) for c in delta.outputs)
                 self._queue.put_nowait((i, delta))
         except Exception as e:  # noqa: BLE001 - ValueError / EngineDeadError go to the reader
             self._queue.put_nowait((i, e))
