@@ -2,10 +2,12 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# `make serve`: gRPC on 127.0.0.1:50051 and the OpenAI HTTP API on 127.0.0.1:8000, demo model, CPU preset
+# `make serve`: gRPC on 127.0.0.1:50051 and the OpenAI HTTP API on 127.0.0.1:8000, demo model, CPU preset,
+# tool calling on (hermes parser; the demo template lists the tools)
 # (few buckets: starts in well under a minute). On a TPU/GPU VM pass a model and its preset:
-#   SERVE_ARGS="serve meta-llama/Llama-3.2-1B --config configs/... --host 0.0.0.0" make serve
-SERVE_ARGS ?= serve --config configs/cpu.yaml --host 127.0.0.1 --grpc-port 50051 --http-port 8000
+#   SERVE_ARGS="serve meta-llama/Llama-3.2-1B --config tpu-v5e-8 --host 0.0.0.0" make serve   (`jaxserve presets` lists the presets)
+SERVE_ARGS ?= serve --config cpu --host 127.0.0.1 --grpc-port 50051 --http-port 8000 \
+  --enable-auto-tool-choice --tool-call-parser hermes
 # `make test`: one line per test as it finishes (no silent minutes) and the 25 slowest at the end.
 PYTEST_ARGS ?= -v --durations=25
 

@@ -1,7 +1,7 @@
 """EngineConfig: every engine setting in one frozen dataclass, validated on construction.
 
-Sources, later ones win: the dataclass defaults < a YAML preset in `configs/` (the `engine:`
-section, or the whole file if it has none) < keyword overrides (`LLM(model, **overrides)`,
+Sources, later ones win: the dataclass defaults < a YAML preset (a file, or a preset of
+`configs/` by name: "cpu", "tpu-v5e-8"; the `engine:` section, or the whole file if it has none) < keyword overrides (`LLM(model, **overrides)`,
 CLI flags). Unknown keys are refused with the list of known ones.
 """
 
@@ -156,10 +156,11 @@ class EngineConfig:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a preset: its `engine:` section (or the whole file when it has none), plus the
-    `mesh:` section of mesh presets (shape -> data/tensor parallel sizes, rules)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+    `mesh:` section of mesh presets (shape -> data/tensor parallel sizes, rules). `path` is a
+    file or a preset's name ("cpu", "tpu-v5e-8"; see jaxserve.presets)."""
+    from jaxserve.presets import resolve_preset
+
+    path = resolve_preset(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")

@@ -22,16 +22,32 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # v2: the chat template renders tools (hermes style)
 RANDOM_WEIGHTS_WARNING = (
     "the jaxserve demo model has RANDOM weights: its output is noise, not language. "
     "Pass a real model (a local HF directory or a hub id) for meaningful text."
 )
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|pad|>"]
+# Llama-3 headers with hermes-style tools (as Qwen / Hermes models render them, kept short: the
+# demo's 1k-token vocabulary spends many tokens on JSON): the tools' functions go into a system
+# turn inside <tools></tools>, calls are <tool_call>{"name", "arguments"}</tool_call>
+# (what `--tool-call-parser hermes` reads), tool results come back inside <tool_response>.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{{ bos_token }}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}\n\n{% endif %}"
+    "Functions you may call:\n<tools>\n{% for tool in tools %}{{ tool['function'] | tojson }}\n{% endfor %}"
+    "</tools>\nCall one as <tool_call>\n{\"name\": <name>, \"arguments\": <object>}\n</tool_call><|eot_id|>{% endif %}"
+    "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"  # already in the tools turn
+    "{% elif message['role'] == 'tool' %}<|start_header_id|>tool<|end_header_id|>\n\n"
+    "<tool_response>\n{{ message['content'] | trim }}\n</tool_response><|eot_id|>"
+    "{% else %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ (message['content'] or '') | trim }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>\n{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}}\n</tool_call>{% endfor %}<|eot_id|>"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 ARCH = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,

@@ -59,15 +59,16 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine import faults
-from jaxserve.engine.data_parallel import make_engine
-from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.metrics import EngineMetrics
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the engine (JAX, the model code) is imported when one is built: front ends bind first
+    from jaxserve.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,11 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig | None = None, *, engine: "LLMEngine | None" = None,
                  model_name: str | None = None):
-        self.engine = engine if engine is not None else make_engine(config or EngineConfig())
+        if engine is None:
+            from jaxserve.engine.data_parallel import make_engine
+
+            engine = make_engine(config or EngineConfig())
+        self.engine = engine
         self.model_name = model_name or str(self.engine.config.model or "jaxserve-demo")
         self.metrics = EngineMetrics(self.model_name)
         self.metrics.refresh(self.engine.stats())  # gauges are right before the first step

@@ -1,6 +1,6 @@
 """LLM: the offline Python API (vLLM-style).
 
-    llm = LLM(model="path/or/hub-id", config="configs/cpu.yaml", max_model_len=512)
+    llm = LLM(model="path/or/hub-id", config="cpu", max_model_len=512)   # a preset's name or a YAML path
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=64, temperature=0.0))
     outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
 """
@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from jaxserve.engine.chat import render_chat
 from jaxserve.config import EngineConfig
-from jaxserve.engine.data_parallel import make_engine
 from jaxserve.outputs import CompletionOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -30,6 +29,8 @@ def _is_token_ids(x: Any) -> bool:
 class LLM:
     def __init__(self, model: str | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None,
                  **overrides: Any):
+        from jaxserve.engine.data_parallel import make_engine  # JAX and the model code: only when built
+
         self.config = EngineConfig.load(config, model=model, **overrides)
         self.engine = make_engine(self.config)
         self._ids = itertools.count()

@@ -89,6 +89,7 @@ class LLMEngine:
         placement = self.placement
         self.model_config = mc = loaded.config
         self.dtype = loaded.dtype
+        self.model_dir = str(loaded.model_dir)  # the HF directory (generation_config.json, tokenizer files)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or loaded.model_dir)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:

@@ -51,6 +51,16 @@ class EngineMetrics:
         self.prefix_queries = counter("jaxserve_prefix_cache_query_tokens",
                                       "Prompt tokens looked up in the prefix cache")
         self._totals = {"num_preemptions": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_query_tokens": 0}
+        # Requests a front end refused (HTTP 4xx / 503, gRPC INVALID_ARGUMENT, UNAUTHENTICATED,
+        # RESOURCE_EXHAUSTED, UNAVAILABLE), before or by the engine: _total{reason=...}
+        self.model_name = model_name
+        self.rejected = Counter("jaxserve_requests_rejected", "Requests refused by a front end, by reason",
+                                ["model_name", "reason"], registry=r)
+
+    def rebase(self, stats: dict) -> None:
+        """From now on the engine totals count from `stats` (what the warm-up did is not counted)."""
+        for key in self._totals:
+            self._totals[key] = stats[key]
 
     def request_finished(self, status: str, arrival: float) -> None:
         self.requests.labels(status=status, **self._labels).inc()

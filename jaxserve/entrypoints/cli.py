@@ -5,6 +5,7 @@
     jaxserve serve [MODEL] [--config YAML]        gRPC + OpenAI HTTP server (`jaxserve serve --help`)
     jaxserve demo-model DIR                       write the built-in demo model (random weights)
     jaxserve convert SRC DST                      HF model -> jaxserve Orbax checkpoint
+    jaxserve presets                              the engine presets (--config NAME), one line each
     jaxserve bench --server HOST:PORT             serving benchmark (throughput, TTFT, TPOT)
 
 MODEL is a local HF directory, a hub id (downloaded when online) or a converted checkpoint;
@@ -85,31 +86,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`serve`: gRPC and OpenAI-compatible HTTP over one engine until SIGTERM / SIGINT."""
     import os
 
-    from jaxserve.config import EngineConfig
     from jaxserve.entrypoints.distributed import initialize
     from jaxserve.entrypoints.server import grpc_frontend, http_frontend, serve
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
     try:
-        config = EngineConfig.load(args.config, model=args.model, max_model_len=args.max_model_len,
-                                   dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, mesh=args.mesh,
-                                   kv_cache_dtype=args.kv_cache_dtype)
+        config = serve_config(args)
         frontends = []
         if args.grpc_port >= 0:
             frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
                                            tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                           max_concurrent=args.max_concurrent))
+                                           max_concurrent=args.max_concurrent,
+                                           log_requests=not args.disable_log_requests))
         if args.http_port >= 0:
             frontends.append(http_frontend(host=args.host, port=args.http_port, api_key=api_key,
                                            max_concurrent=args.max_concurrent, chat_template=args.chat_template,
                                            tool_parser=args.tool_call_parser,
+                                           enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
                                            max_request_body_bytes=args.max_request_body_bytes or None,
                                            request_read_timeout=args.request_read_timeout or None,
+                                           generation_config=args.generation_config,
+                                           log_requests=not args.disable_log_requests,
                                            **({"served_model_name": args.served_model_name}
                                               if args.served_model_name else {})))
         if not frontends:
             raise ValueError("--grpc-port and --http-port are both disabled (-1); enable at least one")
+        if args.enable_auto_tool_choice and not args.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -180,6 +184,78 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    """`presets`: the engine presets, one line each (name, mesh, dtype, buckets, machine)."""
+    from jaxserve.presets import format_presets, presets_dir
+
+    print(format_presets())
+    print(f"(from {presets_dir()}; use one with --config NAME or LLM(model, config=NAME))")
+    return 0
+
+
+def add_serve_args(srv: argparse.ArgumentParser) -> None:
+    """`serve`'s flags in --help groups; every EngineConfig field has one (jaxserve.entrypoints.engine_args)."""
+    from jaxserve.entrypoints.engine_args import add_engine_args
+
+    groups = {name: srv.add_argument_group(name, text) for name, text in (
+        ("model", "what to serve"), ("engine", "engine settings (EngineConfig fields)"),
+        ("parallelism", "devices, mesh and hosts"), ("server", "ports, limits, API behaviour"),
+        ("security", "authentication and TLS"))}
+    model, parallel, server, security = (groups[k] for k in ("model", "parallelism", "server", "security"))
+    model.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
+    model.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
+    model.add_argument("--config", help="engine preset: a name (`jaxserve presets` lists them: cpu, tpu-v5e-8, ...) "
+                                        "or a YAML file")
+    model.add_argument("--served-model-name", help="model name reported to clients")
+    model.add_argument("--chat-template", help="Jinja chat template file overriding the tokenizer's")
+    model.add_argument("--generation-config", default="auto",
+                       help="default sampling values (temperature, top_p, top_k, min_p, repetition_penalty, "
+                            "max_new_tokens) for fields a request leaves unset: 'auto' (default): the model's "
+                            "generation_config.json; 'vllm': none; or a directory holding generation_config.json")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    server.add_argument("--http-port", "--port", type=int, default=8000,
+                        help="OpenAI-compatible HTTP (vLLM's --port); 0: any free port; -1: off")
+    server.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged); -1: no gRPC")
+    server.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"],
+                        help="parse tool calls in chat answers (the demo model's template is hermes style)")
+    server.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                        help="tool_choice 'auto' (the default when a request has tools): the model decides, the "
+                             "parser finds its calls; needs --tool-call-parser")
+    server.add_argument("--max-concurrent", type=int,
+                        help="generation calls in flight; beyond: RESOURCE_EXHAUSTED / 429")
+    server.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
+                        help="HTTP request bodies above this are refused with 413 (default 8 MiB; 0: no limit)")
+    server.add_argument("--request-read-timeout", type=float, default=30.0,
+                        help="seconds an HTTP request body may take to arrive, then 408 (default 30; 0: none)")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="no access-log line per request (logger jaxserve.access; refusals are still counted "
+                             "in jaxserve_requests_rejected_total)")
+    server.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
+    security.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
+    security.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
+    security.add_argument("--tls-key", help="PEM private key")
+    parallel.add_argument("--mesh", help="data=D,model=M: data-parallel replicas x tensor-parallel devices "
+                                         "(wins over --tensor-parallel-size / --data-parallel-size)")
+    parallel.add_argument("--coordinator-address",
+                          help="multi-host: process 0's HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
+    parallel.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
+    parallel.add_argument("--process-id", type=int, help="multi-host: this process (or $JAX_PROCESS_ID)")
+    add_engine_args(srv, groups)
+
+
+def serve_config(args: argparse.Namespace):
+    """The EngineConfig of `serve`: flags > the preset (--config) > defaults."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.entrypoints.engine_args import engine_overrides
+
+    overrides = engine_overrides(args)
+    if getattr(args, "model_option", None):
+        if args.model and args.model != args.model_option:
+            raise ValueError(f"MODEL {args.model!r} and --model {args.model_option!r} differ; give one")
+        overrides["model"] = args.model_option
+    return EngineConfig.load(args.config, mesh=args.mesh, **overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference and serving in JAX")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -195,34 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate on a running `jaxserve serve` over gRPC (API key from $JAXSERVE_API_KEY)")
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve a model over gRPC and HTTP until SIGTERM / SIGINT (which drain)")
-    srv.add_argument("model", nargs="?", help="HF directory, hub id or converted checkpoint (default: demo model)")
-    srv.add_argument("--config", help="engine preset YAML, e.g. configs/cpu.yaml")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    srv.add_argument("--grpc-port", type=int, default=50051, help="0: any free port (logged); -1: no gRPC")
-    srv.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP; 0: any free port; -1: off")
-    srv.add_argument("--chat-template", help="Jinja chat template file overriding the tokenizer's")
-    srv.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], help="parse tool calls in chat")
-    srv.add_argument("--api-key", help="require 'authorization: Bearer KEY' (default: $JAXSERVE_API_KEY)")
-    srv.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS")
-    srv.add_argument("--tls-key", help="PEM private key")
-    srv.add_argument("--max-concurrent", type=int, help="generation calls in flight; beyond: RESOURCE_EXHAUSTED")
-    srv.add_argument("--max-request-body-bytes", type=int, default=8 * 1024 * 1024,
-                     help="HTTP request bodies above this are refused with 413 (default 8 MiB; 0: no limit)")
-    srv.add_argument("--request-read-timeout", type=float, default=30.0,
-                     help="seconds an HTTP request body may take to arrive, then 408 (default 30; 0: none)")
-    srv.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
-    srv.add_argument("--served-model-name", help="model name reported to clients")
-    srv.add_argument("--max-model-len", type=int, help="context length (default: the config's or the model's)")
-    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the config's")
-    srv.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3", "fp8"],
-                     help="KV pages: auto (= dtype) or a float dtype, or 8-bit int8 / fp8_e4m3 (vLLM's fp8) with a "
-                          "scale per token and kv head, ~2x the tokens per byte; default: the config's")
-    srv.add_argument("--tensor-parallel-size", "-tp", type=int, help="devices per replica (the mesh's model axis)")
-    srv.add_argument("--mesh", help="data=D,model=M: data-parallel replicas x tensor-parallel devices")
-    srv.add_argument("--coordinator-address", help="multi-host: process 0's HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
-    srv.add_argument("--num-processes", type=int, help="multi-host: number of processes (or $JAX_NUM_PROCESSES)")
-    srv.add_argument("--process-id", type=int, help="multi-host: this process (or $JAX_PROCESS_ID)")
+    srv = sub.add_parser("serve", help="serve a model over gRPC and HTTP until SIGTERM / SIGINT (which drain)",
+                         description="Serve a model over gRPC and the OpenAI HTTP API. Engine settings come from "
+                                     "the flags, over the preset (--config), over the defaults.")
+    add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="serving benchmark against a running `jaxserve serve` (gRPC)")
@@ -252,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="new directory for the checkpoint")
     conv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     conv.set_defaults(func=cmd_convert)
+
+    presets = sub.add_parser("presets", help="list the engine presets (--config NAME): machine, mesh, dtype, buckets")
+    presets.set_defaults(func=cmd_presets)
     return parser
 
 

@@ -70,6 +70,9 @@ class RateLimitedLog:
 refusals = RateLimitedLog(log)
 
 
+STARTING_MESSAGE = "the server is starting: the model is loading and compiling; retry when health says SERVING"
+
+
 class Admission:
     """Counts the generation calls in flight; refuses calls beyond the cap or while draining."""
 
@@ -80,11 +83,14 @@ class Admission:
         self.in_flight = 0
         self.ready = False  # warmed up: health may report SERVING
         self.draining = False  # shutting down: new calls are refused
+        self.starting = False  # the model is still loading (no engine yet): calls are refused
 
     @contextlib.asynccontextmanager
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if self.starting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STARTING_MESSAGE)
         if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many concurrent requests (max_concurrent is {self.max_concurrent})")

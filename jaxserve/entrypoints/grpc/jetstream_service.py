@@ -48,5 +48,6 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
 
     async def HealthCheck(self, request: js.HealthCheckRequest, context: grpc.aio.ServicerContext):
         admission = self.caller.admission
-        live = self.caller.engine.healthy and admission.ready and not admission.draining
+        engine = self.caller.engine
+        live = engine is not None and engine.healthy and admission.ready and not admission.draining
         return js.HealthCheckResponse(is_live=live)

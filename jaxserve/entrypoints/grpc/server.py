@@ -31,8 +31,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from jaxserve.engine.async_llm import AsyncLLM
-from jaxserve.entrypoints.grpc.common import (Admission, ApiKeyInterceptor, EngineCaller, add_guarded_servicer,
-                                              parse_or_abort)
+from jaxserve.entrypoints.grpc.access_log import AccessInterceptor
+from jaxserve.entrypoints.grpc.common import (STARTING_MESSAGE, Admission, ApiKeyInterceptor, EngineCaller,
+                                              add_guarded_servicer, parse_or_abort)
 from jaxserve.entrypoints.grpc.convert import UsageCounter, completion_to_proto, request_from_proto
 from jaxserve.entrypoints.grpc.jetstream_service import SERVICE_NAME as JETSTREAM_SERVICE
 from jaxserve.entrypoints.grpc.jetstream_service import OrchestratorServicer
@@ -79,6 +80,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 yield msg
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        if self.caller.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STARTING_MESSAGE)
         tokenizer = self.caller.engine.tokenizer
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
         ids = await asyncio.to_thread(lambda: list(tokenizer(request.text, add_special_tokens=add)["input_ids"]))
@@ -86,6 +89,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                    max_model_len=self.caller.engine.max_model_len)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        if self.caller.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STARTING_MESSAGE)
         if self._model_info is None:
             self._model_info = model_info(self.caller.engine)
         return self._model_info
@@ -117,6 +122,7 @@ class GrpcOptions:
     tls_key: str | None = None
     max_concurrent: int | None = None  # generation calls in flight; None: no cap
     health_poll_s: float = 0.25  # how often the engine's health is checked
+    log_requests: bool = True  # one access-log line per call (grpc/access_log.py)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -136,10 +142,14 @@ class GrpcFrontend:
 
     name = "grpc"
 
-    def __init__(self, engine: AsyncLLM, options: GrpcOptions | None = None, **overrides: Any):
+    def __init__(self, engine: AsyncLLM | None, options: GrpcOptions | None = None, **overrides: Any):
+        """engine None: `jaxserve serve` binds before the model loads; calls get UNAVAILABLE and
+        health NOT_SERVING until attach(engine), and SERVING after set_serving(True)."""
         self.engine = engine
         self.options = dataclasses.replace(options or GrpcOptions(), **overrides)
         self.admission = Admission(self.options.max_concurrent)
+        self.admission.starting = engine is None
+        self._caller: EngineCaller | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -153,9 +163,10 @@ class GrpcFrontend:
     async def start(self) -> None:
         """Binds and serves; health says NOT_SERVING until set_serving(True)."""
         opts = self.options
-        interceptors = [ApiKeyInterceptor(opts.api_key)] if opts.api_key else []
+        interceptors = [AccessInterceptor(lambda: self.engine, opts.log_requests)]  # outermost: sees every status
+        interceptors += [ApiKeyInterceptor(opts.api_key)] if opts.api_key else []
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        caller = EngineCaller(self.engine, self.admission, self._on_engine_dead)
+        caller = self._caller = EngineCaller(self.engine, self.admission, self._on_engine_dead)
         # Every service's deserializers are guarded: malformed bytes get INVALID_ARGUMENT, never
         # UNKNOWN with a traceback (health answers without a key, so it is guarded too).
         add_guarded_servicer(pb_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(caller), server)
@@ -184,10 +195,23 @@ class GrpcFrontend:
         log.info("gRPC listening on %s (%s%s)", self.address, "TLS" if opts.tls_cert else "plaintext",
                  ", API key required" if opts.api_key else "")
 
+    @property
+    def started(self) -> bool:
+        return self._server is not None
+
+    def attach(self, engine: AsyncLLM) -> None:
+        """The engine has loaded (Tokenize and GetModelInfo answer); generation calls are still
+        refused and health says NOT_SERVING until set_serving(True), after the warm-up."""
+        self.engine = engine
+        if self._caller is not None:
+            self._caller.engine = engine
+
     async def set_serving(self, serving: bool) -> None:
         """Reports SERVING (after warm-up) or NOT_SERVING on the health service."""
         self.admission.ready = serving
-        status = SERVING if serving and self.engine.healthy else NOT_SERVING
+        if serving:
+            self.admission.starting = False
+        status = SERVING if serving and self.engine is not None and self.engine.healthy else NOT_SERVING
         for service in self._services:
             await self.health.set(service, status)
 
@@ -196,16 +220,33 @@ class GrpcFrontend:
         `grace` seconds to finish, then are cancelled (which aborts them in the engine)."""
         if self._server is None:
             return
+        deadline = asyncio.get_running_loop().time() + grace
+        await self.drain(grace)
+        await self.close(max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    async def drain(self, grace: float) -> None:
+        """Health NOT_SERVING and new calls refused (UNAVAILABLE) at once; calls in flight get
+        up to `grace` seconds. The port stays open: health answers NOT_SERVING until close()."""
+        if self._server is None:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.admission.draining = True
-        await self.health.enter_graceful_shutdown()
+        self.admission.ready = False
+        for service in self._services:  # NOT_SERVING, but still answering (enter_graceful_shutdown
+            await self.health.set(service, NOT_SERVING)  # would freeze it; close() does that)
         while self.admission.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.admission.in_flight:
             log.warning("grace period over: cancelling %d gRPC calls", self.admission.in_flight)
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Stops the server; calls still running are cancelled (which aborts them in the engine)."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
         # In-flight generations are done; give the short calls (and health watches) a moment.
-        await self._server.stop(min(1.0, max(0.0, deadline - loop.time())))
+        await self._server.stop(min(1.0, max(0.0, grace)))
         if self._watcher is not None:
             self._watcher.cancel()
         self._server = None
@@ -227,5 +268,5 @@ class GrpcFrontend:
     async def _watch_engine(self) -> None:
         while True:
             await asyncio.sleep(self.options.health_poll_s)
-            if not self.engine.healthy:
+            if self.engine is not None and not self.engine.healthy:
                 await self._report_dead()

@@ -4,7 +4,7 @@ Every request first passes the Gate, a plain ASGI middleware, in this order:
 
     1. path normalised (`//v1//completions/`, `/x/../v1/completions` -> `/v1/completions`),
        so that routing and auth see the same path and no variant slips past either
-    2. draining -> 503 (except /metrics)
+    2. draining -> 503 (except /metrics and the probes /health, /ready, /live, which say draining)
     3. api_key set -> every path except /health and /metrics needs `Authorization: Bearer
        KEY` (hmac.compare_digest), unknown paths included -> 401
     4. the body is read whole, before anything else sees it: a Content-Length above
@@ -16,8 +16,11 @@ Every request first passes the Gate, a plain ASGI middleware, in this order:
        body has arrived (a slow upload holds no slot), and held until the response (stream
        included) has been sent, which is also what drain waits for
 
+Outside the Gate, AccessLog (access_log.py) writes one line per request and counts refusals
+by reason (jaxserve_requests_rejected_total).
+
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
-GET /health, GET /metrics, POST /tokenize, POST /detokenize.
+GET /health, GET /ready, GET /live (openai/probes.py), GET /metrics, POST /tokenize, POST /detokenize.
 """
 
 from __future__ import annotations
@@ -39,15 +42,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxserve.engine.input_processor import max_chars_per_token
+from jaxserve.entrypoints.openai.access_log import AccessLog
 from jaxserve.entrypoints.openai.errors import OpenAIError, bad_request
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
-from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from jaxserve.entrypoints.openai.generation_config import load_generation_defaults, model_dir_of
+from jaxserve.entrypoints.openai.probes import PROBE_PATHS, probe_response
+from jaxserve.entrypoints.openai.serving_chat import OpenAIServingChat, load_chat_template
 from jaxserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from jaxserve.entrypoints.openai.serving_engine import ServingState
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+PUBLIC_PATHS = frozenset({"/metrics"}) | PROBE_PATHS
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -109,7 +115,7 @@ class Gate:
 
     def _refuse(self, scope: Scope, path: str) -> OpenAIError | None:
         state = self.state
-        if state.draining and path != "/metrics":
+        if state.draining and path != "/metrics" and path not in PROBE_PATHS:
             return _draining()
         if self._key is not None and path not in PUBLIC_PATHS and not self._authorized(scope):
             return OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -120,6 +126,9 @@ class Gate:
         state = self.state
         if state.draining:  # began while the body was arriving
             return _draining()
+        if not state.ready:  # `jaxserve serve` warming up: the warm-up is the only request
+            return OpenAIError(503, "the server is starting: warming up; retry when /ready answers 200",
+                               type="server_error", code="server_starting")
         if state.max_concurrent is not None and state.in_flight >= state.max_concurrent:
             return OpenAIError(429, f"too many concurrent requests (the limit is {state.max_concurrent}); retry later",
                                type="rate_limit_error", code="rate_limit_exceeded")
@@ -194,14 +203,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None, max_concurrent: int | None = None,
-              chat_template: str | None = None, tool_parser: str | None = None,
-              max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-              request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> FastAPI:
-    """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
-    Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing).
-    `max_request_body_bytes` (413 above) and `request_read_timeout` (seconds; 408 after):
-    None for no limit."""
+def check_app_options(*, api_key: str | None = None, max_concurrent: int | None = None,
+                      max_request_body_bytes: int | None = None, request_read_timeout: float | None = None,
+                      chat_template: str | None = None, generation_config: str | None = None, **_: Any) -> None:
+    """build_app's option checks that need no engine (a bad flag fails before the model loads)."""
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 or None, got {max_concurrent}")
     if api_key is not None and not api_key:
@@ -210,19 +215,39 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
         raise ValueError(f"max_request_body_bytes must be >= 1 or None, got {max_request_body_bytes}")
     if request_read_timeout is not None and not request_read_timeout > 0:
         raise ValueError(f"request_read_timeout must be > 0 or None, got {request_read_timeout}")
+    if chat_template is not None:
+        load_chat_template(chat_template)
+    load_generation_defaults(generation_config, None)
+
+
+def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None, max_concurrent: int | None = None,
+              chat_template: str | None = None, tool_parser: str | None = None,
+              max_request_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+              request_read_timeout: float | None = DEFAULT_READ_TIMEOUT_S,
+              generation_config: str | None = None, enable_auto_tool_choice: bool | None = None,
+              log_requests: bool = True) -> FastAPI:
+    """The OpenAI-compatible app over an AsyncLLM. `chat_template` is a file path or the
+    Jinja text; `tool_parser` is "hermes" or "llama3_json" (None: no tool-call parsing).
+    `max_request_body_bytes` (413 above) and `request_read_timeout` (seconds; 408 after):
+    None for no limit. `generation_config`: "auto" | "vllm" | a directory (openai.generation_config)."""
+    check_app_options(api_key=api_key, max_concurrent=max_concurrent, max_request_body_bytes=max_request_body_bytes,
+                      request_read_timeout=request_read_timeout)
     state = ServingState(served_model_name, api_key=api_key, max_concurrent=max_concurrent,
                          max_body_bytes=max_request_body_bytes, read_timeout=request_read_timeout,
                          max_prompt_chars=engine.max_model_len * max_chars_per_token(engine.tokenizer),
                          executor=concurrent.futures.ThreadPoolExecutor(TOKENIZE_WORKERS,
-                                                                        thread_name_prefix="jaxserve-tokenize"))
+                                                                        thread_name_prefix="jaxserve-tokenize"),
+                         sampling_defaults=load_generation_defaults(generation_config, model_dir_of(engine)))
     completions = OpenAIServingCompletion(engine, state)
-    chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser)
+    chat = OpenAIServingChat(engine, state, chat_template=chat_template, tool_parser=tool_parser,
+                             enable_auto_tool_choice=enable_auto_tool_choice)
     app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jaxserve = state
     app.state.engine = engine
     _add_error_handlers(app)
     _add_routes(app, engine, state, completions, chat)
     app.add_middleware(Gate, state=state)
+    app.add_middleware(AccessLog, engine=engine, enabled=log_requests)  # outermost: sees every answer
     return app
 
 
@@ -270,11 +295,24 @@ def _add_routes(app: FastAPI, engine: Any, state: ServingState, completions: Ope
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return model_card
 
+    def status() -> str:
+        if state.draining:  # first: the engine is shut down as the last step of a drain
+            return "draining"
+        if not engine.healthy:
+            return "engine not running"
+        return "starting" if not state.ready else "ok"
+
     @app.get("/health")
     async def health() -> Response:
-        if state.draining or not engine.healthy:
-            return JSONResponse({"status": "draining" if state.draining else "engine not running"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return probe_response("/health", status())
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return probe_response("/ready", status())
+
+    @app.get("/live")
+    async def live() -> Response:
+        return probe_response("/live", status())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -13,7 +13,8 @@ Tools:
                           read into tool_calls; no parser needed.
   a named function        the template sees only that tool; a grammar enforces its
                           parameters schema: the whole answer is that call's arguments.
-  Without a parser, tools default to tool_choice "none"; "auto" is a 400.
+  Without --enable-auto-tool-choice and a parser, tools default to tool_choice "none";
+  "auto" is a 400 (vLLM's rule).
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def load_chat_template(template: str | None) -> str | None:
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: Any, state: ServingState, *, chat_template: str | None = None,
-                 tool_parser: str | None = None):
+                 tool_parser: str | None = None, enable_auto_tool_choice: bool | None = None):
         super().__init__(engine, state)
         self.chat_template = load_chat_template(chat_template)
         self.tool_parser = get_tool_parser(tool_parser)
+        # vLLM's --enable-auto-tool-choice; None (Python callers): on whenever there is a parser
+        self.auto_tools = self.tool_parser is not None if enable_auto_tool_choice is None else enable_auto_tool_choice
+        if self.auto_tools and self.tool_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool-call parser (--tool-call-parser hermes or "
+                             "llama3_json)")
 
     def aliases_for(self, body: ChatCompletionRequest) -> dict[str, str]:
         max_tokens = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -100,7 +106,7 @@ class OpenAIServingChat(OpenAIServing):
         if not body.tools:
             return None, None
         if choice is None:
-            choice = "auto" if self.tool_parser is not None else "none"
+            choice = "auto" if self.auto_tools else "none"
         if choice == "none":
             return None, None
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
@@ -109,9 +115,9 @@ class OpenAIServingChat(OpenAIServing):
             return [t for t in tools if t["function"]["name"] == name], enforced[1]
         if enforced is not None:  # "required"
             return tools, enforced[1]
-        if self.tool_parser is None:
-            raise bad_request(f"tool_choice {choice!r} needs a server started with a tool-call parser "
-                              "(--tool-call-parser hermes or llama3_json)", param="tool_choice")
+        if not self.auto_tools:
+            raise bad_request(f"tool_choice {choice!r} needs a server started with --enable-auto-tool-choice and a "
+                              "tool-call parser (--tool-call-parser hermes or llama3_json)", param="tool_choice")
         return tools, self.tool_parser
 
     async def render_async(self, messages: list[ChatMessage], tools: list[dict] | None = None,

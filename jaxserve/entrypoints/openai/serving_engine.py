@@ -45,6 +45,7 @@ from pydantic import BaseModel, ValidationError
 from jaxserve.engine.async_llm import EngineDeadError, RequestError
 from jaxserve.entrypoints.openai.structured import error_field as structured_error_field
 from jaxserve.entrypoints.openai.structured import from_request as structured_from_request
+from jaxserve.entrypoints.openai.access_log import register as register_access_log
 from jaxserve.entrypoints.openai.errors import (OpenAIError, bad_request, engine_dead, from_validation_error,
                                                 from_value_error, model_not_found, request_failed)
 from jaxserve.outputs import Logprob, RequestOutput
@@ -66,6 +67,7 @@ class ServingState:
     api_key: str | None = None
     max_concurrent: int | None = None
     draining: bool = False  # True: every request but /metrics gets 503
+    ready: bool = True  # False while `jaxserve serve` warms up: the probes say "starting"
     in_flight: int = 0  # generation requests being served (the Gate's max_concurrent count)
     in_flight_seqs: int = 0  # engine sequences (prompts x n) admitted and not yet released
     request_ids: set[str] = dataclasses.field(default_factory=set)  # engine requests in flight
@@ -73,6 +75,8 @@ class ServingState:
     read_timeout: float | None = None  # seconds a request body may take to arrive; then 408
     max_prompt_chars: int | None = None  # string prompts longer: 400 before tokenizing
     executor: concurrent.futures.Executor | None = None  # tokenization / template rendering
+    # --generation-config: SamplingParams defaults for fields a request leaves unset
+    sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) in the worker pool (inline without one)."""
@@ -95,6 +99,9 @@ class EngineRequests:
         self._buffered: list[tuple[int, Any]] = []
         self._closed = False
         self._held = 0  # sequences this request holds in state.in_flight_seqs
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> its tokens (the access log)
+        self.output_tokens = 0
+        register_access_log(self, base_id)
 
     def _admit(self) -> None:
         """Counts this request's sequences against max_concurrent (see the module doc)."""
@@ -175,6 +182,9 @@ class EngineRequests:
         try:
             async for delta in self.engine.generate(prompt, self.params, rid):
                 finished = delta.finished
+                if delta.prompt_token_ids:
+                    self.prompt_tokens[i] = len(delta.prompt_token_ids)
+                self.output_tokens += sum(len(c.token_ids) for c in delta.outputs)
                 self._queue.put_nowait((i, delta))
         except Exception as e:  # noqa: BLE001 - ValueError / EngineDeadError go to the reader
             self._queue.put_nowait((i, e))
@@ -259,6 +269,10 @@ class OpenAIServing:
                      "repetition_penalty"):
             if getattr(body, name) is not None:
                 kwargs[name] = getattr(body, name)
+            elif name in self.state.sampling_defaults:
+                kwargs[name] = self.state.sampling_defaults[name]
+        if max_tokens is None and "max_tokens" in self.state.sampling_defaults:
+            kwargs["max_tokens"] = self.state.sampling_defaults["max_tokens"]
         try:
             return SamplingParams(**kwargs)
         except ValueError as e:

@@ -6,9 +6,11 @@ A parser is a pure function of the text generated so far:
 
 `content` is the part of the text that is NOT tool-call markup and is safe to show now;
 `calls` are the tool calls seen so far, each with its name once the name is complete and
-the raw JSON of its arguments as far as it has been written. While `final` is False the
-parser holds back what could still turn into markup (a partial `<tool_call>` tag, leading
-and trailing whitespace), so every field only ever grows as text is appended.
+the raw JSON of its arguments as far as it has been written. Content keeps its whitespace
+as written (with no markup, it is exactly the text); only whitespace that merely separates
+content from markup is dropped. While `final` is False the parser holds back what could
+still turn into markup (a partial `<tool_call>` tag, trailing whitespace), so every field
+only ever grows as text is appended.
 
 That property is what streaming rests on: `ToolStreamer` re-parses the whole text after
 each engine delta and sends only the difference (content, then per call a first delta with
@@ -174,10 +176,17 @@ def _hold_back(text: str, tag: str) -> str:
     return text
 
 
-def _trim(content: str) -> str:
-    # Leading whitespace is dropped; trailing whitespace waits for what follows it (and is
-    # dropped at the end). strip() of a growing string only ever grows: streaming-safe.
-    return content.strip()
+def _content(pieces: list[str], final: bool) -> str:
+    """The text outside markup, whitespace kept as the model wrote it, except where it only
+    separates content from markup: a whitespace-only piece before the first markup or after
+    the last one is dropped. While not final, trailing whitespace waits for what follows it
+    (it may precede a tag), so the content only ever grows as text is appended."""
+    if len(pieces) > 1 and not pieces[0].strip():
+        pieces = pieces[1:]
+    text = "".join(pieces)
+    if not final:
+        return text.rstrip()
+    return text.rstrip() if len(pieces) > 1 and not pieces[-1].strip() else text
 
 
 # -- the formats --------------------------------------------------------------------------
@@ -205,6 +214,7 @@ class HermesToolParser(ToolParser):
                 content.append(rest if final else _hold_back(rest, self.start_tag))
                 break
             content.append(text[pos:k])
+            content.append("")  # the markup's place: what follows it is a piece of its own
             j = _skip_ws(text, k + len(self.start_tag))
             if j >= len(text):
                 break  # the tag has opened; its JSON has not started
@@ -220,7 +230,7 @@ class HermesToolParser(ToolParser):
             if e < 0:
                 break
             pos = e + len(self.end_tag)
-        return Parsed(_trim("".join(content)), calls)
+        return Parsed(_content(content, final), calls)
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -236,7 +246,7 @@ class Llama3JsonToolParser(ToolParser):
         elif self.tag.startswith(text[i:]) and not final:
             return Parsed("", [])  # empty so far, or a partial tag: undecided
         if i >= len(text) or text[i] != "{":
-            return Parsed(_trim(text) if i < len(text) or final else "", [])
+            return Parsed(_content([text], final) if i < len(text) or final else "", [])
         calls: list[ParsedCall] = []
         while i < len(text) and text[i] == "{":
             obj = scan_object(text, i)
@@ -249,7 +259,7 @@ class Llama3JsonToolParser(ToolParser):
             if i < len(text) and text[i] == ";":
                 i = _skip_ws(text, i + 1)
         if final and not any(c.name for c in calls):
-            return Parsed(text.strip(), [])  # JSON, but not a tool call: plain content
+            return Parsed(text, [])  # JSON, but not a tool call: plain content, as written
         return Parsed("", calls)
 
 
@@ -276,7 +286,7 @@ class NamedFunctionParser(ToolParser):
             is_object = False
         if is_object:
             return Parsed("", [ParsedCall(self.function, stripped)])
-        return Parsed(stripped, [])
+        return Parsed(text, [])  # not a call: the content as written
 
 
 TOOL_PARSERS: dict[str, Callable[[], ToolParser]] = {

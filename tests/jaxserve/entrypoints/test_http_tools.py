@@ -102,7 +102,17 @@ def test_streamed_plain_content_per_character():
     text = "  Plain answer,\nno tools at all.  "
     for parser in (HermesToolParser(), Llama3JsonToolParser()):
         deltas = replay(parser, text, list(range(len(text))))
-        assert "".join(d["content"] for d in deltas) == text.strip()
+        assert "".join(d["content"] for d in deltas) == text  # whitespace as written
+        assert parser.parse(text, final=True).content == text
+
+
+def test_content_whitespace_is_kept_around_markup():
+    p = HermesToolParser()
+    call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    assert p.parse(" Hello there", final=True).content == " Hello there"
+    assert p.parse(" Hi\n" + call + "\n", final=True).content == " Hi"
+    assert p.parse("\n" + call + " after", final=True).content == " after"
+    assert p.parse(" Hi ", final=False).content == " Hi"  # the trailing space waits for what follows
 
 
 # -- through the HTTP server -------------------------------------------------------------
