@@ -186,7 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """`presets`: the engine presets, one line each (name, mesh, dtype, buckets, machine)."""
-    from jaxserve.presets import format_presets, presets_dir
+    from jaxserve.preset_catalog import format_presets
+    from jaxserve.presets import presets_dir
 
     print(format_presets())
     print(f"(from {presets_dir()}; use one with --config NAME or LLM(model, config=NAME))")

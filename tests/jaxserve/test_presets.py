@@ -7,7 +7,8 @@ import yaml
 
 from jaxserve.config import EngineConfig
 from jaxserve.entrypoints.cli import main
-from jaxserve.presets import list_presets, presets_dir, resolve_preset
+from jaxserve.preset_catalog import list_presets
+from jaxserve.presets import presets_dir, resolve_preset
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
