@@ -91,6 +91,10 @@ class LLMEngine:
         self.dtype = loaded.dtype
         self.model_dir = str(loaded.model_dir)  # the HF directory (generation_config.json, tokenizer files)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or loaded.model_dir)
+        # The engine refuses prompts longer than max_model_len itself (a clear error naming the field);
+        # transformers' "Token indices sequence length is longer than the specified maximum" warning
+        # for them would only be noise. It warns once per tokenizer: mark it as already given.
+        getattr(self.tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.max_model_len and config.max_model_len > mc.max_position_embeddings:
             log.warning("max_model_len %d exceeds the model's max_position_embeddings %d: using %d",

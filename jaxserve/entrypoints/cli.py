@@ -259,7 +259,7 @@ def serve_config(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference and serving in JAX")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="greedy completion of one or more prompts")
@@ -311,10 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose INFO lines are about their own machinery (orbax logs through absl: 15-38 lines per
+# checkpoint load or save); shown only with --log-level DEBUG.
+QUIET_LOGGERS = ("jax", "absl", "orbax", "orbax.checkpoint", "etils")
+
+
+def quiet_library_logs(level: str) -> None:
+    """At any level above DEBUG, the QUIET_LOGGERS say only warnings and errors."""
+    numeric = logging.getLevelName(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else max(logging.WARNING, numeric))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
+    quiet_library_logs(args.log_level)
     from jaxserve.models.config import ModelLoadError
 
     try:

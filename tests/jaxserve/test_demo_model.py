@@ -214,3 +214,42 @@ def test_install_race_keeps_the_first_complete_copy(tmp_path):
     ino = target.stat().st_ino
     write_demo_model(target, replace=False)  # the loser, who checked before the winner's rename
     assert target.stat().st_ino == ino and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# --- quiet logs (issue 19, item 6) ---
+
+def _cli_stderr(*args: str) -> str:
+    import subprocess
+    import sys
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "jaxserve.entrypoints.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stderr
+
+
+def _library_info_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " INFO absl" in line or " INFO orbax" in line]
+
+
+def test_convert_and_serving_a_converted_checkpoint_print_no_absl_info(demo_dir, tmp_path):
+    # At --log-level debug orbax's INFO lines (through absl) are there: the check below can fail.
+    loud = _cli_stderr("--log-level", "debug", "convert", str(demo_dir), str(tmp_path / "loud"))
+    assert _library_info_lines(loud), "orbax logged nothing even at debug: this test checks nothing"
+    quiet = _cli_stderr("convert", str(demo_dir), str(tmp_path / "orbax"))
+    quiet += _cli_stderr("generate", str(tmp_path / "orbax"), "--prompt", "Hi", "--max-tokens", "2")
+    assert _library_info_lines(quiet) == []
+
+
+def test_refused_long_prompt_logs_no_tokenizer_warning(demo_dir, caplog):
+    from jaxserve import LLM, SamplingParams
+    llm = LLM(str(demo_dir), config="cpu")
+    limit = llm.engine.tokenizer.model_max_length
+    # More tokens than the tokenizer's model_max_length (" x" is two tokens), yet few enough characters to be
+    # tokenized rather than refused on its length alone.
+    long_prompt = " x" * (limit // 2 + 10)
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="max_model_len") as refused:
+        llm.generate([long_prompt], SamplingParams(max_tokens=2))
+    assert int(str(refused.value).split("prompt has ")[1].split()[0]) > limit  # it was tokenized
+    assert not [r for r in caplog.records if "Token indices sequence length" in r.getMessage()]
+    assert llm.generate(["Hi"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
