@@ -68,7 +68,8 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         for p in params:  # every grammar starts compiling (in parallel threads) before the first add waits
-            if isinstance(p, SamplingParams) and p.structured_outputs is not None:
+            # (not for a request the add will refuse anyway: min_tokens with a grammar, see structured.check)
+            if isinstance(p, SamplingParams) and p.structured_outputs is not None and not p.min_tokens:
                 self.engine.structured.submit(p.structured_outputs)
         try:
             for rid, prompt, p in zip(ids, prompts, params):
