@@ -23,8 +23,8 @@ mapping and block tables. No layer's pages are ever sliced out or copied,
 and the attention kernels need no layer argument. An 8-bit cache (kv_cache_dtype int8 / fp8) is
 a `QuantizedKV` of the pages and their scales [L, P, B, 2K], viewed and carried the same way.
 The kernels take the sliding window as a static argument, so the scan runs over groups of
-layers with static windows (`layer_groups`): one scan for uniform models, two for Qwen2's `max_window_layers`, one scan over the repeated
-pattern for alternating local/global layers. RoPE is computed once per distinct config: sliding
+layers with static windows (`layer_groups`): one scan for uniform models, two for Qwen2's
+`max_window_layers`, one scan over the repeated pattern for alternating local/global layers. RoPE is computed once per distinct config: sliding
 layers use `cfg.sliding_rope` when set (Gemma 3's local base), the others `cfg.rope`.
 
 Kv heads under tensor parallelism (as vLLM): the KV cache's kv-head axis is split over the model

@@ -29,12 +29,13 @@ therefore capped at G (q heads per kv head); on TPU the tuned value is used.
 
 Constraints (checked by `check_supported`): head_dim % 128 == 0, q and kv_pages both
 float32 or both bfloat16, 2*num_kv_heads tileable (see get_min_heads_per_blk).
-sliding_window and soft_cap are supported. An 8-bit KV cache (pallas_kernels.kv_quant) is
+sliding_window and soft_cap are supported. The whole block table is scalar-prefetched into
+SMEM (see attention_tpu.smem_bytes_needed). An 8-bit KV cache (pallas_kernels.kv_quant) is
 refused: jax's kernel dequantizes with one static per-tensor k_scale / v_scale, ours has a
-scale per token and kv head (pallas_kernels.backend.resolve_backend picks pallas_tpu then). The whole block table is scalar-prefetched into
-SMEM (see attention_tpu.smem_bytes_needed). A real sequence with kv_len == 0 is not
-supported by jax's kernel (its prefetched DMA is never waited); our contract has
-q_len <= kv_len, and the engine never schedules an empty context.
+scale per token and kv head (pallas_kernels.backend.resolve_backend picks pallas_tpu then).
+A real sequence with kv_len == 0 is not supported by jax's kernel (its prefetched DMA is
+never waited); our contract has q_len <= kv_len, and the engine never schedules an empty
+context.
 """
 
 from __future__ import annotations

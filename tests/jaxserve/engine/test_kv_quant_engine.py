@@ -51,7 +51,8 @@ def model_dir(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + (0.2 if "norm" in name else 0.15) * torch.randn(p.shape, generator=gen))
+            scale = 0.2 if "norm" in name else 0.15
+            p.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, model
