@@ -15,13 +15,15 @@ VOCAB = 1024
 MAX_LEN = 512
 
 
-def write_engine_test_model(path: Path, seed: int = 0, num_heads: int = 4):
+def write_engine_test_model(path: Path, seed: int = 0, num_heads: int = 4, head_dim: int | None = None):
+    """head_dim None: hidden_size / num_heads (16 here); set it for real-shaped heads (e.g. 128)."""
     tokenizer = train_tokenizer()
     assert len(tokenizer) <= VOCAB
     eos = [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=num_heads,
-        num_key_value_heads=2, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5,
+        num_key_value_heads=2, head_dim=head_dim or 64 // num_heads, max_position_embeddings=MAX_LEN,
+        rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -18,16 +18,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-import transformers
 import yaml
 from transformers.models.llama import modeling_llama
 
 import jax.numpy as jnp
 
-from engine_fixtures import GREEDY, hf_greedy
+from engine_fixtures import GREEDY, hf_greedy, write_engine_test_model
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import EngineConfig
-from jaxserve.demo_model import train_tokenizer
 from jaxserve.kernels.kv_quant import QuantizedKV
 from jaxserve.models.decoder import copy_pages
 
@@ -40,21 +38,7 @@ LAYERS, KV_HEADS = 2, 2
 def model_dir(tmp_path_factory):
     """A tiny random Llama at head_dim 128 (2 layers, 4 q heads, 2 kv heads) and its HF twin."""
     path = tmp_path_factory.mktemp("kvq-model")
-    tokenizer = train_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=512, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=[1], pad_token_id=tokenizer.pad_token_id)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.2 if "norm" in name else 0.15
-            p.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    model, _ = write_engine_test_model(path, head_dim=HEAD_DIM)
     return path, model
 
 
