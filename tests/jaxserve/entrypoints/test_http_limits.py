@@ -229,8 +229,46 @@ def test_one_mb_request_stalls_neither_health_nor_a_stream(default):
     print(f"\n1 MB requests took {result['big_s']:.2f} s; /health max {max(health) * 1e3:.1f} ms over "
           f"{len(health)} probes; stream's longest gap alone {alone * 1e3:.1f} ms, "
           f"beside the 1 MB requests {together * 1e3:.1f} ms")
-    # Reported above, bounded loosely: the tokenizer holds the GIL for ~50-75 ms on 1 MB, so
-    # the issue's 100 ms targets sit at the noise floor of a shared 2-core machine. These
-    # bounds still catch what the issue found (a server frozen for 1.4-4.5 s).
-    assert max(health) < 0.5
-    assert together - alone < 0.5
+    # The times are reported, not asserted (a shared machine's noise is not a test result; the
+    # tokenizer holds the GIL for ~50-75 ms on 1 MB): that the work runs off the event loop is
+    # checked without a clock by test_health_and_a_stream_are_served_while_a_tokenization_is_held.
+    assert health, "no /health probe was answered while the 1 MB requests ran"
+
+
+def test_health_and_a_stream_are_served_while_a_tokenization_is_held(default, monkeypatch):
+    """A 1 MB /tokenize is held inside the tokenizer (in the worker pool) until the test has
+    been served: /health, a whole stream and a completion. Were tokenization on the event loop,
+    none of them could be answered while it is held (each call would time out)."""
+    from jaxserve.entrypoints.openai import app
+
+    url = base_url(default)
+    entered, release = threading.Event(), threading.Event()
+    real = app._encode
+
+    def held_encode(tokenizer, text, add_special_tokens):
+        if len(text) > 500_000:
+            entered.set()
+            assert release.wait(120), "the test never released the tokenization"
+        return real(tokenizer, text, add_special_tokens)
+
+    monkeypatch.setattr(app, "_encode", held_encode)
+    result: dict = {}
+
+    def big():
+        result["tokenize"] = httpx.post(url + "/tokenize", json={"prompt": one_mb_text()}, timeout=180)
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    try:
+        assert entered.wait(60), "the 1 MB prompt never reached the tokenizer"
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(3):
+                assert c.get("/health").status_code == 200
+            assert c.post("/v1/completions", json=COMPLETION).status_code == 200
+        stream_gaps(url, 16)  # at least 10 chunks, all while the tokenization is held
+        assert not result, "the 1 MB request finished before it was released"
+    finally:
+        release.set()
+        thread.join(180)
+    tok = result["tokenize"]
+    assert tok.status_code == 200 and tok.json()["count"] > 100_000
