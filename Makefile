@@ -9,9 +9,11 @@ BIN := $(VENV)/bin
 SERVE_ARGS ?= serve --config cpu --host 127.0.0.1 --grpc-port 50051 --http-port 8000 \
   --enable-auto-tool-choice --tool-call-parser hermes
 # `make test`: one line per test as it finishes (no silent minutes) and the 25 slowest at the end.
+# It deselects the cases marked `slow` (long kernel sweeps and repeats of a check, each beside
+# representative unmarked cases of the same check); `make test-all` runs them too.
 PYTEST_ARGS ?= -v --durations=25
 
-.PHONY: serve test clean-venv
+.PHONY: serve test test-all clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,9 @@ serve: $(VENV)/.installed
 	$(BIN)/jaxserve $(SERVE_ARGS)
 
 test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:

@@ -63,8 +63,15 @@ def _check(backend, case):
     assert_backend_matches_reference(batch, backend, **opts, **tuning)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+# Each backend runs two of the four cases by default (between them all four, and every option);
+# the other two are marked slow (`make test-all`): the interpreted kernels take 4-10 s a case.
+_SLOW = {"jax_tpu": {1, 3}, "pallas_tpu": {0, 2}}
+PARAMS = [pytest.param(backend, case, id=f"{_case_id(case)}-{backend}",
+                       marks=[pytest.mark.slow] if i in _SLOW[backend] else [])
+          for i, case in enumerate(CASES) for backend in BACKENDS]
+
+
+@pytest.mark.parametrize(("backend", "case"), PARAMS)
 def test_tpu_backend_matches_reference(backend, case):
     _check(backend, case)
 

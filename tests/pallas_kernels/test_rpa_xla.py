@@ -68,8 +68,14 @@ def test_xla_explicit_block_sizes(tuning):
     _check(batch, jnp.float32, sm_scale=0.3, sliding_window=9, **tuning)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("window", [None, 64])
+# float32 without a window and bfloat16 with one are marked slow: the other two cover both dtypes
+# and both kinds of window.
+@pytest.mark.parametrize(("dtype", "window"), [
+    pytest.param(jnp.float32, None, id="None-f32", marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, None, id="None-bf16"),
+    pytest.param(jnp.float32, 64, id="64-f32"),
+    pytest.param(jnp.bfloat16, 64, id="64-bf16", marks=pytest.mark.slow),
+])
 def test_xla_at_8b_shapes_with_long_block_tables(dtype, window):
     """32 q / 8 kv heads, head_dim 128, pages of 16; block tables of 512 pages (8192 keys)
     for contexts of at most 300: every entry past a context is the NaN null page."""
