@@ -19,6 +19,7 @@ import json
 import shlex
 import signal
 import socket
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -236,6 +237,22 @@ def test_tool_call_returned_streamed(make_serve):
         finish = chunk.choices[0].finish_reason or finish
     assert names == ["get_weather"] and len(ids) == 1  # id and name once, then argument fragments
     assert json.loads(args) == {"city": "Paris"} and finish == "tool_calls" and not content.strip()
+
+
+def test_the_readmes_tool_calling_example_runs_against_make_serve(make_serve, tmp_path):
+    """The README's openai tool-calling block, as written but for the port, prints a parsed call."""
+    import re
+    import subprocess
+    import sys
+
+    _, _, http_port = make_serve
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (code,) = [textwrap.dedent(b) for b in blocks if "tool_calls" in b and "OpenAI(" in b]
+    assert "127.0.0.1:8000" in code
+    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "tool_calls get_weather {'city': 'Paris'}"
 
 
 def test_content_keeps_its_leading_space_with_the_parser_on(make_serve):
