@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxserve.lora_request import LORA_DELTA_METHODS
 from jaxserve.models.config import ModelConfig
 
-LORA_METHODS = ("onehot", "gather", "ragged")
+LORA_METHODS = LORA_DELTA_METHODS  # "onehot" | "gather" | "ragged"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
