@@ -62,16 +62,12 @@ class LoRAManager:
         self._keep_on_host(lora.lora_int_id, self._read(lora))
         self.known[lora.lora_int_id] = lora
 
-    def in_use(self, lora_int_id: int) -> int:
-        """Requests holding the adapter's slot now."""
-        return self._users[lora_int_id]
-
-    def remove(self, lora_int_id: int, num_queued: int = 0) -> None:
+    def remove(self, lora_int_id: int, num_unfinished: int = 0) -> None:
         """Forgets an adapter (its slot is freed). Refused (ValueError) while requests use it or
-        wait for it (`num_queued`, the engine's count of unfinished requests naming it)."""
+        wait for it (`num_unfinished`: the engine's count of unfinished requests naming it)."""
         if lora_int_id not in self.known:
             raise KeyError(lora_int_id)
-        busy = self._users[lora_int_id] + num_queued
+        busy = max(self._users[lora_int_id], num_unfinished)
         if busy:
             raise ValueError(f"LoRA adapter {self.known[lora_int_id].lora_name!r} has {busy} unfinished "
                              "requests; unload it when they are done")
