@@ -17,6 +17,7 @@ from grpc_fixtures import BearerInterceptor, LoopThread  # noqa: E402
 from http_helpers import CPU, MODEL, ServerThread, base_url  # noqa: E402
 from lora_fixtures import ADAPTERS, write_adapter  # noqa: E402
 from jaxserve import AsyncLLM, LLM, LoRARequest, SamplingParams  # noqa: E402
+from jaxserve.entrypoints.client import Client  # noqa: E402
 from jaxserve.entrypoints.lora_modules import parse_lora_modules, preload  # noqa: E402
 from jaxserve.protos.v1 import generate_pb2 as pb  # noqa: E402
 from jaxserve.protos.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
@@ -140,6 +141,10 @@ def test_grpc_lora_name_and_load_unload(setup):
             with pytest.raises(grpc.RpcError) as e:
                 stub.UnloadLoRAAdapter(pb.UnloadLoRAAdapterRequest(lora_name="beta2"))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            with Client(frontend.address, api_key=KEY) as client:  # the Python client's lora_name
+                assert client.generate(PROMPT, SamplingParams(**GREEDY), lora_name="alpha").outputs[0].text == \
+                    want["alpha"]
+                assert client.generate(PROMPT, SamplingParams(**GREEDY)).outputs[0].text == want[None]
             no_key = pb_grpc.GenerationServiceStub(channel)
             with pytest.raises(grpc.RpcError) as e:
                 no_key.LoadLoRAAdapter(pb.LoadLoRAAdapterRequest(lora_name="x", lora_path=paths["beta"]))
