@@ -115,7 +115,8 @@ def delta_table(args) -> list[str]:
 
     from jaxserve.models.lora_layers import LORA_METHODS, lora_delta_shaped
 
-    rows = ["| T | D -> O | slots | rank | method | ms / call | dense base matmul ms |", "|---|---|---|---|---|---|---|"]
+    rows = ["| T | D -> O | slots | rank | method | ms / call | dense base matmul ms |",
+            "|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     for t, d, o in ((args.num_seqs, 256, 256), (256, 1024, 1024), (256, 4096, 4096)):
         s, r = 5, args.rank
