@@ -65,6 +65,14 @@ class EngineConfig:
     # than this to compile is refused (a 400 / INVALID_ARGUMENT); compiles run in their own
     # threads, so a slow one never holds up other requests.
     structured_outputs_compile_timeout_s: float = 10.0
+    # Multi-LoRA (vLLM's names): PEFT adapters chosen per request (LoRARequest, the OpenAI `model`
+    # field), many in one step. Device slots are allocated at start only when enabled.
+    enable_lora: bool = False
+    max_loras: int = 1  # adapters on the device at once; more wait for a slot (LRU idle eviction)
+    max_lora_rank: int = 16  # the largest adapter rank served (every slot is padded to it)
+    max_cpu_loras: int | None = None  # adapters kept read in host memory; None: max_loras
+    # How each token's low-rank delta is computed (models.lora_layers): onehot | gather | ragged
+    lora_delta_method: str = "onehot"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -101,12 +109,28 @@ class EngineConfig:
         timeout = self.structured_outputs_compile_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ValueError(f"structured_outputs_compile_timeout_s must be in (0, 3600] seconds, got {timeout!r}")
+        self._check_lora()
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(
             "token_buckets", self.token_buckets, min(16, self.max_num_batched_tokens), self.max_num_batched_tokens))
         object.__setattr__(self, "seq_buckets", self._buckets(
             "seq_buckets", self.seq_buckets, 1, self.max_num_seqs))
+
+    def _check_lora(self) -> None:
+        from jaxserve.lora_request import LORA_DELTA_METHODS
+
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1024):
+                raise ValueError(f"{name} must be an integer in [1, 1024], got {value!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.lora_delta_method not in LORA_DELTA_METHODS:
+            raise ValueError(f"lora_delta_method must be one of {', '.join(LORA_DELTA_METHODS)}, "
+                             f"got {self.lora_delta_method!r}")
 
     @staticmethod
     def _buckets(name: str, given, lo: int, hi: int) -> tuple[int, ...]:

@@ -20,6 +20,8 @@ class AttentionMetadata:
     kv_lens: jax.Array  # int32[S]     context length of each sequence after this step
     cu_q_lens: jax.Array  # int32[S + 1] start of each sequence's tokens in the flat batch
     num_seqs: jax.Array  # int32[1]     sequences >= num_seqs are padding
+    # int32[T] each token's LoRA adapter slot (0: none; models.lora_layers); None: no adapters in the model
+    lora_slots: jax.Array | None = None
 
 
 def single_sequence_metadata(

@@ -52,6 +52,7 @@ from jaxserve.models.activations import ACTIVATIONS
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.gemma import GemmaDecoderLayer, GemmaRMSNorm
+from jaxserve.models.lora_layers import add_lora
 from jaxserve.models.moe import MoEBlock
 from jaxserve.models.params import param as _param
 from jaxserve.models.sharded_attention import sharded_ragged_paged_attention
@@ -111,8 +112,11 @@ class Attention(nnx.Module):
         -> (out [T, D], kv_pages')."""
         cfg = self.cfg
         q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
+        q = add_lora(self, "q_proj", x, q, md.lora_slots)  # + each token's adapter (models.lora_layers)
         k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
+        k = add_lora(self, "k_proj", x, k, md.lora_slots)
         v = jnp.einsum("td,dkh->tkh", x, self.v_proj[...])
+        v = add_lora(self, "v_proj", x, v, md.lora_slots)
         if cfg.attention_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if cfg.qk_norm:
@@ -127,6 +131,7 @@ class Attention(nnx.Module):
                    sm_scale=cfg.sm_scale, sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap,
                    backend=self.attention_backend)  # [T, N, H]
         out = jnp.einsum("tnh,nhd->td", o.astype(x.dtype), self.o_proj[...])
+        out = add_lora(self, "o_proj", o.astype(x.dtype), out, md.lora_slots)
         if cfg.o_proj_bias:
             out = out + self.o_bias[...]
         return out, kv_pages
@@ -145,12 +150,16 @@ class MLP(nnx.Module):
         self.mlp_bias = cfg.mlp_bias
         self.hidden_act = cfg.hidden_act
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
+        """x [T, D] -> [T, D]; lora_slots int32[T]: each token's adapter slot (None: no adapters)."""
         gate = x @ self.gate_proj[...]
+        gate = add_lora(self, "gate_proj", x, gate, lora_slots)
         up = x @ self.up_proj[...]
+        up = add_lora(self, "up_proj", x, up, lora_slots)
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
         out = (ACTIVATIONS[self.hidden_act](gate) * up) @ self.down_proj[...]
+        out = add_lora(self, "down_proj", ACTIVATIONS[self.hidden_act](gate) * up, out, lora_slots)
         return out + self.down_bias[...] if self.mlp_bias else out
 
 
@@ -175,7 +184,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, kv_pages, first_page, md, sliding_window):
         attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, first_page, md, sliding_window)
         x = x + attn * self.residual_multiplier if self.residual_multiplier != 1.0 else x + attn
-        mlp = self.mlp(self.post_attention_layernorm(x))
+        mlp = self.mlp(self.post_attention_layernorm(x), md.lora_slots)
         x = x + mlp * self.residual_multiplier if self.residual_multiplier != 1.0 else x + mlp
         return x, kv_pages
 

@@ -66,5 +66,5 @@ class GemmaDecoderLayer(nnx.Module):
         """x [T, D]; the rest as decoder.Attention -> (x' [T, D], kv_pages')."""
         attn, kv_pages = self.self_attn(self.input_layernorm(x), cos, sin, kv_pages, first_page, md, sliding_window)
         x = x + self.post_attention_layernorm(attn)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), md.lora_slots))
         return x, kv_pages

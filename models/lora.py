@@ -1,4 +1,4 @@
-"""Hugging Face PEFT LoRA adapters read from a local directory (issue 18, part 1: loading only).
+"""Hugging Face PEFT LoRA adapters read from a local directory (issue 18: the host side).
 
 An adapter directory holds `adapter_config.json` and `adapter_model.safetensors`. We accept plain
 LoRA on the decoder's linear projections (q/k/v/o/gate/up/down); anything we would apply wrongly
@@ -9,8 +9,9 @@ The weights come back per layer and module as A [in, r] and B [r, out] (float32 
 `lora_A.weight` [r, in] and `lora_B.weight` [out, r] transposed), with the scaling
 (`lora_alpha / r`, or `lora_alpha / sqrt(r)` under `use_rslora`) folded into B, so that
 delta(x) = (x @ A) @ B. `pad_to_slot` pads one adapter to the fixed slot rank and `lora_delta`
-computes a mixed-slot batch by gather + einsum; the stacked per-layer device parameters, the
-decoder hook, the engine config and the request path are not built yet.
+computes a mixed-slot batch by gather + einsum (flat shapes). The device side (stacked slots per
+projection, the decoder hook) is models.lora_layers; the engine's registry and slot manager is
+jaxserve.engine.lora_manager.
 """
 
 from __future__ import annotations

@@ -128,7 +128,9 @@ class MoEBlock(nnx.Module):
                              f"experts are split over, got {mesh}")
         self.mesh = mesh if cfg.expert_parallel > 1 else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
+        """x [T, D] -> [T, D]. lora_slots: unused, experts carry no LoRA slots (models.lora_layers
+        adapts a mixture of experts' attention only)."""
         weights, experts = route(x, self.router[...], self.cfg)
         gate_up, down = self.gate_up_proj[...], self.down_proj[...]
         if self.mesh is None:

@@ -40,7 +40,8 @@ class RequestStatus(enum.IntEnum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                  max_tokens: int, eos_token_ids: frozenset[int], seed: int,
-                 sample_index: int = 0, parent_id: str | None = None, arrival: float | None = None):
+                 sample_index: int = 0, parent_id: str | None = None, arrival: float | None = None,
+                 lora_request=None):
         self.request_id = request_id
         self.parent_id = parent_id or request_id  # the user's request id (same for all n samples)
         self.sample_index = sample_index
@@ -58,6 +59,8 @@ class Request:
         self.logprobs: list[tuple[float, list[int], list[float]]] = []  # per output token
         self.stop_reason: int | str | None = None
         self.arrival = time.monotonic() if arrival is None else arrival
+        self.lora_request = lora_request  # jaxserve.lora_request.LoRARequest, or None: the base model
+        self.lora_slot = 0  # its adapter's device slot while it holds one (engine.lora_manager)
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -67,14 +67,17 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 long_prompt_threshold: int | None = None):
+                 long_prompt_threshold: int | None = None, lora=None):
         """long_prompt_threshold: prompts longer than this compute their KV differently (longrope's
-        long factors, models.rope), so their pages are cached apart (salted prefix hashes)."""
+        long factors, models.rope), so their pages are cached apart (salted prefix hashes).
+        lora: the engine's LoRAManager (acquire(req) -> bool pins a request's adapter into a
+        device slot, release(req) unpins it), or None without adapters."""
         self.kv = kv
         self.long_prompt_threshold = long_prompt_threshold
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.lora = lora
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -135,16 +138,22 @@ class Scheduler:
 
     def _admit_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         used_slots = sum(self._slots(r) for r in self.running)
+        skipped: list[Request] = []  # waiting for a LoRA slot: they keep their place in the queue
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if used_slots + self._slots(req) > self.max_num_seqs:
                 break
+            if self.lora is not None and not self.lora.acquire(req):
+                skipped.append(self.waiting.popleft())
+                continue
             pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids, extra_key=self._prefix_key(req))
             n_new = min(req.num_tokens - n_hit, budget)
             req.num_computed_tokens = n_hit
             new = self._allocate(req, n_new, pages)
             if new is None:
                 req.num_computed_tokens = 0
+                if self.lora is not None:
+                    self.lora.release(req)
                 break
             self.waiting.popleft()
             if req.status == RequestStatus.WAITING:
@@ -154,14 +163,19 @@ class Scheduler:
             used_slots += self._slots(req)
             seqs.append(self._scheduled(req, n_new, len(pages) + len(new)))
             budget -= n_new
+        self.waiting.extendleft(reversed(skipped))
         return budget
 
     def _prefix_key(self, req: Request) -> bytes | None:
         """The prefix-cache salt of a request whose prompt's KV is computed with other RoPE
-        frequencies (a prompt past the longrope threshold); None for every other request."""
+        frequencies (a prompt past the longrope threshold) or under a LoRA adapter (its own pages);
+        None for every other request."""
+        key = b""
         if self.long_prompt_threshold is not None and req.num_prompt_tokens > self.long_prompt_threshold:
-            return b"long-prompt-rope"
-        return None
+            key = b"long-prompt-rope"
+        if req.lora_request is not None:
+            key += req.lora_request.prefix_key
+        return key or None
 
     def _scheduled(self, req: Request, n_new: int, num_new_pages: int) -> ScheduledSeq:
         """Records the step for the request and advances it past the step (placeholders)."""
@@ -221,6 +235,8 @@ class Scheduler:
         self.requests[child.request_id] = child
         if parent.status == RequestStatus.RUNNING:
             self.kv.fork(parent.request_id, child.request_id)
+            if self.lora is not None:
+                self.lora.acquire(child)  # the parent's adapter: resident and pinned, so it succeeds
             child.num_computed_tokens = computed
             child.status = RequestStatus.RUNNING
             self.running.append(child)
@@ -243,6 +259,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
+        if self.lora is not None:
+            self.lora.release(req)
         self._released.append(req.request_id)
 
     def abort(self, request_id: str) -> Request | None:

@@ -65,6 +65,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine import faults
 from jaxserve.engine.metrics import EngineMetrics
 from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.lora_request import LoRARequest
 from jaxserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # the engine (JAX, the model code) is imported when one is built: front ends bind first
@@ -169,17 +170,18 @@ class AsyncLLM:
     # -- requests ---------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Streams RequestOutput deltas (new text and token ids of one sample each) until the
         request finishes. Raises ValueError for an invalid request before the first delta.
-        Leaving the loop early (break, cancellation, client gone) aborts the request."""
+        Leaving the loop early (break, cancellation, client gone) aborts the request.
+        lora_request: a LoRARequest (the engine needs enable_lora), or None: the base model."""
         request_id = request_id or uuid.uuid4().hex
         params = params if params is not None else SamplingParams()
         if params.structured_outputs is not None:
             await self._compile_grammar(params)
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), params.n)
         added: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("add", request_id, prompt, params, stream, added))
+        self._send(("add", request_id, prompt, params, lora_request, stream, added))
         finished = False
         try:
             await asyncio.wrap_future(added)  # inside the try: a cancel while adding still aborts
@@ -209,6 +211,38 @@ class AsyncLLM:
             await asyncio.wait_for(asyncio.shield(future), structured.compile_timeout_s)
         except asyncio.TimeoutError:
             raise structured.timeout_error(so) from None
+
+    async def add_lora(self, lora_request) -> bool:
+        """Reads and checks an adapter on the engine thread (ValueError if it is bad)."""
+        return await self._lora_command("lora_add", lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter; False if unknown; ValueError while unfinished requests use it."""
+        return await self._lora_command("lora_remove", lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._lora_command("lora_list", None)
+
+    async def _lora_command(self, kind: str, arg):
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._send((kind, arg, done))
+        return await asyncio.wrap_future(done)
+
+    def _lora(self, kind: str, arg, done: concurrent.futures.Future | None) -> None:
+        """Engine thread: one adapter command (its errors go back to its caller only)."""
+        try:
+            if kind == "lora_add":
+                result = self.engine.add_lora(arg)
+            elif kind == "lora_remove":
+                result = self.engine.remove_lora(arg)
+            else:
+                result = self.engine.list_loras()
+        except Exception as e:  # noqa: BLE001 - a bad adapter or a refused unload: the caller's error
+            if done is not None:
+                done.set_exception(e if isinstance(e, ValueError) else RequestError(f"{type(e).__name__}: {e}"))
+            return
+        if done is not None:
+            done.set_result(result)
 
     def _abort_if_added(self, request_id: str, added: concurrent.futures.Future) -> None:
         if not added.cancelled() and added.exception() is None:
@@ -273,6 +307,8 @@ class AsyncLLM:
                 self._add(*command[1:])
             elif command[0] == "abort":
                 self._abort(command[1])
+            elif command[0].startswith("lora_"):
+                self._lora(*command)
         return True
 
     # Multi-host command sync. Process 0 broadcasts its commands only at sync iterations,
@@ -306,7 +342,8 @@ class AsyncLLM:
                 break
         # An add whose caller went away while it was queued is dropped here, before any
         # follower hears of it; the rest can no longer be cancelled.
-        commands = [c for c in commands if c[0] != "add" or c[-1].set_running_or_notify_cancel()]
+        commands = [c for c in commands if c[0] not in ("add", "lora_add", "lora_remove", "lora_list")
+                    or c[-1].set_running_or_notify_cancel()]
         if not self.multihost:
             return commands
         if self.is_leader:
@@ -333,11 +370,13 @@ class AsyncLLM:
         fits = int(SYNC_LATENCY_S / per_iteration) if per_iteration > 0 else MAX_SYNC_INTERVAL
         return max(1, min(2 * self._sync_interval, MAX_SYNC_INTERVAL, fits))
 
-    def _add(self, request_id, prompt, params, stream: _Stream | None, added: concurrent.futures.Future | None) -> None:
+    def _add(self, request_id, prompt, params, lora_request, stream: _Stream | None,
+             added: concurrent.futures.Future | None) -> None:
         try:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            prompt_ids = self.engine.add_request(request_id, prompt, params)
+            lora = {"lora_request": lora_request} if lora_request is not None else {}
+            prompt_ids = self.engine.add_request(request_id, prompt, params, **lora)
         except Exception as e:  # noqa: BLE001 - errors of one add go back to its caller only
             if not isinstance(e, ValueError):  # not validation: a failure traced to this request
                 log.exception("adding request %r failed", request_id)
@@ -397,22 +436,33 @@ class AsyncLLM:
                 return
             if command[0] == "add" and command[-1].set_running_or_notify_cancel():
                 command[-1].set_exception(error)
+            elif command[0].startswith("lora_") and command[-1].set_running_or_notify_cancel():
+                command[-1].set_exception(error)
 
 
 def _to_wire(command: tuple) -> list:
     if command[0] == "add":  # SamplingParams as its non-default fields: most adds fit inline
-        _, request_id, prompt, params, _, _ = command
+        _, request_id, prompt, params, lora, _, _ = command
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)
                   if getattr(params, f.name) != f.default}
         if fields.get("structured_outputs") is not None:  # a dataclass: sent as its fields
             fields["structured_outputs"] = dataclasses.asdict(fields["structured_outputs"])
-        return ["add", request_id, prompt, fields]
+        return ["add", request_id, prompt, fields, dataclasses.asdict(lora) if lora is not None else None]
+    if command[0] == "lora_add":
+        return ["lora_add", dataclasses.asdict(command[1])]
+    if command[0].startswith("lora_"):
+        return [command[0], command[1]]
     return list(command)
 
 
 def _from_wire(wire: list) -> tuple:
     if wire[0] == "add":
-        return ("add", wire[1], wire[2], SamplingParams(**wire[3]), None, None)
+        lora = LoRARequest(**wire[4]) if wire[4] is not None else None
+        return ("add", wire[1], wire[2], SamplingParams(**wire[3]), lora, None, None)
+    if wire[0] == "lora_add":
+        return ("lora_add", LoRARequest(**wire[1]), None)
+    if wire[0].startswith("lora_"):
+        return (wire[0], wire[1], None)
     return tuple(wire)
 
 

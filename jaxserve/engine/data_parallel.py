@@ -48,13 +48,31 @@ class DataParallelEngine:
             replica.structured.shutdown()
             replica.structured = first.structured
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request=None) -> list[int]:
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         replica = min(self.replicas, key=lambda r: r.num_unfinished)
-        ids = replica.add_request(request_id, prompt, params)
+        ids = replica.add_request(request_id, prompt, params, lora_request=lora_request)
         self._owner[request_id] = replica
         return ids
+
+    def add_lora(self, lora_request) -> bool:
+        return all([r.add_lora(lora_request) for r in self.replicas])
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Refused (ValueError) while any replica has an unfinished request with the adapter."""
+        for r in self.replicas:
+            if r.lora is not None and lora_int_id in r.lora.known:
+                busy = sum(1 for q in r.scheduler.requests.values()
+                           if q.lora_request is not None and q.lora_request.lora_int_id == lora_int_id)
+                if busy:
+                    raise ValueError(f"LoRA adapter {lora_int_id} has {busy} unfinished requests; unload it "
+                                     "when they are done")
+        return any([r.remove_lora(lora_int_id) for r in self.replicas])
+
+    def list_loras(self) -> set[int]:
+        return set().union(*(r.list_loras() for r in self.replicas))
 
     def abort(self, request_id: str) -> bool:
         replica = self._owner.pop(request_id, None)

@@ -54,9 +54,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """Generates for every prompt (a string or a list of token ids); outputs in input order.
-        Either every request is accepted or none is (the first invalid one raises ValueError)."""
+        Either every request is accepted or none is (the first invalid one raises ValueError).
+        lora_request: one LoRARequest for all prompts, a list with one (or None) per prompt, or
+        None: the base model (the engine needs enable_lora=True for adapters)."""
         if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -66,14 +68,16 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        loras = _per_prompt_lora(lora_request, len(prompts))
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         for p in params:  # every grammar starts compiling (in parallel threads) before the first add waits
             # (not for a request the add will refuse anyway: min_tokens with a grammar, see structured.check)
             if isinstance(p, SamplingParams) and p.structured_outputs is not None and not p.min_tokens:
                 self.engine.structured.submit(p.structured_outputs)
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), p)
+            for rid, prompt, p, lora in zip(ids, prompts, params, loras):
+                self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), p,
+                                        **({"lora_request": lora} if lora is not None else {}))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -104,6 +108,22 @@ class LLM:
         finally:
             bar.close()
         return [results[i] for i in ids]
+
+
+def _per_prompt_lora(lora_request, n: int) -> list:
+    """lora_request as one entry (LoRARequest or None) per prompt."""
+    from jaxserve.lora_request import LoRARequest
+
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if not isinstance(lora_request, (list, tuple)):
+        raise ValueError(f"lora_request must be a LoRARequest or a list of them, got {type(lora_request).__name__}")
+    if len(lora_request) != n:
+        raise ValueError(f"lora_request has {len(lora_request)} entries for {n} prompts")
+    for r in lora_request:
+        if r is not None and not isinstance(r, LoRARequest):
+            raise ValueError(f"lora_request entries must be LoRARequest or None, got {type(r).__name__}")
+    return list(lora_request)
 
 
 def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

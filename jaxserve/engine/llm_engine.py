@@ -120,10 +120,11 @@ class LLMEngine:
         self.kv = KVCacheManager(num_pages, config.page_size, max_pages_per_seq,
                                  enable_prefix_caching=config.enable_prefix_caching,
                                  sliding_window=uniform_sliding_window(mc.sliding_windows))
+        self.lora = self._lora_manager(config) if config.enable_lora else None
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
-                                   long_prompt_threshold=mc.rope.long_context_threshold)
+                                   long_prompt_threshold=mc.rope.long_context_threshold, lora=self.lora)
         self.kv_layout = KVLayout.of(mc, placement, config.page_size, kv_dtype)
         log.info("KV cache (%s): %s", np.dtype(kv_dtype).name, self.kv_layout.describe(num_pages))
         self.runner = ModelRunner(
@@ -162,7 +163,49 @@ class LLMEngine:
         loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
                             sharding_fn=placement.sharding, mesh=placement.mesh,
                             kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel)
+        if config.enable_lora:  # the adapter slots (zeros), sharded like their base layers
+            from jaxserve.models.lora_layers import attach_lora
+
+            attach_lora(loaded.model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                        method=config.lora_delta_method, sharding_fn=placement.sharding)
         return loaded, devices
+
+    def _lora_manager(self, config: EngineConfig):
+        """The adapters' host registry and device slots (engine/lora_manager.py)."""
+        from jaxserve.engine.lora_manager import LoRAManager, read_adapter
+
+        def read(lora):
+            return read_adapter(lora, self.model_config, self.runner.lora.paths, config.max_lora_rank, self.dtype)
+
+        return LoRAManager(max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras, read=read,
+                           write=lambda slot, arrays: self.runner.lora.write(slot, arrays))
+
+    # -- adapters (vLLM's add_lora / remove_lora / list_loras) ---------------------------
+
+    def add_lora(self, lora_request) -> bool:
+        """Reads and checks an adapter now (ValueError if it is bad); it is loaded into a device
+        slot when a request first needs it."""
+        self._require_lora()
+        self.lora.register(lora_request)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter; False if unknown. Refused (ValueError) while any unfinished
+        request uses it: its tokens are never computed with another adapter's weights."""
+        self._require_lora()
+        if lora_int_id not in self.lora.known:
+            return False
+        unfinished = sum(1 for r in self.scheduler.requests.values()
+                         if r.lora_request is not None and r.lora_request.lora_int_id == lora_int_id)
+        self.lora.remove(lora_int_id, unfinished)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora.known) if self.lora is not None else set()
+
+    def _require_lora(self) -> None:
+        if self.lora is None:
+            raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora)")
 
     def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device) -> int:
         """Pages from kv_cache_memory_bytes, or from the device's free memory less what the
@@ -191,18 +234,23 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> list[int]:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request=None) -> list[int]:
         """Validates and queues a request; returns its prompt token ids. Raises ValueError
-        naming the field and the limit."""
+        naming the field and the limit. lora_request: a LoRARequest (the adapter is read and
+        checked now), or None for the base model."""
         params = params if params is not None else SamplingParams()
         if request_id in self.outputs.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids, max_tokens = self.inputs.process(prompt, params)
         self.structured.check(params)  # compiled (cached) or refused: ValueError naming the field
+        if lora_request is not None:
+            self.add_lora(lora_request)
         # One seed for the group: sample k folds k into its key, so samples are independent
         # streams and sample k of seed s is not sample 0 of seed s + k.
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
-        req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed)
+        req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed,
+                      lora_request=lora_request)
         self.outputs.add(request_id, text, ids, params)
         self.scheduler.add_request(req)
         return ids
@@ -308,4 +356,5 @@ class LLMEngine:
             "prefix_cache_query_tokens": self.kv.prefix_cache_query_tokens,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            **(self.lora.stats() if self.lora is not None else {}),
         }

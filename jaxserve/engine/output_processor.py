@@ -54,7 +54,8 @@ class OutputProcessor:
         group.detokenizers[k] = self._detokenizer(parent.prompt_token_ids, parent.params)
         return Request(child_request_id(parent.request_id, k), parent.prompt_token_ids, parent.params,
                        max_tokens=parent.max_tokens, eos_token_ids=parent.eos_token_ids, seed=parent.seed,
-                       sample_index=k, parent_id=parent.request_id, arrival=parent.arrival)
+                       sample_index=k, parent_id=parent.request_id, arrival=parent.arrival,
+                       lora_request=parent.lora_request)
 
     def abort(self, request_id: str) -> _Group | None:
         return self.groups.pop(request_id, None)

@@ -93,6 +93,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("JAXSERVE_API_KEY") or None
     try:
         config = serve_config(args)
+        from jaxserve.entrypoints.lora_modules import parse_lora_modules
+
+        lora = parse_lora_modules(args.lora_modules)
+        if lora and not config.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
         frontends = []
         if args.grpc_port >= 0:
             frontends.append(grpc_frontend(host=args.host, port=args.grpc_port, api_key=api_key,
@@ -118,7 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return serve(config, frontends, grace=args.grace_period, model_name=args.served_model_name)
+        return serve(config, frontends, grace=args.grace_period, model_name=args.served_model_name,
+                     **({"lora_modules": lora} if lora else {}))
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -208,6 +214,9 @@ def add_serve_args(srv: argparse.ArgumentParser) -> None:
     model.add_argument("--config", help="engine preset: a name (`jaxserve presets` lists them: cpu, tpu-v5e-8, ...) "
                                         "or a YAML file")
     model.add_argument("--served-model-name", help="model name reported to clients")
+    model.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                       help="LoRA adapters served by name (the OpenAI `model` field; needs --enable-lora): "
+                            "name=path or JSON {\"name\": ..., \"path\": ...}")
     model.add_argument("--chat-template", help="Jinja chat template file overriding the tokenizer's")
     model.add_argument("--generation-config", default="auto",
                        help="default sampling values (temperature, top_p, top_k, min_p, repetition_penalty, "

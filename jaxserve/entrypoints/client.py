@@ -79,16 +79,17 @@ class Client(_Base):
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                 timeout: float | None = None) -> RequestOutput:
-        """The whole completion(s), like one element of `LLM.generate`."""
-        response = self.stub.Generate(request_to_proto(prompt, params, request_id), timeout=self._timeout(timeout),
-                                      metadata=self._metadata)
+                 timeout: float | None = None, lora_name: str = "") -> RequestOutput:
+        """The whole completion(s), like one element of `LLM.generate`; lora_name: a served LoRA
+        adapter (empty: the base model)."""
+        response = self.stub.Generate(request_to_proto(prompt, params, request_id, lora_name),
+                                      timeout=self._timeout(timeout), metadata=self._metadata)
         return response_from_proto(response, prompt if isinstance(prompt, str) else None)
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                        timeout: float | None = None) -> Iterator[RequestOutput]:
+                        timeout: float | None = None, lora_name: str = "") -> Iterator[RequestOutput]:
         """RequestOutput deltas as they come (accumulate with jaxserve.engine.llm.merge_delta)."""
-        call = self.stub.GenerateStream(request_to_proto(prompt, params, request_id),
+        call = self.stub.GenerateStream(request_to_proto(prompt, params, request_id, lora_name),
                                         timeout=self._timeout(timeout), metadata=self._metadata)
         prompt_ids: list[int] = []
         try:
@@ -147,14 +148,14 @@ class AsyncClient(_Base):
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                       timeout: float | None = None) -> RequestOutput:
-        response = await self.stub.Generate(request_to_proto(prompt, params, request_id),
+                       timeout: float | None = None, lora_name: str = "") -> RequestOutput:
+        response = await self.stub.Generate(request_to_proto(prompt, params, request_id, lora_name),
                                             timeout=self._timeout(timeout), metadata=self._metadata)
         return response_from_proto(response, prompt if isinstance(prompt, str) else None)
 
     async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
-                              timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        call = self.stub.GenerateStream(request_to_proto(prompt, params, request_id),
+                              timeout: float | None = None, lora_name: str = "") -> AsyncIterator[RequestOutput]:
+        call = self.stub.GenerateStream(request_to_proto(prompt, params, request_id, lora_name),
                                         timeout=self._timeout(timeout), metadata=self._metadata)
         prompt_ids: list[int] = []
         try:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from jaxserve import config as config_module
 from jaxserve.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, EngineConfig
+from jaxserve.lora_request import LORA_DELTA_METHODS
 
 # EngineConfig field -> its flags, where the name is vLLM's (or vLLM's is an alias).
 VLLM_FLAGS: dict[str, tuple[str, ...]] = {
@@ -33,6 +34,7 @@ VLLM_FLAGS: dict[str, tuple[str, ...]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPES, "kv_cache_dtype": KV_CACHE_DTYPES, "attention_backend": tuple(ATTENTION_BACKENDS),
+    "lora_delta_method": LORA_DELTA_METHODS,
 }
 # Help for fields whose source line has no comment.
 HELP = {

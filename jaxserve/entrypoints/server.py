@@ -201,22 +201,23 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
 
 
 def serve(config: EngineConfig, frontends: Sequence[FrontendFactory], *, grace: float = DEFAULT_GRACE_S,
-          model_name: str | None = None) -> int:
+          model_name: str | None = None, lora_modules: dict[str, str] | None = None) -> int:
     """Binds every front end, builds the engine, serves until SIGTERM / SIGINT, drains, returns 0
     (EXIT_ENGINE_DEAD if the engine died; see the module docstring).
     In a multi-host run only process 0 serves; the others follow its engine commands until
-    it shuts down (jaxserve.entrypoints.distributed)."""
+    it shuts down (jaxserve.entrypoints.distributed). lora_modules: adapter name -> path, loaded
+    before serving (jaxserve.entrypoints.lora_modules)."""
     if not frontends:
         raise ValueError("frontends must name at least one front end")
     import jax
 
     if jax.process_index() != 0:
         return _follow(config, model_name)
-    return asyncio.run(_serve_leader(config, frontends, grace, model_name))
+    return asyncio.run(_serve_leader(config, frontends, grace, model_name, lora_modules or {}))
 
 
 async def _serve_leader(config: EngineConfig, factories: Sequence[FrontendFactory], grace: float,
-                        model_name: str | None) -> int:
+                        model_name: str | None, lora_modules: dict[str, str] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     frontends = [make(None) for make in factories]  # no engine yet: they answer "starting"
@@ -230,6 +231,10 @@ async def _serve_leader(config: EngineConfig, factories: Sequence[FrontendFactor
             started.append(frontend)
         log.info("listening on %s; loading the model (health: starting)", ", ".join(map(_describe, frontends)))
         engine = await asyncio.to_thread(AsyncLLM, config, model_name=model_name)
+        if lora_modules:
+            from jaxserve.entrypoints.lora_modules import preload
+
+            await preload(engine, lora_modules)
         for frontend in frontends:
             frontend.attach(engine)
         return await run(engine, frontends, grace=grace, stop=stop, handle_signals=False,

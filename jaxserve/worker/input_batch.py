@@ -62,6 +62,7 @@ class SlotState:
     bias_is_ban: jax.Array  # bool[N, B]  -inf while num_output < min_tokens, else 0
     prompt_mask: jax.Array  # bool[N, V]  prompt tokens (repetition penalty)
     output_counts: jax.Array  # i32[N, V]  output token counts (penalties)
+    lora_slot: jax.Array  # i32[N]   the request's LoRA adapter slot (0: none; worker.lora_slots)
 
 
 # Per-slot scalar columns written when a request gets its slot, with their neutral values.
@@ -70,7 +71,7 @@ SLOT_COLUMNS = {
     "top_k": (np.int32, 0), "top_p": (np.float32, 1.0), "min_p": (np.float32, 0.0),
     "repetition_penalty": (np.float32, 1.0), "presence_penalty": (np.float32, 0.0),
     "frequency_penalty": (np.float32, 0.0), "seeds": (np.int32, 0), "min_tokens": (np.int32, 0),
-    "want_logprobs": (np.bool_, False), "num_prompt": (np.int32, 0),
+    "want_logprobs": (np.bool_, False), "num_prompt": (np.int32, 0), "lora_slot": (np.int32, 0),
 }
 
 
@@ -287,7 +288,8 @@ class InputBatch:
                           top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                           seeds=req.seed % SEED_MODULUS, min_tokens=p.min_tokens,
-                          want_logprobs=p.logprobs is not None, num_prompt=req.num_prompt_tokens)
+                          want_logprobs=p.logprobs is not None, num_prompt=req.num_prompt_tokens,
+                          lora_slot=req.lora_slot)
             for name, v in values.items():
                 cols[name][j] = v
             bias = list(p.logit_bias or ())

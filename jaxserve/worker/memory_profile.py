@@ -27,6 +27,7 @@ from jaxserve.kernels.kv_quant import SCALE_BYTES, is_quantized_dtype
 from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
+from jaxserve.models.lora_layers import lora_paths
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
     body_in = jax.tree.map(abstract, BodyInputs(np.zeros(t, np.int32), np.zeros(s + 1, np.int32),
                                                 np.zeros(s, np.int32), np.zeros(1, np.int32),
                                                 np.zeros(shapes.max_num_seqs, np.int32)))
-    body = jax.jit(functools.partial(_body, graphdef, page_size=page_size), donate_argnums=(1, 2))
+    lora = bool(lora_paths(params))  # a model with LoRA slots profiles the step that computes the deltas
+    body = jax.jit(functools.partial(_body, graphdef, page_size=page_size, lora=lora), donate_argnums=(1, 2))
     cells = jax.tree.map(abstract, Cells(*(np.zeros(CELL_BUCKET, np.int32) for _ in range(4))))
     body_c = body.lower(params, kv_spec, state, body_in, cells).compile()
     hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs, model.cfg.hidden_size), model.dtype, sharding=rep)

@@ -44,6 +44,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
                                          step_positions)
 from jaxserve.worker.bitmask import allow_all
+from jaxserve.worker.lora_slots import LoRAWriter, token_lora_slots
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
@@ -53,12 +54,14 @@ log = logging.getLogger(__name__)
 __all__ = ["ModelRunner", "StepHandle"]
 
 
-def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells: Cells, *, page_size: int):
+def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells: Cells, *, page_size: int,
+          lora: bool = False):
     model = nnx.merge(graphdef, params)
     state = apply_cells(state, cells)
     input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
+    lora_slots = token_lora_slots(state.lora_slot, inp.seq_slots, inp.cu_q_lens, input_ids.shape[0]) if lora else None
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
-                           cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
+                           cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs, lora_slots=lora_slots)
     kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows,
                                       rope_lengths(state, inp, positions))  # [max_num_seqs, D]
     state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
@@ -108,6 +111,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
                  block_table_fn, max_logprobs: int, placement=None):
         self.graphdef, self.params = nnx.split(model)
+        self.lora = LoRAWriter.for_params(self.params)  # None unless the model has LoRA slots
         self.kv_caches = kv_caches
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
@@ -133,7 +137,8 @@ class ModelRunner:
         # Per-runner jits: the sum of their cache sizes is this engine's compile count. The
         # KV pages and the slot state are donated (updated in place) and keep their shardings.
         g = self.graphdef
-        self._body = jax.jit(functools.partial(_body, g, page_size=page_size), donate_argnums=(1, 2),
+        self._body = jax.jit(functools.partial(_body, g, page_size=page_size, lora=self.lora is not None),
+                             donate_argnums=(1, 2),
                              out_shardings=None if rep is None else (kv_out, rep, rep))
         self._sample = jax.jit(functools.partial(_sample, g, num_logprobs=self.num_logprobs), donate_argnums=(1,),
                                out_shardings=None if rep is None else (rep, rep))
@@ -145,6 +150,7 @@ class ModelRunner:
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
         self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
+        self._programs += (self.lora.program,) if self.lora is not None else ()
 
     @property
     def compile_count(self) -> int:
@@ -153,7 +159,8 @@ class ModelRunner:
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
         return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
-                + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
+                + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)]
+                + ([("lora_write", 1)] if self.lora is not None else []))
 
     def warm_up(self) -> None:
         start = time.perf_counter()
@@ -183,6 +190,8 @@ class ModelRunner:
                 self.state = self._cells(self.state, _no_cells())
             elif name == "reset":
                 self.state = self._reset(self.state, np.full(k, oob, np.int32))
+            elif name == "lora_write":
+                self.lora.warm_up()
             else:
                 zeros = np.zeros(k, np.int32)  # copies the null page onto itself
                 self.kv_caches = self._copy(self.kv_caches, zeros, zeros)

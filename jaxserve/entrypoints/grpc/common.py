@@ -118,7 +118,8 @@ class EngineCaller:
         self.on_engine_dead = on_engine_dead
 
     async def generate(self, context: grpc.aio.ServicerContext, prompt: str | list[int],
-                       params: SamplingParams, request_id: str = "") -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, request_id: str = "",
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Streams the request's deltas. A client cancel or an expired deadline cancels the
         handler; AsyncLLM.generate then aborts the request (its pages are free within a step)."""
         async with self.admission.admit(context):
@@ -126,7 +127,8 @@ class EngineCaller:
                 self.on_engine_dead()
                 await context.abort(grpc.StatusCode.INTERNAL, "the engine is not running")
             request_id = request_id or uuid.uuid4().hex
-            stream = self.engine.generate(prompt, params, request_id)
+            lora = {"lora_request": lora_request} if lora_request is not None else {}
+            stream = self.engine.generate(prompt, params, request_id, **lora)
             try:
                 async for delta in stream:
                     yield delta

@@ -139,8 +139,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
 
 
 def request_to_proto(prompt: str | list[int], params: SamplingParams | None,
-                     request_id: str = "") -> pb.GenerateRequest:
-    msg = pb.GenerateRequest(request_id=request_id or "",
+                     request_id: str = "", lora_name: str = "") -> pb.GenerateRequest:
+    msg = pb.GenerateRequest(request_id=request_id or "", lora_name=lora_name or "",
                              sampling_params=params_to_proto(params or SamplingParams()))
     if isinstance(prompt, str):
         msg.text = prompt

@@ -30,7 +30,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from jaxserve.engine.async_llm import AsyncLLM
+from jaxserve.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxserve.entrypoints.grpc.access_log import AccessInterceptor
 from jaxserve.entrypoints.grpc.common import (STARTING_MESSAGE, Admission, ApiKeyInterceptor, EngineCaller,
                                               add_guarded_servicer, parse_or_abort)
@@ -38,6 +38,7 @@ from jaxserve.entrypoints.grpc.convert import UsageCounter, completion_to_proto,
 from jaxserve.entrypoints.grpc.jetstream_service import SERVICE_NAME as JETSTREAM_SERVICE
 from jaxserve.entrypoints.grpc.jetstream_service import OrchestratorServicer
 from jaxserve.engine.llm import merge_delta
+from jaxserve.entrypoints.lora_modules import lora_modules
 from jaxserve.protos import jetstream_pb2_grpc
 from jaxserve.protos.v1 import generate_pb2 as pb
 from jaxserve.protos.v1 import generate_pb2_grpc as pb_grpc
@@ -56,8 +57,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         prompt, params = await parse_or_abort(context, request_from_proto, request)
+        lora = await self._lora(request, context)
         acc, usage = None, UsageCounter()
-        async for delta in self.caller.generate(context, prompt, params, request.request_id):
+        async for delta in self.caller.generate(context, prompt, params, request.request_id, lora_request=lora):
             usage.add(delta)
             acc = merge_delta(acc, delta)
         return pb.GenerateResponse(request_id=acc.request_id, prompt_token_ids=acc.prompt_token_ids,
@@ -65,8 +67,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         prompt, params = await parse_or_abort(context, request_from_proto, request)
+        lora = await self._lora(request, context)
         usage, first = UsageCounter(), True
-        async for delta in self.caller.generate(context, prompt, params, request.request_id):
+        async for delta in self.caller.generate(context, prompt, params, request.request_id, lora_request=lora):
             usage.add(delta)
             for i, c in enumerate(delta.outputs):
                 last = delta.finished and i == len(delta.outputs) - 1
@@ -78,6 +81,47 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if last:
                     msg.usage.CopyFrom(usage.to_proto())
                 yield msg
+
+    async def _lora(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """The request's LoRA adapter (GenerateRequest.lora_name), None for the base model;
+        an unknown name is NOT_FOUND naming it."""
+        if not request.lora_name:
+            return None
+        lora = lora_modules(self.caller.engine).resolve(request.lora_name) if self.caller.engine is not None else None
+        if lora is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"lora_name: the LoRA adapter {request.lora_name!r} "
+                                                           "does not exist")
+        return lora
+
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest,
+                              context: grpc.aio.ServicerContext) -> pb.LoRAAdapterResponse:
+        engine = await self._engine_or_abort(context)
+        try:
+            await lora_modules(engine).load(engine, request.lora_name, request.lora_path)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        return pb.LoRAAdapterResponse(message=f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest,
+                                context: grpc.aio.ServicerContext) -> pb.LoRAAdapterResponse:
+        engine = await self._engine_or_abort(context)
+        try:
+            await lora_modules(engine).unload(engine, request.lora_name)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"lora_name: the LoRA adapter {request.lora_name!r} "
+                                                           "cannot be found")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        return pb.LoRAAdapterResponse(message=f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+    async def _engine_or_abort(self, context: grpc.aio.ServicerContext):
+        if self.caller.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STARTING_MESSAGE)
+        return self.caller.engine
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         if self.caller.engine is None:

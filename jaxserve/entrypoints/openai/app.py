@@ -19,7 +19,8 @@ Every request first passes the Gate, a plain ASGI middleware, in this order:
 Outside the Gate, AccessLog (access_log.py) writes one line per request and counts refusals
 by reason (jaxserve_requests_rejected_total).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}],
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}] (LoRA adapters too),
+POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter (openai/lora_routes.py),
 GET /health, GET /ready, GET /live (openai/probes.py), GET /metrics, POST /tokenize, POST /detokenize.
 """
 
@@ -42,7 +43,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jaxserve.engine.input_processor import max_chars_per_token
+from jaxserve.entrypoints.lora_modules import lora_modules
 from jaxserve.entrypoints.openai.access_log import AccessLog
+from jaxserve.entrypoints.openai.lora_routes import add_lora_routes
 from jaxserve.entrypoints.openai.errors import OpenAIError, bad_request
 from jaxserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
 from jaxserve.entrypoints.openai.generation_config import load_generation_defaults, model_dir_of
@@ -285,15 +288,19 @@ def _add_routes(app: FastAPI, engine: Any, state: ServingState, completions: Ope
     async def create_chat_completion(request: Request) -> Response:
         return _json(await chat.create(request))
 
+    adapters = lora_modules(engine)  # LoRA adapters by name: listed with the base model as parent
+    add_lora_routes(app, engine, completions.parse)
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [model_card, *adapters.cards(state.served_model_name, created)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict:
-        if model != state.served_model_name:
+        cards = {c["id"]: c for c in adapters.cards(state.served_model_name, created)}
+        if model != state.served_model_name and model not in cards:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        return model_card
+        return cards.get(model, model_card)
 
     def status() -> str:
         if state.draining:  # first: the engine is shut down as the last step of a drain

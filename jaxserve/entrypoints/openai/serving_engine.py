@@ -43,6 +43,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from jaxserve.engine.async_llm import EngineDeadError, RequestError
+from jaxserve.entrypoints.lora_modules import lora_modules
 from jaxserve.entrypoints.openai.structured import error_field as structured_error_field
 from jaxserve.entrypoints.openai.structured import from_request as structured_from_request
 from jaxserve.entrypoints.openai.access_log import register as register_access_log
@@ -90,8 +91,9 @@ class EngineRequests:
     (prompt_index, delta)."""
 
     def __init__(self, engine: Any, state: ServingState, prompts: list[str | list[int]],
-                 params: SamplingParams, base_id: str):
+                 params: SamplingParams, base_id: str, lora_request=None):
         self.engine, self.state, self.params = engine, state, params
+        self.lora = {"lora_request": lora_request} if lora_request is not None else {}  # the adapter (by `model`)
         self.prompts = prompts
         self.ids = [base_id if len(prompts) == 1 else f"{base_id}-{i}" for i in range(len(prompts))]
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -180,7 +182,7 @@ class EngineRequests:
     async def _pump(self, i: int, rid: str, prompt: str | list[int]) -> None:
         finished = False
         try:
-            async for delta in self.engine.generate(prompt, self.params, rid):
+            async for delta in self.engine.generate(prompt, self.params, rid, **self.lora):
                 finished = delta.finished
                 if delta.prompt_token_ids:
                     self.prompt_tokens[i] = len(delta.prompt_token_ids)
@@ -219,7 +221,8 @@ class OpenAIServing:
         except ValidationError as e:
             raise from_validation_error(e, model.model_fields) from None
         model_name = getattr(body, "model", None)
-        if model_name is not None and model_name != self.model_name:
+        if model_name is not None and model_name != self.model_name and not lora_modules(self.engine).resolve(
+                model_name):  # the base model or a LoRA adapter's name (entrypoints.lora_modules)
             raise model_not_found(model_name)
         return body
 
@@ -279,7 +282,8 @@ class OpenAIServing:
             raise self.value_error(e, body) from None
 
     async def start(self, body: BaseModel, prompts: list, params: SamplingParams, base_id: str) -> EngineRequests:
-        requests = EngineRequests(self.engine, self.state, prompts, params, base_id)
+        requests = EngineRequests(self.engine, self.state, prompts, params, base_id,
+                                  lora_request=lora_modules(self.engine).resolve(getattr(body, "model", None)))
         try:
             await requests.start()
         except ValueError as e:

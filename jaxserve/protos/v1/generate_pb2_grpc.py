@@ -54,6 +54,16 @@ class GenerationServiceStub:
                 request_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/jaxserve.v1.GenerationService/LoadLoRAAdapter',
+                request_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/jaxserve.v1.GenerationService/UnloadLoRAAdapter',
+                request_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -88,6 +98,21 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """LoRA adapters at run time (vLLM's /v1/load_lora_adapter, /v1/unload_lora_adapter): a bad
+        adapter or a taken name is INVALID_ARGUMENT; unloading an unknown name is NOT_FOUND, and one
+        with unfinished requests FAILED_PRECONDITION (it stays loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +135,16 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.GetModelInfoRequest.FromString,
                     response_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +255,60 @@ class GenerationService:
             '/jaxserve.v1.GenerationService/GetModelInfo',
             jaxserve_dot_protos_dot_v1_dot_generate__pb2.GetModelInfoRequest.SerializeToString,
             jaxserve_dot_protos_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.GenerationService/LoadLoRAAdapter',
+            jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.GenerationService/UnloadLoRAAdapter',
+            jaxserve_dot_protos_dot_v1_dot_generate__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            jaxserve_dot_protos_dot_v1_dot_generate__pb2.LoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

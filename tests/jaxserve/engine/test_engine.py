@@ -232,3 +232,11 @@ def test_stop_string_ending_mid_batch_leaves_the_others_exact(llm, model_dir):
     assert hit.finish_reason == "stop" and hit.stop_reason == stop and hit.text == text[:text.index(stop)]
     assert solo[target][:len(hit.token_ids)] == hit.token_ids and len(hit.token_ids) < len(solo[target])
     assert llm.stats()["num_running"] == 0
+
+
+def test_lora_request_needs_enable_lora(llm, tmp_path):
+    from jaxserve import LoRARequest
+
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        llm.generate([[1, 2]], lora_request=LoRARequest("a", 1, str(tmp_path)))
+    assert llm.stats()["num_waiting"] == 0 and "lora_loaded" not in llm.stats()

@@ -228,7 +228,7 @@ def test_multi_host_wire_carries_structured_outputs():
     for so in (dict(json=random_schemas(1, seed=2)[0]), dict(choice=["a", "b"]),
                dict(regex="x+", disable_any_whitespace=False), dict(json_object=True)):
         params = constrained(3, **so)
-        wire = json.loads(json.dumps(_to_wire(("add", "r", [1, 2], params, None, None))))
+        wire = json.loads(json.dumps(_to_wire(("add", "r", [1, 2], params, None, None, None))))
         assert _from_wire(wire)[3] == params
 
 

@@ -379,7 +379,8 @@ def test_health_and_reflection_answer_standard_clients(server):
                 "grpc.reflection.v1alpha.ServerReflection"} <= set(db.get_services())
         pool = descriptor_pool.DescriptorPool(db)
         service = pool.FindServiceByName("jaxserve.v1.GenerationService")
-        assert [m.name for m in service.methods] == ["Generate", "GenerateStream", "Tokenize", "GetModelInfo"]
+        assert [m.name for m in service.methods] == ["Generate", "GenerateStream", "Tokenize", "GetModelInfo",
+                                                     "LoadLoRAAdapter", "UnloadLoRAAdapter"]
         assert service.FindMethodByName("GenerateStream").server_streaming
         params = pool.FindMessageTypeByName("jaxserve.v1.SamplingParams")
         assert params.fields_by_name["temperature"].has_presence
