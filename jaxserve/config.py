@@ -65,6 +65,9 @@ class EngineConfig:
     # than this to compile is refused (a 400 / INVALID_ARGUMENT); compiles run in their own
     # threads, so a slow one never holds up other requests.
     structured_outputs_compile_timeout_s: float = 10.0
+    # Speculative decoding (vLLM's speculative_config: a SpeculativeConfig, a mapping or a JSON
+    # string); None: off. See jaxserve/speculative.py.
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -101,6 +104,9 @@ class EngineConfig:
         timeout = self.structured_outputs_compile_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ValueError(f"structured_outputs_compile_timeout_s must be in (0, 3600] seconds, got {timeout!r}")
+        from jaxserve.speculative import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.coerce(self.speculative_config))
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

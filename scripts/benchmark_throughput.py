@@ -92,7 +92,9 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=max_model_len,
                                        attention_backend=args.attention_backend,
-                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", None)).items() if v is not None}
+                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                                       speculative_config=getattr(args, "speculative_config", None),
+                                       ).items() if v is not None}
     load_before = load_avg()
     t0 = time.perf_counter()
     llm = LLM(args.model, config=args.config, **overrides)
@@ -309,6 +311,8 @@ def parse_args(argv):
     parser.add_argument("--attention-backend", default=None, help="default: the config's attention_backend")
     parser.add_argument("--kv-cache-dtype", default=None, help="auto | float32 | bfloat16 | float16 | int8 | fp8_e4m3 "
                         "(default: the config's); scripts/bench_kv_quant.py compares several in one run")
+    parser.add_argument("--speculative-config", default=None,
+                        help="JSON object, vLLM's shape (method, num_speculative_tokens, ...); default: off")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -84,6 +84,11 @@ class LLMEngine:
         """devices: the tensor_parallel_size devices of this engine (default: all visible;
         a data-parallel engine hands each replica its own slice)."""
         self.config = config
+        if config.speculative_config is not None:
+            # The config is parsed and validated (jaxserve/speculative.py); the proposer and the
+            # on-device verification are not built yet, so refuse rather than silently ignore it.
+            raise ValueError("speculative_config: speculative decoding is not implemented in this engine yet; "
+                             "leave speculative_config unset")
         enable_compilation_cache(config.compilation_cache_dir)
         loaded, devices = self._load(config, devices)
         placement = self.placement
