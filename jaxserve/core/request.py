@@ -58,6 +58,8 @@ class Request:
         self.logprobs: list[tuple[float, list[int], list[float]]] = []  # per output token
         self.stop_reason: int | str | None = None
         self.arrival = time.monotonic() if arrival is None else arrival
+        # Speculative decoding (core.spec_decode): (verification steps, proposals, accepted proposals).
+        self.spec_counts = (0, 0, 0)
 
     @property
     def prompt_token_ids(self) -> list[int]:

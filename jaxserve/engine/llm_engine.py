@@ -46,6 +46,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager, uniform_sliding_window
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler, SchedulerOutput
+from jaxserve.core.spec_decode import NgramSpeculator
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
@@ -84,11 +85,14 @@ class LLMEngine:
         """devices: the tensor_parallel_size devices of this engine (default: all visible;
         a data-parallel engine hands each replica its own slice)."""
         self.config = config
-        if config.speculative_config is not None:
-            # The config is parsed and validated (jaxserve/speculative.py); the proposer and the
-            # on-device verification are not built yet, so refuse rather than silently ignore it.
-            raise ValueError("speculative_config: speculative decoding is not implemented in this engine yet; "
-                             "leave speculative_config unset")
+        spec = config.speculative_config
+        if spec is not None and spec.method != "ngram":
+            # Parsed and validated (jaxserve/speculative.py), but only n-gram proposals are built:
+            # refuse rather than silently ignore it.
+            raise ValueError(f"speculative_config.method {spec.method!r} is not implemented in this engine yet; "
+                             "use method 'ngram'")
+        # Speculation runs with the synchronous loop: a step's proposals need the tokens of the step before.
+        self.speculator = NgramSpeculator(spec) if spec is not None else None
         enable_compilation_cache(config.compilation_cache_dir)
         loaded, devices = self._load(config, devices)
         placement = self.placement
@@ -128,13 +132,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
-                                   long_prompt_threshold=mc.rope.long_context_threshold)
+                                   long_prompt_threshold=mc.rope.long_context_threshold,
+                                   speculator=self.speculator)
         self.kv_layout = KVLayout.of(mc, placement, config.page_size, kv_dtype)
         log.info("KV cache (%s): %s", np.dtype(kv_dtype).name, self.kv_layout.describe(num_pages))
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
-            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement)
+            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement,
+            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0)
         self.runner.warm_up()
         self.inputs = InputProcessor(self.tokenizer, vocab_size=mc.vocab_size, max_model_len=self.max_model_len,
                                      max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
@@ -267,7 +273,7 @@ class LLMEngine:
         """Applies the dispatched steps but the one `begin_step` just queued (overlapped), or
         all of them (synchronous, or when nothing new was scheduled: then every request is
         waiting for tokens still in flight)."""
-        keep = 1 if self.config.async_scheduling and self._dispatched else 0
+        keep = 1 if self.config.async_scheduling and self._dispatched and self.speculator is None else 0
         outputs: list[RequestOutput] = []
         for touched in self._updated:
             outputs += self._process(touched)
@@ -281,8 +287,10 @@ class LLMEngine:
 
     def _update(self, out: SchedulerOutput, handle: StepHandle) -> list[Request]:
         """Step N's tokens into the scheduler; returns the requests it touched."""
-        tokens, logprobs = self.runner.collect(handle)
         self.num_computed_tokens += out.num_tokens
+        if self.runner.spec is not None:
+            return self.scheduler.update(out, self._verified_rows(out, handle), self.outputs.make_child)
+        tokens, logprobs = self.runner.collect(handle)
         sampled = []
         rows = [(s.request, s.num_samples) for s in out.seqs if s.num_samples]
         i = 0
@@ -295,6 +303,20 @@ class LLMEngine:
                 sampled.append((int(tokens[i]), lp))
                 i += 1
         return self.scheduler.update(out, sampled, self.outputs.make_child)
+
+    def _verified_rows(self, out: SchedulerOutput, handle) -> list:
+        """Per sample row of a verified step: (token, logprobs), or the emitted run [(token,
+        logprobs), ...] of a speculating sequence; top logprobs cut to each request's count."""
+        runs = self.runner.spec.collect(handle)
+        rows = []
+        i = 0
+        for s in out.seqs:
+            k = s.request.params.logprobs
+            for _ in range(s.num_samples):
+                run = [(t, None if lp is None or k is None else (lp[0], lp[1][:k], lp[2][:k])) for t, lp in runs[i]]
+                rows.append(run if s.draft_token_ids else run[0])
+                i += 1
+        return rows
 
     def _process(self, touched: list[Request]) -> list[RequestOutput]:
         # A failure in one request's output processing finishes that request with an error
@@ -313,4 +335,13 @@ class LLMEngine:
             "prefix_cache_query_tokens": self.kv.prefix_cache_query_tokens,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            **self._spec_stats(),
         }
+
+    def _spec_stats(self) -> dict[str, int]:
+        """Speculative decoding totals since start (absent when speculation is off)."""
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return {"spec_num_drafts": sp.num_drafts, "spec_num_draft_tokens": sp.num_draft_tokens,
+                "spec_num_accepted_tokens": sp.num_accepted_tokens}

@@ -45,6 +45,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          step_positions)
 from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.sampler import SamplingMetadata, sample
+from jaxserve.worker.spec_decode import SpecVerifier
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
 
@@ -106,7 +107,9 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
-                 block_table_fn, max_logprobs: int, placement=None):
+                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0):
+        """num_speculative_tokens K > 0: every step samples through worker.spec_decode's verify
+        program (K + 1 logits rows per sample row) instead of sample(R)."""
         self.graphdef, self.params = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
@@ -145,6 +148,12 @@ class ModelRunner:
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
         self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
+        self.spec = None
+        if num_speculative_tokens:
+            self.batch.group_size = num_speculative_tokens + 1
+            self.spec = SpecVerifier(g, num_speculative_tokens=num_speculative_tokens, num_logprobs=self.num_logprobs,
+                                     out_shardings=None if rep is None else (rep, rep))
+            self._programs += (self.spec.jit,)
 
     @property
     def compile_count(self) -> int:
@@ -152,7 +161,10 @@ class ModelRunner:
 
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
-        return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
+        programs = self.shapes.programs()
+        if self.spec is not None:  # verify(R) replaces sample(R)
+            programs = [("verify" if name == "sample" else name, k) for name, k in programs]
+        return (programs + [("assign", k) for k in self.batch.assignment_buckets]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
 
     def warm_up(self) -> None:
@@ -166,13 +178,18 @@ class ModelRunner:
             if name == "body":
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
-                                 np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
+                                 np.zeros(1, np.int32),
+                                 np.zeros(self.shapes.max_num_seqs * self.batch.group_size, np.int32))
                 self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
                                                                 _no_cells())
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
                                    self._allow_all[k])
                 self.state, out = self._sample(self.params, self.state, hidden, inp)
+            elif name == "verify":
+                inp = self.spec.inputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
+                                       self._allow_all[k], [])
+                self.state, out = self.spec.jit(self.params, self.state, hidden, inp)
             elif name == "assign":
                 cols = {c: np.full(k, pad, dt) for c, (dt, pad) in SLOT_COLUMNS.items()}
                 a = SlotAssignment(np.full(k, oob, np.int32), cols, np.full((k, MAX_BIAS_ENTRIES), -1, np.int32),
@@ -213,6 +230,13 @@ class ModelRunner:
         mask = self._allow_all[r]
         if bitmask is not None:
             mask = jax.device_put(bitmask(r), self._mask_placement)
+        if self.spec is not None:
+            drafts = [s.draft_token_ids for s in out.seqs for _ in range(s.num_samples)]
+            inp = self.spec.inputs(plan.sample.row_slots, plan.sample.row_sample_index, plan.sample.row_owner, mask,
+                                   drafts)
+            self.state, handle = self.spec.dispatch(self.params, self.state, hidden, inp, plan.num_rows,
+                                                    plan.want_logprobs)
+            return handle
         self.state, result = self._sample(self.params, self.state, hidden,
                                           dataclasses.replace(plan.sample, bitmask=mask))
         result.token_ids.copy_to_host_async()
