@@ -1,0 +1,207 @@
+"""N-gram speculative decoding end to end: greedy outputs token-identical with speculation on
+and off over a mixed batch (stop strings, stop tokens, n > 1, logprobs, penalties, min_tokens,
+aborts, preemption forced by a small page pool), no page leaks, nothing compiled after
+warm-up, metrics; and seeded sampling whose output distribution is the target's."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from engine_fixtures import write_engine_test_model
+from jaxserve import LLM, SamplingParams
+from jaxserve.demo_model import train_tokenizer
+from jaxserve.engine.llm import merge_delta
+
+CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
+ABORT_AT_STEP = 4
+
+
+def spec(k: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec-model")
+    _, tok = write_engine_test_model(path)
+    return path, tok
+
+
+def workload(n: int = 64, seed: int = 0) -> list[tuple[list[int], int]]:
+    """Prompts that repeat themselves (copying, editing) and a few that do not."""
+    rng = random.Random(seed)
+    work = []
+    for i in range(n):
+        base = [rng.randrange(6, 1000) for _ in range(rng.choice([2, 3, 5, 8]))]
+        prompt = base * rng.choice([2, 3, 5]) if i % 5 else [rng.randrange(6, 1000) for _ in range(9)]
+        work.append((prompt, rng.randrange(1, 40)))
+    return work
+
+
+def drive(llm: LLM, work, params, abort: set[int]) -> list:
+    """All requests at once through engine.step(); the `abort` ones are aborted after ABORT_AT_STEP steps."""
+    engine = llm.engine
+    ids = [f"s{i}" for i in range(len(work))]
+    for rid, (prompt, _), p in zip(ids, work, params):
+        engine.add_request(rid, prompt, p)
+    results: dict = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            results[delta.request_id] = merge_delta(results.get(delta.request_id), delta)
+        steps += 1
+        if steps == ABORT_AT_STEP:
+            for i in abort:
+                engine.abort(ids[i])
+    return [results.get(rid) for rid in ids]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Speculation off: every request's full greedy output, then the mixed batch's outputs."""
+    path, tok = model_dir
+    llm = LLM(str(path), config=CPU)
+    work = workload()
+    full = [o.outputs[0].token_ids for o in llm.generate(
+        [p for p, _ in work], [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
+        use_tqdm=False)]
+    params, abort = [], set()
+    for i, ((_, m), out) in enumerate(zip(work, full)):
+        kind = i % 8
+        extra: dict = {"ignore_eos": True}
+        if kind == 0 and len(out) > 4:  # a stop string from the middle of the text
+            text = tok.decode(out, skip_special_tokens=True)
+            extra["stop"] = [text[len(text) // 2:][:2]] if len(text) > 4 else None
+        elif kind == 1:
+            extra["n"] = 2
+        elif kind == 2:
+            extra["logprobs"] = 2
+        elif kind == 3:
+            extra["repetition_penalty"] = 1.3
+        elif kind == 4 and len(out) > 3:
+            extra["stop_token_ids"] = [out[len(out) // 2]]
+        elif kind == 5:
+            extra = {"ignore_eos": False, "min_tokens": min(2, m)}
+        elif kind == 6:
+            abort.add(i)
+        params.append(SamplingParams(max_tokens=m, temperature=0.0, **extra))
+    return work, full, params, abort, drive(llm, work, params, abort)
+
+
+def completions(out) -> list[tuple]:
+    return [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
+
+
+@pytest.mark.parametrize("k", [pytest.param(k, marks=pytest.mark.slow) if k != 3 else k for k in range(1, 6)])
+def test_greedy_is_token_identical_with_speculation(model_dir, reference, k):
+    work, full, params, abort, ref = reference
+    # a small page pool forces preemption; the prefix cache is off so recomputation is real
+    llm = LLM(str(model_dir[0]), config=CPU, num_pages=24, enable_prefix_caching=False, speculative_config=spec(k))
+    got = drive(llm, work, params, abort)
+    for i, (r, g) in enumerate(zip(ref, got)):
+        if i in abort:  # aborted after ABORT_AT_STEP steps: a prefix of the full output
+            assert g is None or g.outputs[0].token_ids == full[i][:len(g.outputs[0].token_ids)]
+            continue
+        assert completions(g) == completions(r), i
+        if params[i].logprobs is not None:
+            for a, b in zip(g.outputs[0].logprobs, r.outputs[0].logprobs):
+                assert a.keys() == b.keys()
+                assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank for t in a)
+    stats = llm.stats()
+    assert stats["num_free_pages"] == stats["num_total_pages"]
+    assert stats["num_preemptions"] > 0
+    assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
+    assert stats["spec_num_accepted_tokens"] > 0 and stats["spec_num_draft_tokens"] > stats["spec_num_accepted_tokens"]
+    m = [g.metrics for i, g in enumerate(got) if g is not None and g.metrics]
+    assert sum(x["spec_num_accepted_tokens"] for x in m) <= stats["spec_num_accepted_tokens"]
+    assert all(0 <= x["spec_acceptance_rate"] <= 1 and 1 <= x["spec_mean_acceptance_length"] <= k + 1 for x in m)
+    # requests with penalties never speculate in this version
+    assert all(got[i].metrics is None for i in range(len(work)) if params[i].repetition_penalty != 1.0)
+
+
+def test_draft_model_is_refused_by_name(model_dir):
+    with pytest.raises(ValueError, match="draft_model"):
+        LLM(str(model_dir[0]), config=CPU,
+            speculative_config={"method": "draft_model", "model": str(model_dir[0])})
+
+
+# -- sampling: the output distribution is the target's ------------------------------------
+
+TINY_VOCAB = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_dir(tmp_path_factory):
+    """A random Llama over 5 tokens (the demo tokenizer's first ids) with a peaked, not
+    degenerate next-token distribution."""
+    path = tmp_path_factory.mktemp("tiny-vocab")
+    tok = train_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=[1],
+                                      pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.2 if "norm" in name else 0.25
+            p.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def first_three(path, num_samples: int, speculative_config) -> np.ndarray:
+    """The first 3 tokens of num_samples seeded requests (seed i), as cell ids in [0, V^3)."""
+    llm = LLM(str(path), config=CPU, max_num_seqs=128, max_num_batched_tokens=512, token_buckets=[128, 512],
+              seq_buckets=[128], max_model_len=64, num_pages=512, max_logprobs=4,
+              speculative_config=speculative_config)
+    prompt = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]  # every token has an earlier occurrence: always a proposal
+    params = [SamplingParams(max_tokens=3, temperature=0.9, top_k=4, seed=i, ignore_eos=True)
+              for i in range(num_samples)]
+    outs = llm.generate([prompt] * num_samples, params, use_tqdm=False)
+    tokens = np.array([o.outputs[0].token_ids for o in outs])
+    stats = llm.stats()
+    assert stats["num_free_pages"] == stats["num_total_pages"]
+    assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
+    if speculative_config is not None:
+        assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
+    cells = tokens @ np.array([TINY_VOCAB ** 2, TINY_VOCAB, 1])
+    if speculative_config is None:  # the target's distribution is spread out: a test with teeth
+        assert np.bincount(cells).max() < 0.2 * num_samples
+    return cells
+
+
+def two_sample_chi_square_p(a: np.ndarray, b: np.ndarray, cells: int) -> float:
+    """p-value that two samples of cell ids come from one distribution (cells with fewer than
+    10 observations in all are pooled)."""
+    ca, cb = np.bincount(a, minlength=cells), np.bincount(b, minlength=cells)
+    small = ca + cb < 10
+    ca = np.append(ca[~small], ca[small].sum())
+    cb = np.append(cb[~small], cb[small].sum())
+    keep = ca + cb > 0
+    ca, cb = ca[keep], cb[keep]
+    total = ca + cb
+    ea, eb = total * ca.sum() / total.sum(), total * cb.sum() / total.sum()
+    stat = float(((ca - ea) ** 2 / ea + (cb - eb) ** 2 / eb).sum())
+    return float(jax.scipy.special.gammaincc((len(total) - 1) / 2, stat / 2))
+
+
+@pytest.mark.parametrize("num_samples", [pytest.param(20_000, marks=pytest.mark.slow), 3_000])
+def test_sampling_keeps_the_target_distribution(tiny_vocab_dir, num_samples):
+    cells = TINY_VOCAB ** 3
+    off = first_three(tiny_vocab_dir, num_samples, None)
+    on = first_three(tiny_vocab_dir, num_samples, spec(3))
+    assert not np.array_equal(off, on)  # other random draws ...
+    assert two_sample_chi_square_p(off, on, cells) >= 1e-3  # ... from the same distribution
+    # the test can fail: the same samples with a fifth of them moved to another cell are told apart
+    skewed = np.where(np.arange(len(on)) % 5 == 0, (on + 1) % cells, on)
+    assert two_sample_chi_square_p(off, skewed, cells) < 1e-3
