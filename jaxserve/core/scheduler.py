@@ -116,7 +116,8 @@ class Scheduler:
             if n_new <= 0 or req.reaches_length_limit(self.max_model_len):
                 i += 1  # its last token is already on the device: nothing left to compute
                 continue
-            draft = self.speculator.attach(req, proposals.get(req.request_id), budget,
+            # (one token of the budget stays reserved for each running request after this one)
+            draft = self.speculator.attach(req, proposals.get(req.request_id), budget - (len(self.running) - i - 1),
                                            self.max_model_len) if proposals else ()
             n_new += len(draft)
             while (new := self._allocate(req, n_new)) is None:

@@ -27,6 +27,10 @@ Length limits are known ahead, so a request is never scheduled past them. With
 `async_scheduling=False` each step is scheduled only after the previous one was applied;
 outputs are token-identical either way.
 
+Speculative decoding (`speculative_config`, core.spec_decode / worker.spec_decode) runs the
+synchronous loop whatever `async_scheduling` says: a step's proposals are looked up in the
+tokens of the step before, and its length depends on how many of them were accepted.
+
 Not thread-safe: AsyncLLM drives it from one background thread.
 """
 
@@ -191,7 +195,9 @@ class LLMEngine:
                                 shape, kv_cache_sharding(self.placement.kv_sharding, shape))
             step = profile_step_memory(model, spec, shapes=self.shapes, page_size=cfg.page_size,
                                        max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
-                                       placement=self.placement)
+                                       placement=self.placement,
+                                       num_speculative_tokens=(cfg.speculative_config.num_speculative_tokens
+                                                               if cfg.speculative_config is not None else 0))
             budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             num_pages = kv_pages_for(budget, memory_fraction=cfg.memory_fraction, step=step, page_bytes=page_bytes,
                                      useful_pages=useful)

@@ -112,3 +112,16 @@ def test_proposals_fit_the_budget_and_are_dropped_when_pages_run_short():
     pen.num_computed_tokens = 2
     assert can_speculate(req) and not can_speculate(pen)
     assert "p" not in sched.speculator.propose([req, pen])
+
+
+def test_proposals_leave_one_token_of_the_budget_to_every_later_running_request():
+    sched = scheduler(k=4, budget=4)
+    a, b = request("a", [1, 2, 1, 2, 1, 2]), request("b", [3, 4, 3, 4, 3])
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched, {})  # a's prompt (6 tokens) takes the whole budget: a chunk of 4
+    step(sched, {}, {"a": 1})  # a's last 2 prompt tokens (it samples 1), then b's first 2
+    # a decodes and could propose 4 tokens (2 1 2 1), but b's prefill keeps one token of the 4
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("a", 3), ("b", 1)]
+    assert out.seqs[0].draft_token_ids == (2, 1)

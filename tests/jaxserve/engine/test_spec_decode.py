@@ -18,6 +18,7 @@ from engine_fixtures import write_engine_test_model
 from jaxserve import LLM, SamplingParams
 from jaxserve.demo_model import train_tokenizer
 from jaxserve.engine.llm import merge_delta
+from jaxserve.engine.metrics import EngineMetrics
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 ABORT_AT_STEP = 4
@@ -124,6 +125,14 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, k):
     assert all(0 <= x["spec_acceptance_rate"] <= 1 and 1 <= x["spec_mean_acceptance_length"] <= k + 1 for x in m)
     # requests with penalties never speculate in this version
     assert all(got[i].metrics is None for i in range(len(work)) if params[i].repetition_penalty != 1.0)
+    # Prometheus: the engine totals as counters
+    metrics = EngineMetrics("m")
+    metrics.rebase({})
+    metrics.refresh(stats)
+    text = metrics.exposition().decode()
+    for key, name in (("spec_num_drafts", "num_drafts"), ("spec_num_draft_tokens", "num_draft_tokens"),
+                      ("spec_num_accepted_tokens", "num_accepted_tokens")):
+        assert f'jaxserve_spec_decode_{name}_total{{model_name="m"}} {float(stats[key])}' in text
 
 
 def test_draft_model_is_refused_by_name(model_dir):

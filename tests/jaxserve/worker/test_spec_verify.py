@@ -110,3 +110,19 @@ def test_rejection_sampler_emits_the_target_distribution(top_k):
     # the checks can fail: the same counts against a wrong distribution are rejected
     assert chi_square_p(np.bincount(tokens[:, 0], minlength=v), probs(1)) < 1e-3
     assert ((acc == 0) == (tokens[:, 0] != d1)).all()
+
+
+def test_memory_profile_counts_the_verify_programs_rows(tmp_path):
+    from engine_fixtures import write_engine_test_model
+    from jaxserve.core.step_shapes import StepShapes
+    from jaxserve.models.decoder import init_kv_caches
+    from jaxserve.models.loader import load_model
+    from jaxserve.worker.memory_profile import profile_step_memory
+
+    write_engine_test_model(tmp_path)
+    model = load_model(str(tmp_path), dtype="float32", attention_backend="reference").model
+    kv = jax.eval_shape(lambda: init_kv_caches(model.cfg, 2, 16, np.float32))
+    kw = dict(shapes=StepShapes((64,), (16,), 16), page_size=16, max_pages_per_seq=8, num_logprobs=1)
+    plain = profile_step_memory(model, kv, **kw)
+    spec = profile_step_memory(model, kv, num_speculative_tokens=4, **kw)
+    assert spec.temp_bytes > plain.temp_bytes  # logits of 16 * 5 rows instead of 16
