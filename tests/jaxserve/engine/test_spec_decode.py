@@ -135,6 +135,27 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, k):
         assert f'jaxserve_spec_decode_{name}_total{{model_name="m"}} {float(stats[key])}' in text
 
 
+def test_structured_and_penalised_requests_decode_exactly_beside_speculating_ones(model_dir, reference):
+    """Requests that do not speculate (a grammar, penalties, sampling with penalties) run in the
+    verification program with one row each: their outputs are those without speculation."""
+    work, full, _, _, _ = reference
+    prompts = [p for p, _ in work[:12]]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 8 + [
+        SamplingParams(max_tokens=12, temperature=0.0, structured_outputs={"regex": "[a-e]{3,8}"}),
+        SamplingParams(max_tokens=12, temperature=0.0, structured_outputs={"choice": ["yes", "no way"]}),
+        SamplingParams(max_tokens=12, temperature=0.8, seed=3, presence_penalty=0.5, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=0.7, ignore_eos=True)]
+    outs = {}
+    for name, cfg in (("off", None), ("on", spec(3))):
+        llm = LLM(str(model_dir[0]), config=CPU, num_pages=24, enable_prefix_caching=False, speculative_config=cfg)
+        outs[name] = [completions(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+        stats = llm.stats()
+        assert stats["num_free_pages"] == stats["num_total_pages"]
+        assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
+    assert outs["on"] == outs["off"]
+    assert outs["on"][9][0][1] in ("yes", "no way")
+
+
 def test_draft_model_is_refused_by_name(model_dir):
     with pytest.raises(ValueError, match="draft_model"):
         LLM(str(model_dir[0]), config=CPU,
