@@ -68,7 +68,8 @@ class NgramSpeculator:
             return {}
         tokens, lens = pad_sequences([r.token_ids for r in eligible])
         c = self.config
-        props, num = propose_ngram(tokens, lens, k=self.k, n_min=c.prompt_lookup_min, n_max=c.prompt_lookup_max)
+        props, num = propose_ngram(tokens, lens, k=self.k, n_min=c.prompt_lookup_min, n_max=c.prompt_lookup_max,
+                                   wrap=True)
         return {r.request_id: props[i, :num[i]] for i, r in enumerate(eligible) if num[i]}
 
     def attach(self, req: Request, proposal: np.ndarray | None, budget: int, max_model_len: int) -> tuple[int, ...]:
