@@ -71,7 +71,7 @@ class Scheduler:
                  long_prompt_threshold: int | None = None, speculator=None):
         """long_prompt_threshold: prompts longer than this compute their KV differently (longrope's
         long factors, models.rope), so their pages are cached apart (salted prefix hashes).
-        speculator: a core.spec_decode.NgramSpeculator, or None (no speculative decoding)."""
+        speculator: a core.spec_decode.Speculator, or None (no speculative decoding)."""
         self.speculator = speculator
         self.kv = kv
         self.long_prompt_threshold = long_prompt_threshold

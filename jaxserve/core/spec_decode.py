@@ -4,8 +4,10 @@ a verified step's accepted run goes back into the scheduler.
 One step of a speculating sequence (the engine runs speculation with the synchronous loop:
 proposals need the tokens of the step before):
 
-    schedule   NgramSpeculator.propose(running)   n-gram proposals of every eligible sequence
-                                                  at once (core.spec_ngram, numpy)
+    schedule   Speculator.propose(running)        n-gram proposals of every eligible sequence
+                                                  at once (core.spec_ngram, numpy); draft_model:
+                                                  K placeholders each, the draft proposes on
+                                                  the device (worker.spec_draft)
                attach(req, proposal, budget)      k <= K proposals that fit the token budget,
                                                   max_tokens and max_model_len; they count
                                                   as placeholders (num_pending), so the step
@@ -13,7 +15,7 @@ proposals need the tokens of the step before):
                                                   token and the proposals, like a prefill chunk
                (pages for 1 + k tokens; if the pool is short the proposals are dropped:
                 speculation never preempts a request)
-    device     verify(G): acceptance (worker.spec_decode)
+    device     [draft: propose(G), draft body] body(T), verify(G): acceptance (worker.spec_decode)
     update     apply(scheduler, seq, run)         the emitted run (accepted proposals + the
                                                   bonus token) is appended token by token with
                                                   the stop checks (EOS, stop tokens, max_tokens)
@@ -41,6 +43,12 @@ from jaxserve.core.spec_ngram import pad_sequences, propose_ngram
 from jaxserve.speculative import SpeculativeConfig
 
 
+def draft_placeholders(k: int) -> tuple[int, ...]:
+    """Host token ids of k proposals a draft model makes on the device: -2 - j is proposal j of
+    the token's slot (worker.spec_draft fills them in)."""
+    return tuple(-2 - j for j in range(k))
+
+
 def can_speculate(req: Request) -> bool:
     """True for a sequence whose next step may verify proposals (see the module docstring)."""
     p = req.params
@@ -49,12 +57,11 @@ def can_speculate(req: Request) -> bool:
             and not p.needs_penalties and p.structured_outputs is None)
 
 
-class NgramSpeculator:
-    """Prompt-lookup proposals and the bookkeeping of verified steps, with totals for stats."""
+class Speculator:
+    """Proposals (n-gram prompt lookup on the host, or placeholders for a draft model's proposals
+    made on the device) and the bookkeeping of verified steps, with totals for stats."""
 
     def __init__(self, config: SpeculativeConfig):
-        if config.method != "ngram":
-            raise ValueError(f"NgramSpeculator needs method 'ngram', got {config.method!r}")
         self.config = config
         self.k = config.num_speculative_tokens
         self.num_drafts = 0  # verification steps of speculating sequences
@@ -62,10 +69,14 @@ class NgramSpeculator:
         self.num_accepted_tokens = 0  # proposals accepted
 
     def propose(self, running: list[Request]) -> dict[str, np.ndarray]:
-        """request id -> its proposals (1..K tokens) for every eligible sequence with a match."""
+        """request id -> its proposals (1..K tokens) for every eligible sequence with a match
+        (draft_model: K placeholders for every eligible sequence, filled on the device)."""
         eligible = [r for r in running if can_speculate(r)]
         if not eligible:
             return {}
+        if self.config.method == "draft_model":
+            placeholders = np.asarray(draft_placeholders(self.k), np.int32)
+            return {r.request_id: placeholders for r in eligible}
         tokens, lens = pad_sequences([r.token_ids for r in eligible])
         c = self.config
         props, num = propose_ngram(tokens, lens, k=self.k, n_min=c.prompt_lookup_min, n_max=c.prompt_lookup_max,

@@ -107,9 +107,10 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
-                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0):
+                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0, draft=None):
         """num_speculative_tokens K > 0: every step samples through worker.spec_decode's verify
-        program (K + 1 logits rows per sample row) instead of sample(R)."""
+        program (K + 1 logits rows per sample row) instead of sample(R); draft: a
+        worker.spec_draft.DraftRunner that proposes on the device (method draft_model)."""
         self.graphdef, self.params = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
@@ -154,6 +155,9 @@ class ModelRunner:
             self.spec = SpecVerifier(g, num_speculative_tokens=num_speculative_tokens, num_logprobs=self.num_logprobs,
                                      out_shardings=None if rep is None else (rep, rep))
             self._programs += (self.spec.jit,)
+        self.draft = draft
+        if draft is not None:
+            self._programs += draft.programs
 
     @property
     def compile_count(self) -> int:
@@ -165,7 +169,8 @@ class ModelRunner:
         if self.spec is not None:  # verify(R) replaces sample(R)
             programs = [("verify" if name == "sample" else name, k) for name, k in programs]
         return (programs + [("assign", k) for k in self.batch.assignment_buckets]
-                + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
+                + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)]
+                + (self.draft.shapes_to_compile(self) if self.draft is not None else []))
 
     def warm_up(self) -> None:
         start = time.perf_counter()
@@ -175,6 +180,8 @@ class ModelRunner:
                  [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
         n, oob = self.batch.num_slots, self.batch.num_slots
         for name, k in programs:
+            if name.startswith("draft_") or (self.draft is not None and name in ("body", "verify")):
+                continue  # the draft's warm-up, below, compiles these on its device inputs
             if name == "body":
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
@@ -203,7 +210,10 @@ class ModelRunner:
             else:
                 zeros = np.zeros(k, np.int32)  # copies the null page onto itself
                 self.kv_caches = self._copy(self.kv_caches, zeros, zeros)
-        jax.block_until_ready((self.state, out.token_ids))
+        if self.draft is not None:
+            self.draft.warm_up(self)
+        else:
+            jax.block_until_ready((self.state, out.token_ids))
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
     def dispatch(self, out: SchedulerOutput, bitmask=None) -> StepHandle:
@@ -213,6 +223,8 @@ class ModelRunner:
         bitmask: None, or a callable (padded row count R) -> int32[R, mask_words], called
         after the body is queued, so the host computes the mask while the body runs."""
         plan = self.batch.prepare(out)
+        if self.draft is not None:  # the draft proposes on the device first (worker.spec_draft)
+            return self.draft.dispatch(self, plan, out, bitmask)
         for rows in plan.resets:
             self.state = self._reset(self.state, rows)
         if plan.assignment is not None:

@@ -42,8 +42,8 @@ def test_bad_values_name_the_field(bad, field):
         EngineConfig(speculative_config=bad)
 
 
-def test_engine_refuses_draft_model_until_implemented():
+def test_engine_refuses_a_draft_model_it_cannot_find():
     from jaxserve.engine.llm_engine import LLMEngine
 
-    with pytest.raises(ValueError, match="draft_model"):
-        LLMEngine(EngineConfig(speculative_config={"method": "draft_model", "model": "/d"}))
+    with pytest.raises((ValueError, OSError), match="/no/such/draft"):
+        LLMEngine(EngineConfig(speculative_config={"method": "draft_model", "model": "/no/such/draft"}))

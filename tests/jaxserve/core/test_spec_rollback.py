@@ -9,7 +9,7 @@ import pytest
 from jaxserve.core.kv_cache_manager import KVCacheManager
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.scheduler import Scheduler
-from jaxserve.core.spec_decode import NgramSpeculator, can_speculate
+from jaxserve.core.spec_decode import Speculator, can_speculate
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.speculative import SpeculativeConfig
 
@@ -40,7 +40,7 @@ def request(rid: str, tokens: list[int], max_tokens: int = 20, **params) -> Requ
 
 def scheduler(k: int = 3, num_pages: int = 64, budget: int = 64, max_model_len: int = 64) -> Scheduler:
     kv = KVCacheManager(num_pages, PS, -(-max_model_len // PS), enable_prefix_caching=True)
-    spec = NgramSpeculator(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=2))
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=2))
     return Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=max_model_len, speculator=spec)
 
 

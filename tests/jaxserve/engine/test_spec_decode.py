@@ -24,7 +24,9 @@ CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 ABORT_AT_STEP = 4
 
 
-def spec(k: int) -> dict:
+def spec(k: int, draft: str | None = None) -> dict:
+    if draft is not None:  # a draft model (the target itself in these tests: every greedy proposal is right)
+        return {"method": "draft_model", "num_speculative_tokens": k, "model": draft}
     return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
 
@@ -100,11 +102,17 @@ def completions(out) -> list[tuple]:
     return [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs]
 
 
-@pytest.mark.parametrize("k", [pytest.param(k, marks=pytest.mark.slow) if k != 3 else k for k in range(1, 6)])
-def test_greedy_is_token_identical_with_speculation(model_dir, reference, k):
+CASES = ([pytest.param("ngram", k, marks=pytest.mark.slow) if k != 3 else ("ngram", k) for k in range(1, 6)]
+         + [pytest.param("draft_model", k, marks=pytest.mark.slow) if k != 2 else ("draft_model", k)
+            for k in range(1, 6)])
+
+
+@pytest.mark.parametrize("method, k", CASES)
+def test_greedy_is_token_identical_with_speculation(model_dir, reference, method, k):
     work, full, params, abort, ref = reference
     # a small page pool forces preemption; the prefix cache is off so recomputation is real
-    llm = LLM(str(model_dir[0]), config=CPU, num_pages=24, enable_prefix_caching=False, speculative_config=spec(k))
+    cfg = spec(k, str(model_dir[0]) if method == "draft_model" else None)
+    llm = LLM(str(model_dir[0]), config=CPU, num_pages=24, enable_prefix_caching=False, speculative_config=cfg)
     got = drive(llm, work, params, abort)
     for i, (r, g) in enumerate(zip(ref, got)):
         if i in abort:  # aborted after ABORT_AT_STEP steps: a prefix of the full output
@@ -119,7 +127,10 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, k):
     assert stats["num_free_pages"] == stats["num_total_pages"]
     assert stats["num_preemptions"] > 0
     assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
-    assert stats["spec_num_accepted_tokens"] > 0 and stats["spec_num_draft_tokens"] > stats["spec_num_accepted_tokens"]
+    if method == "draft_model":  # the target as its own draft: (nearly) every proposal is accepted
+        assert stats["spec_num_accepted_tokens"] >= 0.97 * stats["spec_num_draft_tokens"] > 0
+    else:
+        assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
     m = [g.metrics for i, g in enumerate(got) if g is not None and g.metrics]
     assert sum(x["spec_num_accepted_tokens"] for x in m) <= stats["spec_num_accepted_tokens"]
     assert all(0 <= x["spec_acceptance_rate"] <= 1 and 1 <= x["spec_mean_acceptance_length"] <= k + 1 for x in m)
@@ -156,10 +167,9 @@ def test_structured_and_penalised_requests_decode_exactly_beside_speculating_one
     assert outs["on"][9][0][1] in ("yes", "no way")
 
 
-def test_draft_model_is_refused_by_name(model_dir):
-    with pytest.raises(ValueError, match="draft_model"):
-        LLM(str(model_dir[0]), config=CPU,
-            speculative_config={"method": "draft_model", "model": str(model_dir[0])})
+def test_a_draft_with_another_vocabulary_is_refused(model_dir, tiny_vocab_dir):
+    with pytest.raises(ValueError, match="speculative_config.model: the draft's vocab_size 5"):
+        LLM(str(model_dir[0]), config=CPU, speculative_config=spec(2, str(tiny_vocab_dir)))
 
 
 # -- sampling: the output distribution is the target's ------------------------------------
@@ -225,11 +235,13 @@ def two_sample_chi_square_p(a: np.ndarray, b: np.ndarray, cells: int) -> float:
     return float(jax.scipy.special.gammaincc((len(total) - 1) / 2, stat / 2))
 
 
-@pytest.mark.parametrize("num_samples", [pytest.param(20_000, marks=pytest.mark.slow), 3_000])
-def test_sampling_keeps_the_target_distribution(tiny_vocab_dir, num_samples):
+@pytest.mark.parametrize("method, num_samples", [
+    pytest.param("ngram", 20_000, marks=pytest.mark.slow), ("ngram", 3_000),
+    pytest.param("draft_model", 20_000, marks=pytest.mark.slow), pytest.param("draft_model", 3_000, marks=pytest.mark.slow)])
+def test_sampling_keeps_the_target_distribution(tiny_vocab_dir, method, num_samples):
     cells = TINY_VOCAB ** 3
     off = first_three(tiny_vocab_dir, num_samples, None)
-    on = first_three(tiny_vocab_dir, num_samples, spec(3))
+    on = first_three(tiny_vocab_dir, num_samples, spec(3, str(tiny_vocab_dir) if method == "draft_model" else None))
     assert not np.array_equal(off, on)  # other random draws ...
     assert two_sample_chi_square_p(off, on, cells) >= 1e-3  # ... from the same distribution
     # the test can fail: the same samples with a fifth of them moved to another cell are told apart
