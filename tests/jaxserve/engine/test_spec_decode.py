@@ -5,7 +5,9 @@ warm-up, metrics; and seeded sampling whose output distribution is the target's.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import re
 from pathlib import Path
 
 import jax
@@ -15,7 +17,7 @@ import torch
 import transformers
 
 from engine_fixtures import write_engine_test_model
-from jaxserve import LLM, SamplingParams
+from jaxserve import AsyncLLM, LLM, SamplingParams
 from jaxserve.demo_model import train_tokenizer
 from jaxserve.engine.llm import merge_delta
 from jaxserve.engine.metrics import EngineMetrics
@@ -165,6 +167,28 @@ def test_structured_and_penalised_requests_decode_exactly_beside_speculating_one
         assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
     assert outs["on"] == outs["off"]
     assert outs["on"][9][0][1] in ("yes", "no way")
+    # streamed through AsyncLLM (multi-token deltas), and its Prometheus counters
+    engine = AsyncLLM(engine=llm.engine)
+    try:
+        async def stream(prompt, p):
+            acc = None
+            async for delta in engine.generate(prompt, p):
+                acc = merge_delta(acc, delta)
+            return acc
+
+        async def main():
+            return await asyncio.gather(*(stream(pr, p) for pr, p in zip(prompts, params)))
+
+        streamed = asyncio.run(main())
+        text = engine.metrics.exposition().decode()
+    finally:
+        engine.shutdown()
+    assert [completions(o) for o in streamed] == outs["on"]
+    # (the counters hold at least what the engine had done when AsyncLLM took it over)
+    for key, name in (("spec_num_draft_tokens", "num_draft_tokens"), ("spec_num_accepted_tokens", "num_accepted_tokens")):
+        value = re.search(rf'jaxserve_spec_decode_{name}_total\{{model_name="[^"]*"\}} ([0-9.]+)', text)
+        assert value and float(value.group(1)) >= stats[key]
+    assert stats["spec_num_draft_tokens"] > 0
 
 
 def test_a_draft_with_another_vocabulary_is_refused(model_dir, tiny_vocab_dir):
