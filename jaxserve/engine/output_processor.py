@@ -116,15 +116,18 @@ class OutputProcessor:
         ended_by_token = req.is_finished and req.status == RequestStatus.FINISHED_STOPPED
         before = len(detok.token_ids)
         text = detok.append(new[:-1] if ended_by_token else new)
-        if detok.stop_reason is not None and not req.is_finished:
-            dropped = len(new) - (len(detok.token_ids) - before)
+        dropped = len(new) - (len(detok.token_ids) - before)  # tokens after the one that completed a stop string
+        if detok.stop_reason is not None and (dropped or not req.is_finished):
             if dropped:  # a stop string ended inside a speculative run: its later tokens never were
                 del req.token_ids[-dropped:]
                 new = new[:-dropped]
                 if req.params.logprobs is not None:
                     del req.logprobs[-dropped:]
             req.stop_reason = detok.stop_reason
-            finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:  # by a later token of the run (length, EOS, stop token): the string came first
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                finish(req, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             text += detok.flush()
             group.num_finished += 1

@@ -35,7 +35,8 @@ from jax import lax
 
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import copy_pages, kv_cache_sharding
-from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, rope_lengths, step_positions
+from jaxserve.worker.input_batch import BodyInputs, rope_lengths, step_positions
+from jaxserve.worker.model_runner import _no_cells
 from jaxserve.worker.spec_decode import VerifyInputs
 
 __all__ = ["DraftRunner"]
@@ -86,11 +87,6 @@ def draft_body(graphdef, params, kv_caches, state, inp: BodyInputs, by_slot: jax
     kv_caches, _ = model.forward(kv_caches, input_ids, positions, md, jnp.zeros((1,), jnp.int32),
                                  rope_lengths(state, inp, positions))
     return kv_caches, ids
-
-
-def _no_cells() -> Cells:
-    oob = np.full(CELL_BUCKET, np.iinfo(np.int32).max, np.int32)
-    return Cells(oob, np.zeros(CELL_BUCKET, np.int32), oob, oob)
 
 
 class DraftRunner:

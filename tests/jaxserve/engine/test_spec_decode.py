@@ -271,3 +271,33 @@ def test_sampling_keeps_the_target_distribution(tiny_vocab_dir, method, num_samp
     # the test can fail: the same samples with a fifth of them moved to another cell are told apart
     skewed = np.where(np.arange(len(on)) % 5 == 0, (on + 1) % cells, on)
     assert two_sample_chi_square_p(off, skewed, cells) < 1e-3
+
+
+def test_a_stop_string_inside_a_run_wins_over_a_later_length_finish(model_dir):
+    """A run of 12 tokens ends the request by max_tokens, but a stop string completes at token m
+    inside it: the output is what one token at a time gives (m tokens, finish_reason stop)."""
+    from jaxserve.core.request import Request, RequestStatus
+    from jaxserve.engine.detokenizer import IncrementalDetokenizer
+    from jaxserve.engine.output_processor import OutputProcessor
+
+    _, tok = model_dir
+    prompt, toks = [5, 6, 7], list(range(300, 312))
+    texts = [tok.decode(toks[:i], skip_special_tokens=True) for i in range(13)]
+    m = next(i for i in range(4, 12) if len(texts[i]) > len(texts[i - 1]) + 1 and texts[i][-2:] not in texts[i - 1])
+    stop = texts[m][-2:]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    oracle = IncrementalDetokenizer(tok, prompt, stop=[stop])
+    for t in toks:  # one token at a time: where the stop string completes
+        oracle.append([t])
+        if oracle.finished:
+            break
+    assert len(oracle.token_ids) == m
+    processor = OutputProcessor(tok)
+    processor.add("r", None, prompt, params)
+    req = Request("r", prompt, params, max_tokens=12, eos_token_ids=frozenset(), seed=0)
+    for t in toks:
+        req.append_token(t, None)
+    req.status = RequestStatus.FINISHED_LENGTH  # what Scheduler.update decided for the run's last token
+    out = processor.process([req], lambda r, status: None)[0].outputs[0]
+    assert out.token_ids == toks[:m] and req.output_token_ids == toks[:m]
+    assert (out.finish_reason, out.stop_reason, out.text) == ("stop", stop, oracle.output_text)
