@@ -258,6 +258,18 @@ def _load(r: dict) -> str:
     return f"{fmt(r['load_before'])} -> {fmt(r['load_after'])}" if "load_before" in r else "-"
 
 
+def _spec_note(r: dict, ours: dict) -> str:
+    """Speculative decoding's counts of a jaxserve row ('' without speculation)."""
+    if not r.get("spec"):
+        return ""
+    same = "identical to" if r["token_ids"] == ours["token_ids"] else "DIFFERENT from"
+    return (f" Speculation: {r['spec_drafts']} verification steps, {r['spec_draft_tokens']} proposals, "
+            f"{r['spec_accepted']} accepted (acceptance rate "
+            f"{r['spec_accepted'] / max(r['spec_draft_tokens'], 1):.3f}, "
+            f"mean acceptance length {1 + r['spec_accepted'] / max(r['spec_drafts'], 1):.2f} tokens per verification); "
+            f"greedy tokens {same} the first row's.")
+
+
 def table(args, results: list[dict]) -> str:
     ours = next(r for r in results if r["engine"] == "jaxserve")
     ours_tps = ours["tokens"] / ours["elapsed"]
@@ -298,13 +310,7 @@ def table(args, results: list[dict]) -> str:
                          f"{r.get('kv_bytes_per_token')} B per token); KV memory waste {100 * r['waste']:.1f}% (allocated page "
                          f"slots not holding a token, averaged over steps), {r['compiles']} compilations at "
                          f"warm-up ({r['warmup']:.1f} s), {r['new_compiles']} during the run, {r['preemptions']} "
-                         f"preemptions."
-                         + (f" Speculation: {r['spec_drafts']} verification steps, {r['spec_draft_tokens']} proposals, "
-                            f"{r['spec_accepted']} accepted (acceptance rate "
-                            f"{r['spec_accepted'] / max(r['spec_draft_tokens'], 1):.3f}, mean acceptance length "
-                            f"{1 + r['spec_accepted'] / max(r['spec_drafts'], 1):.2f} tokens per verification); "
-                            f"greedy tokens {'identical to' if r['token_ids'] == ours['token_ids'] else 'DIFFERENT from'}"
-                            f" the first row's." if r.get("spec") else ""))
+                         f"preemptions." + _spec_note(r, ours))
         elif r["engine"] == "vllm" and "failed" not in r:
             env = ", ".join(f"{k}={v}" for k, v in r.get("cpu_env", {}).items())
             lines.append(f"- vLLM: torch {r.get('torch_version', '?')}, worker threads on cores "

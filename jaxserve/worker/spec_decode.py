@@ -9,8 +9,8 @@ every other group uses row 0 only. Row j's logits predict the token after input 
 d_{j+1} is checked against row j:
 
     greedy row:    accept d_{j+1} while argmax(row j) == d_{j+1}
-    sampled row:   accept d_{j+1} with probability p_j(d_{j+1}) (the draft distribution of a
-                   proposal is one-hot, so min(1, p / q) = p); at the first rejection sample
+    sampled row:   accept d_{j+1} with probability p_j(d_{j+1}) (n-gram and greedy-draft proposals
+                   are deterministic: q is one-hot, so min(1, p / q) = p); at the first rejection sample
                    from the residual max(0, p_j - onehot(d_{j+1})), renormalised
     all accepted:  the bonus token from row k_g (a plain sample / argmax)
 

@@ -113,7 +113,8 @@ class DraftRunner:
 
     def shapes_to_compile(self, runner) -> list[tuple[str, int]]:
         return ([("draft_propose", r) for r in runner.shapes.row_buckets]
-                + [("draft_body", t) for t in runner.shapes.token_buckets] + [("draft_copy", runner.shapes.max_num_seqs)])
+                + [("draft_body", t) for t in runner.shapes.token_buckets]
+                + [("draft_copy", runner.shapes.max_num_seqs)])
 
     def warm_up(self, runner) -> None:
         """Compiles the draft's programs, and the target's body and verify programs on the device

@@ -185,7 +185,8 @@ def test_structured_and_penalised_requests_decode_exactly_beside_speculating_one
         engine.shutdown()
     assert [completions(o) for o in streamed] == outs["on"]
     # (the counters hold at least what the engine had done when AsyncLLM took it over)
-    for key, name in (("spec_num_draft_tokens", "num_draft_tokens"), ("spec_num_accepted_tokens", "num_accepted_tokens")):
+    for key in ("spec_num_draft_tokens", "spec_num_accepted_tokens"):
+        name = key.removeprefix("spec_")
         value = re.search(rf'jaxserve_spec_decode_{name}_total\{{model_name="[^"]*"\}} ([0-9.]+)', text)
         assert value and float(value.group(1)) >= stats[key]
     assert stats["spec_num_draft_tokens"] > 0
@@ -261,7 +262,8 @@ def two_sample_chi_square_p(a: np.ndarray, b: np.ndarray, cells: int) -> float:
 
 @pytest.mark.parametrize("method, num_samples", [
     pytest.param("ngram", 20_000, marks=pytest.mark.slow), ("ngram", 3_000),
-    pytest.param("draft_model", 20_000, marks=pytest.mark.slow), pytest.param("draft_model", 3_000, marks=pytest.mark.slow)])
+    pytest.param("draft_model", 20_000, marks=pytest.mark.slow),
+    pytest.param("draft_model", 3_000, marks=pytest.mark.slow)])
 def test_sampling_keeps_the_target_distribution(tiny_vocab_dir, method, num_samples):
     cells = TINY_VOCAB ** 3
     off = first_three(tiny_vocab_dir, num_samples, None)
