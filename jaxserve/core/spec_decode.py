@@ -27,11 +27,11 @@ proposals need the tokens of the step before):
                                                   are registered in the prefix cache
 
 Who speculates (this version): a RUNNING sequence with exactly one token to compute (its last
-sampled or last prompt token), not an unforked n > 1 group, without repetition / presence /
-frequency penalties (row j's penalties would need the tokens accepted before it) and without
-structured outputs (its grammar would have to advance through each proposal). Greedy and
-sampled rows (temperature, top-k, top-p, min-p, seeds), logit bias, min_tokens and logprobs
-all speculate. Everything else decodes one token per step in the same verification program.
+sampled or last prompt token), not an unforked n > 1 group, without structured outputs (its
+grammar would have to advance through each proposal on the host). Greedy and sampled rows
+(temperature, top-k, top-p, min-p, seeds), logit bias, min_tokens, logprobs and repetition /
+presence / frequency penalties (row j counts the proposals before it, worker.spec_decode) all
+speculate. Everything else decodes one token per step in the same verification program.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def can_speculate(req: Request) -> bool:
     p = req.params
     return (req.status == RequestStatus.RUNNING and req.num_pending == 0
             and req.num_computed_tokens == req.num_tokens - 1 and not req.samples_group
-            and not p.needs_penalties and p.structured_outputs is None)
+            and p.structured_outputs is None)
 
 
 class Speculator:

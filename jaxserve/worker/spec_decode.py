@@ -15,7 +15,8 @@ d_{j+1} is checked against row j:
     all accepted:  the bonus token from row k_g (a plain sample / argmax)
 
 p_j is exactly the distribution the plain sampler draws from (bias, penalties, token bitmask,
-temperature, top-k, top-p, min-p, in its order), and the plain sample of row j uses the
+temperature, top-k, top-p, min-p, in its order; the penalties of row j count d_1 .. d_j as
+generated, penalize_prefix), and the plain sample of row j uses the
 plain sampler's key for step num_output + j, so a group with k_g = 0 gives the token the
 plain sampler gives. The accept uniform and the residual draw use keys folded from the same
 row key (1 and 2): every key decides at most one event whose outcome is kept, so the output
@@ -71,13 +72,41 @@ class VerifyOutput:
     top_logprobs: jax.Array  # f32[G, C, L]
 
 
+def penalize_prefix(x: jax.Array, biased: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array,
+                    output_counts: jax.Array, prefix: jax.Array) -> jax.Array:
+    """Penalties of the proposals before each row: row j of a group has generated d_1 .. d_j on
+    top of its slot's output counts. x f32[S, V] is penalised with the slot's counts only; the
+    logits of the prefix tokens prefix i32[S, P] (-1 padded) are recomputed from the biased
+    logits with their counts raised (apply_penalties' formula on those entries only)."""
+    penalised = ((md.repetition_penalty != 1.0) | (md.presence_penalty != 0.0) | (md.frequency_penalty != 0.0))
+
+    def on(x):
+        rows = jnp.arange(x.shape[0])[:, None]
+        tok = jnp.maximum(prefix, 0)  # [S, P]
+        added = jnp.sum((prefix[:, :, None] == prefix[:, None, :]) & (prefix[:, None, :] >= 0), -1)  # [S, P]
+        sl = md.row_slots[:, None]
+        counts = (output_counts[sl, tok] + added).astype(jnp.float32)
+        seen = prompt_mask[sl, tok] | (counts > 0)
+        b = biased[rows, tok]
+        r = md.repetition_penalty[:, None]
+        new = jnp.where(seen, jnp.where(b > 0, b / r, b * r), b)
+        new = new - md.frequency_penalty[:, None] * counts - md.presence_penalty[:, None] * (counts > 0)
+        ids = jnp.where(prefix >= 0, prefix, x.shape[-1])  # padding: out of range, dropped
+        return x.at[rows, ids].set(new, mode="drop")
+
+    return lax.cond(jnp.any(penalised & jnp.any(prefix >= 0, -1)), on, lambda x: x, x)
+
+
 def processed_logits(logits: jax.Array, md: SamplingMetadata, prompt_mask: jax.Array, output_counts: jax.Array,
-                     bitmask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                     bitmask: jax.Array | None, prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The plain sampler's stages before its choice (worker.sampler.sample, same order):
     logits f32[S, V] -> (x: biased, penalised, masked f32[S, V]; filtered: x / temperature
-    after top-k, top-p, min-p, -inf outside; greedy rows neutral)."""
-    x = add_logit_bias(logits.astype(jnp.float32), md.bias_token_ids, md.bias_values.astype(jnp.float32))
-    x = _penalize(x, md, prompt_mask, output_counts)
+    after top-k, top-p, min-p, -inf outside; greedy rows neutral). prefix i32[S, P]: each row's
+    proposals before it, counted by the penalties (penalize_prefix)."""
+    biased = add_logit_bias(logits.astype(jnp.float32), md.bias_token_ids, md.bias_values.astype(jnp.float32))
+    x = _penalize(biased, md, prompt_mask, output_counts)
+    if prefix is not None:
+        x = penalize_prefix(x, biased, md, prompt_mask, output_counts, prefix)
     if bitmask is not None:
         x = apply_token_bitmask(x, bitmask)
     greedy = md.temperature < GREEDY_TEMPERATURE_EPS
@@ -160,8 +189,11 @@ def verify_step(graphdef, params, state, hidden: jax.Array, inp: VerifyInputs, *
         frequency_penalty=state.frequency_penalty[sl], seeds=state.seeds[sl],
         sample_index=jnp.repeat(inp.row_sample_index, c), steps=steps, bias_token_ids=state.bias_token_ids[sl],
         bias_values=bias, row_slots=sl, want_logprobs=state.want_logprobs[sl])
+    j = jnp.arange(c)[:, None]  # row j of a group has generated its proposals d_1 .. d_j
+    live = (jnp.arange(k)[None, None, :] < j[None]) & (jnp.arange(k)[None, None, :] < inp.num_draft[:, None, None])
+    prefix = jnp.where(live, inp.draft[:, None, :], -1).reshape(g * c, k)  # [G * C, K]
     x, filtered = processed_logits(raw, md, state.prompt_mask, state.output_counts,
-                                   jnp.repeat(inp.bitmask, c, axis=0))
+                                   jnp.repeat(inp.bitmask, c, axis=0), prefix)
     tokens, num_accepted = accept_tokens(x, filtered, md, inp.draft, inp.num_draft)  # [G, C], [G]
     lp = _logprobs(raw, tokens.reshape(-1), md.want_logprobs, num_logprobs)
     n = state.seq_lens.shape[0]

@@ -96,7 +96,7 @@ def test_a_stop_token_inside_the_run_ends_it_there():
 def test_proposals_fit_the_budget_and_are_dropped_when_pages_run_short():
     sched = scheduler(k=4, budget=3, num_pages=4)  # 3 usable pages: 12 tokens
     req = request("a", [1, 2, 1, 2, 1, 2, 1])
-    pen = request("p", [4, 5, 4], repetition_penalty=1.2)
+    pen = request("p", [4, 5, 4], structured_outputs={"regex": "a+"})
     sched.add_request(req)
     step(sched, {})
     step(sched, {})  # two prefill chunks of 3

@@ -129,15 +129,20 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, method
     assert stats["num_free_pages"] == stats["num_total_pages"]
     assert stats["num_preemptions"] > 0
     assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
-    if method == "draft_model":  # the target as its own draft: (nearly) every proposal is accepted
-        assert stats["spec_num_accepted_tokens"] >= 0.97 * stats["spec_num_draft_tokens"] > 0
+    if method == "draft_model":  # the target as its own draft: (nearly) every proposal of a plain request is
+        # accepted (the draft knows nothing of penalties and min_tokens bans, so there it may miss)
+        plain = [g.metrics for i, g in enumerate(got) if g is not None and g.metrics and i not in abort
+                 and params[i].repetition_penalty == 1.0 and not params[i].min_tokens]
+        proposed = sum(x["spec_num_draft_tokens"] for x in plain)
+        accepted = sum(x["spec_num_accepted_tokens"] for x in plain)
+        assert accepted >= 0.99 * proposed > 0
     else:
         assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
     m = [g.metrics for i, g in enumerate(got) if g is not None and g.metrics]
     assert sum(x["spec_num_accepted_tokens"] for x in m) <= stats["spec_num_accepted_tokens"]
     assert all(0 <= x["spec_acceptance_rate"] <= 1 and 1 <= x["spec_mean_acceptance_length"] <= k + 1 for x in m)
-    # requests with penalties never speculate in this version
-    assert all(got[i].metrics is None for i in range(len(work)) if params[i].repetition_penalty != 1.0)
+    # requests with penalties speculate too (row j's penalties count the proposals before it)
+    assert any(got[i].metrics for i in range(len(work)) if params[i].repetition_penalty != 1.0)
     # Prometheus: the engine totals as counters
     metrics = EngineMetrics("m")
     metrics.rebase({})
@@ -149,14 +154,15 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, method
 
 
 def test_structured_and_penalised_requests_decode_exactly_beside_speculating_ones(model_dir, reference):
-    """Requests that do not speculate (a grammar, penalties, sampling with penalties) run in the
-    verification program with one row each: their outputs are those without speculation."""
+    """Requests with a grammar do not speculate: they run in the verification program with one
+    row each; penalised greedy requests speculate with the proposals counted. Their outputs are
+    those without speculation (the seeded sampled one only where it did not speculate)."""
     work, full, _, _, _ = reference
     prompts = [p for p, _ in work[:12]]
     params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 8 + [
         SamplingParams(max_tokens=12, temperature=0.0, structured_outputs={"regex": "[a-e]{3,8}"}),
         SamplingParams(max_tokens=12, temperature=0.0, structured_outputs={"choice": ["yes", "no way"]}),
-        SamplingParams(max_tokens=12, temperature=0.8, seed=3, presence_penalty=0.5, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5, repetition_penalty=1.2, ignore_eos=True),
         SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=0.7, ignore_eos=True)]
     outs = {}
     for name, cfg in (("off", None), ("on", spec(3))):

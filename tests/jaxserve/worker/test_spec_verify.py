@@ -126,3 +126,36 @@ def test_memory_profile_counts_the_verify_programs_rows(tmp_path):
     plain = profile_step_memory(model, kv, **kw)
     spec = profile_step_memory(model, kv, num_speculative_tokens=4, **kw)
     assert spec.temp_bytes > plain.temp_bytes  # logits of 16 * 5 rows instead of 16
+
+
+def test_penalties_count_the_proposals_before_each_row():
+    """Row j's logits equal the plain sampler's penalties with d_1 .. d_j added to the output
+    counts (numpy oracle of apply_penalties over the whole vocabulary)."""
+    from jaxserve.worker.sampler import add_logit_bias, apply_penalties
+
+    rng = np.random.default_rng(4)
+    s, v, p, n = 24, 40, 4, 3
+    logits = rng.normal(size=(s, v)).astype(np.float32) * 3
+    counts = rng.integers(0, 3, (n, v)).astype(np.int32) * (rng.random((n, v)) < 0.2)
+    prompt = rng.random((n, v)) < 0.3
+    prefix = np.where(rng.random((s, p)) < 0.7, rng.integers(0, 8, (s, p)), -1).astype(np.int32)  # duplicates
+    slots = rng.integers(0, n, s).astype(np.int32)
+    md = dataclasses_replace(metadata(s), repetition_penalty=jnp.asarray(rng.choice([1.0, 1.3], s), jnp.float32),
+                             presence_penalty=jnp.asarray(rng.choice([0.0, 0.4], s), jnp.float32),
+                             frequency_penalty=jnp.asarray(rng.choice([0.0, 0.7], s), jnp.float32),
+                             row_slots=jnp.asarray(slots))
+    x, _ = processed_logits(jnp.asarray(logits), md, jnp.asarray(prompt), jnp.asarray(counts), None,
+                            jnp.asarray(prefix))
+    biased = add_logit_bias(jnp.asarray(logits), md.bias_token_ids, md.bias_values)
+    for r in range(s):
+        row_counts = counts[slots[r]] + np.bincount(prefix[r][prefix[r] >= 0], minlength=v)
+        want = apply_penalties(biased[r:r + 1], jnp.asarray(prompt[slots[r]][None]), jnp.asarray(row_counts[None]),
+                               md.repetition_penalty[r:r + 1], md.presence_penalty[r:r + 1],
+                               md.frequency_penalty[r:r + 1])
+        np.testing.assert_allclose(np.asarray(x[r]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
