@@ -236,7 +236,8 @@ def first_three(path, num_samples: int, speculative_config) -> np.ndarray:
               seq_buckets=[128], max_model_len=64, num_pages=512, max_logprobs=4,
               speculative_config=speculative_config)
     prompt = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]  # every token has an earlier occurrence: always a proposal
-    params = [SamplingParams(max_tokens=3, temperature=0.9, top_k=4, seed=i, ignore_eos=True)
+    # (a presence penalty: the rows after a proposal count it, worker.spec_decode.penalize_prefix)
+    params = [SamplingParams(max_tokens=3, temperature=0.9, top_k=4, presence_penalty=0.8, seed=i, ignore_eos=True)
               for i in range(num_samples)]
     outs = llm.generate([prompt] * num_samples, params, use_tqdm=False)
     tokens = np.array([o.outputs[0].token_ids for o in outs])
