@@ -73,6 +73,9 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters kept read in host memory; None: max_loras
     # How each token's low-rank delta is computed (models.lora_layers): onehot | gather | ragged
     lora_delta_method: str = "onehot"
+    # Speculative decoding (vLLM's speculative_config: a SpeculativeConfig, a mapping or a JSON
+    # string); None: off. See jaxserve/speculative.py.
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -110,6 +113,9 @@ class EngineConfig:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ValueError(f"structured_outputs_compile_timeout_s must be in (0, 3600] seconds, got {timeout!r}")
         self._check_lora()
+        from jaxserve.speculative import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.coerce(self.speculative_config))
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

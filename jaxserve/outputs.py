@@ -40,3 +40,6 @@ class RequestOutput:
     # Set on the final output of a request that failed on its own (an error in processing
     # its outputs): the request is finished (finish_reason "abort"), the engine serves on.
     error: str | None = None
+    # The request's metrics so far (speculative decoding counts over all its samples, see
+    # engine.output_processor.spec_metrics); None when there are none.
+    metrics: dict[str, float] | None = None

@@ -44,12 +44,18 @@ Work = list[tuple[list[int], int]]  # (prompt token ids, output length) per requ
 
 
 def workload(args, vocab: int) -> Work:
+    """--workload random: random token ids; repeat: each prompt is a random 4-16 token phrase
+    repeated to its length (copying / editing text: what n-gram speculation feeds on)."""
     rng = random.Random(args.seed)
     out = []
     for _ in range(args.num_requests):
         p = rng.randint(args.min_prompt, args.max_prompt)
         o = rng.randint(args.min_output, args.max_output)
-        out.append(([rng.randrange(10, vocab) for _ in range(p)], o))
+        if getattr(args, "workload", "random") == "repeat":
+            phrase = [rng.randrange(10, vocab) for _ in range(rng.randint(4, 16))]
+            out.append(((phrase * (p // len(phrase) + 1))[:p], o))
+        else:
+            out.append(([rng.randrange(10, vocab) for _ in range(p)], o))
     return out
 
 
@@ -92,7 +98,9 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        max_model_len=max_model_len,
                                        attention_backend=args.attention_backend,
-                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", None)).items() if v is not None}
+                                       kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                                       speculative_config=getattr(args, "speculative_config", None),
+                                       ).items() if v is not None}
     load_before = load_avg()
     t0 = time.perf_counter()
     llm = LLM(args.model, config=args.config, **overrides)
@@ -117,7 +125,13 @@ def run_jaxserve(args, work: Work, max_model_len: int | None) -> dict:
     if max_model_len is not None and engine.max_model_len != max_model_len:
         print(f"[benchmark] warning: max_model_len {max_model_len} was clamped to the model's "
               f"{engine.max_model_len}", file=sys.stderr)
-    result = dict(name="jaxserve (continuous batching, paged KV)", engine="jaxserve", elapsed=elapsed,
+    spec = cfg.speculative_config
+    name = "jaxserve (continuous batching, paged KV)"
+    if spec is not None:
+        name = f"jaxserve, {spec.method} speculation k={spec.num_speculative_tokens}"
+    result = dict(name=name, engine="jaxserve", elapsed=elapsed, spec=spec is not None,
+                  spec_drafts=stats.get("spec_num_drafts", 0), spec_draft_tokens=stats.get("spec_num_draft_tokens", 0),
+                  spec_accepted=stats.get("spec_num_accepted_tokens", 0),
                   requests=len(work), tokens=sum(len(t) for t in outputs.values()),
                   token_ids=[outputs.get(f"b{i}", []) for i in range(len(work))],
                   max_model_len=engine.max_model_len, dtype=str(np.dtype(engine.dtype)), waste=1 - held / max(slots, 1),
@@ -244,6 +258,18 @@ def _load(r: dict) -> str:
     return f"{fmt(r['load_before'])} -> {fmt(r['load_after'])}" if "load_before" in r else "-"
 
 
+def _spec_note(r: dict, ours: dict) -> str:
+    """Speculative decoding's counts of a jaxserve row ('' without speculation)."""
+    if not r.get("spec"):
+        return ""
+    same = "identical to" if r["token_ids"] == ours["token_ids"] else "DIFFERENT from"
+    return (f" Speculation: {r['spec_drafts']} verification steps, {r['spec_draft_tokens']} proposals, "
+            f"{r['spec_accepted']} accepted (acceptance rate "
+            f"{r['spec_accepted'] / max(r['spec_draft_tokens'], 1):.3f}, "
+            f"mean acceptance length {1 + r['spec_accepted'] / max(r['spec_drafts'], 1):.2f} tokens per verification); "
+            f"greedy tokens {same} the first row's.")
+
+
 def table(args, results: list[dict]) -> str:
     ours = next(r for r in results if r["engine"] == "jaxserve")
     ours_tps = ours["tokens"] / ours["elapsed"]
@@ -253,7 +279,9 @@ def table(args, results: list[dict]) -> str:
         "",
         f"Model: `{ours['model_dir']}` ({ours['dtype']}), config `{args.config}`. Workload: "
         f"{args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, outputs "
-        f"{args.min_output}-{args.max_output} tokens (random token ids, seed {args.seed}, greedy, EOS ignored); "
+        f"{args.min_output}-{args.max_output} tokens ("
+        + ("prompts repeating a random 4-16 token phrase" if args.workload == "repeat" else "random token ids")
+        + f", seed {args.seed}, greedy, EOS ignored); "
         f"every request fits {fits} tokens, so it is the same workload at each max_model_len >= {fits}. "
         + (f"The one-at-a-time baseline ran the first {args.hf_single} requests. "
            if any(r["name"].endswith("one request at a time") for r in results) else "")
@@ -282,7 +310,7 @@ def table(args, results: list[dict]) -> str:
                          f"{r.get('kv_bytes_per_token')} B per token); KV memory waste {100 * r['waste']:.1f}% (allocated page "
                          f"slots not holding a token, averaged over steps), {r['compiles']} compilations at "
                          f"warm-up ({r['warmup']:.1f} s), {r['new_compiles']} during the run, {r['preemptions']} "
-                         f"preemptions.")
+                         f"preemptions." + _spec_note(r, ours))
         elif r["engine"] == "vllm" and "failed" not in r:
             env = ", ".join(f"{k}={v}" for k, v in r.get("cpu_env", {}).items())
             lines.append(f"- vLLM: torch {r.get('torch_version', '?')}, worker threads on cores "
@@ -293,6 +321,9 @@ def table(args, results: list[dict]) -> str:
     runs = [r for r in results if r["engine"] == "jaxserve"]
     for r in runs[1:]:
         ratio = (r["tokens"] / r["elapsed"]) / ours_tps
+        if r.get("spec") and not ours.get("spec"):
+            lines.append(f"- jaxserve output tokens/s with speculation / without: {ratio:.3f}.")
+            continue
         lines.append(f"- jaxserve output tokens/s at max_model_len {r['max_model_len']} / at {ours['max_model_len']}: "
                      f"{ratio:.3f} ({'within' if abs(ratio - 1) <= 0.10 else 'NOT within'} 10%).")
     lines.append("")
@@ -309,6 +340,12 @@ def parse_args(argv):
     parser.add_argument("--attention-backend", default=None, help="default: the config's attention_backend")
     parser.add_argument("--kv-cache-dtype", default=None, help="auto | float32 | bfloat16 | float16 | int8 | fp8_e4m3 "
                         "(default: the config's); scripts/bench_kv_quant.py compares several in one run")
+    parser.add_argument("--speculative-config", default=None,
+                        help="JSON object, vLLM's shape (method, num_speculative_tokens, ...); default: off")
+    parser.add_argument("--compare-speculative", action="store_true",
+                        help="with --speculative-config: a jaxserve run without speculation first (the baseline row)")
+    parser.add_argument("--workload", choices=("random", "repeat"), default="random",
+                        help="repeat: prompts repeat a short phrase (n-gram speculation's case)")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -358,7 +395,12 @@ def main(argv=None) -> int:
     if any(n is not None and n < need for n in lens):
         raise SystemExit(f"--max-model-len {args.max_model_len}: the workload needs max_model_len >= {need} "
                          f"(--max-prompt {args.max_prompt} + --max-output {args.max_output})")
-    results = [run_jaxserve(args, work, n) for n in lens]
+    results = []
+    if args.compare_speculative:
+        if not args.speculative_config:
+            raise SystemExit("--compare-speculative needs --speculative-config")
+        results.append(run_jaxserve(argparse.Namespace(**{**vars(args), "speculative_config": None}), work, lens[0]))
+    results += [run_jaxserve(args, work, n) for n in lens]
     model_dir = results[0]["model_dir"]
     if not args.no_hf:
         model, device = load_hf(model_dir, results[0]["dtype"])

@@ -364,6 +364,23 @@ class KVCacheManager:
         if table:
             self._release(reversed(table[num_null:]))
 
+    def truncate(self, request_id: str, num_tokens: int) -> int:
+        """Keep only the pages that hold the first ``num_tokens`` tokens; the trailing pages
+        return to the pool (tail first). For speculative decoding: the KV slots of rejected
+        proposals are past ``num_tokens`` and are written again by later steps. Registered
+        (prefix-cached) pages are never dropped. Returns how many pages were released."""
+        table = self._table(request_id)
+        keep = -(-num_tokens // self.page_size)
+        if keep < self._num_cached[request_id]:
+            raise ValueError(f"truncate to {num_tokens} tokens would drop {self._num_cached[request_id] - keep} "
+                             "prefix-cached pages")
+        keep = max(keep, self._num_null[request_id])
+        dropped = table[keep:]
+        if dropped:
+            del table[keep:]
+            self._release(reversed(dropped))
+        return len(dropped)
+
     def _release(self, ordered_pages) -> None:
         """free_pages, then drops copy-on-write copies into pages nobody holds any more."""
         freed = set(self.pool.free_pages(ordered_pages))

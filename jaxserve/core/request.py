@@ -61,6 +61,8 @@ class Request:
         self.arrival = time.monotonic() if arrival is None else arrival
         self.lora_request = lora_request  # jaxserve.lora_request.LoRARequest, or None: the base model
         self.lora_slot = 0  # its adapter's device slot while it holds one (engine.lora_manager)
+        # Speculative decoding (core.spec_decode): (verification steps, proposals, accepted proposals).
+        self.spec_counts = (0, 0, 0)
 
     @property
     def prompt_token_ids(self) -> list[int]:

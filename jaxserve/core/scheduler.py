@@ -47,6 +47,7 @@ class ScheduledSeq:
     num_samples: int  # 0: a prefill chunk that does not reach the end; 1; or n (fork group)
     num_new_pages: int  # pages this step added or replaced (copy-on-write), all at or after start's page
     num_null_pages: int = 0  # leading block-table entries that are the null page (slid out of the window)
+    draft_token_ids: tuple[int, ...] = ()  # speculative proposals this step verifies (after its one known token)
 
 
 @dataclasses.dataclass
@@ -67,11 +68,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 long_prompt_threshold: int | None = None, lora=None):
+                 long_prompt_threshold: int | None = None, lora=None, speculator=None):
         """long_prompt_threshold: prompts longer than this compute their KV differently (longrope's
         long factors, models.rope), so their pages are cached apart (salted prefix hashes).
         lora: the engine's LoRAManager (acquire(req) -> bool pins a request's adapter into a
-        device slot, release(req) unpins it), or None without adapters."""
+        device slot, release(req) unpins it), or None without adapters.
+        speculator: a core.spec_decode.Speculator, or None (no speculative decoding)."""
+        self.speculator = speculator
         self.kv = kv
         self.long_prompt_threshold = long_prompt_threshold
         self.max_num_seqs = max_num_seqs
@@ -108,6 +111,7 @@ class Scheduler:
         if self.kv.sliding_window is not None:
             for req in self.running:
                 self.kv.slide_window(req.request_id, req.token_ids, req.num_computed_tokens)
+        proposals = self.speculator.propose(self.running) if self.speculator is not None else {}
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -115,7 +119,15 @@ class Scheduler:
             if n_new <= 0 or req.reaches_length_limit(self.max_model_len):
                 i += 1  # its last token is already on the device: nothing left to compute
                 continue
+            # (one token of the budget stays reserved for each running request after this one)
+            draft = self.speculator.attach(req, proposals.get(req.request_id), budget - (len(self.running) - i - 1),
+                                           self.max_model_len) if proposals else ()
+            n_new += len(draft)
             while (new := self._allocate(req, n_new)) is None:
+                if draft:  # no pages for the proposals: verify none rather than preempt anyone
+                    self.speculator.detach(req, draft)
+                    n_new, draft = n_new - len(draft), ()
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -124,6 +136,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 break  # it preempted itself: everything after it is gone too
             seqs.append(self._scheduled(req, n_new, len(new)))
+            seqs[-1].draft_token_ids = draft
             budget -= n_new
             i += 1
         if not preempted:
@@ -210,6 +223,9 @@ class Scheduler:
             if req.is_finished:  # ended (stop string, abort) while this step was computing:
                 for _ in range(s.num_samples):  # its sampled tokens are dropped
                     next(rows)
+                continue
+            if s.draft_token_ids:  # a verified speculative step: its accepted run (core.spec_decode)
+                touched.append(self.speculator.apply(self, s, next(rows)))
                 continue
             computed = s.start + s.num_new_tokens
             if req.status == RequestStatus.RUNNING:  # a preempted request's pages are gone

@@ -3,6 +3,10 @@
 For each sequence, the longest suffix of n tokens (prompt_lookup_max >= n >= prompt_lookup_min) that
 also occurs earlier in the sequence is matched at its LATEST earlier occurrence, and up to k tokens that
 followed it there are proposed. The loop runs over n (a few values), never over tokens or sequences.
+
+With `wrap`, a continuation that runs into the end of the sequence goes on periodically: a match
+d tokens back means the text repeats with period d, so the token after the end is the one d back
+(a cycle [a b a b] proposes [a b a b ...] up to k instead of stopping after one token).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ def pad_sequences(seqs: list[np.ndarray] | list[list[int]]) -> tuple[np.ndarray,
     return out, lens
 
 
-def propose_ngram(tokens: np.ndarray, lens: np.ndarray, *, k: int, n_min: int, n_max: int
+def propose_ngram(tokens: np.ndarray, lens: np.ndarray, *, k: int, n_min: int, n_max: int, wrap: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
     """tokens [B, L] int32 (entries at or past lens[b] are ignored), lens [B] ->
     proposals [B, k] int32 (-1 past num), num [B] int32 in [0, k] (0: no match)."""
@@ -46,6 +50,9 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, *, k: int, n_min: int, n
         last = (L - n) - np.argmax(match[:, ::-1], axis=-1)  # latest matching start
         best_start = np.where(has, last + n, best_start)
     idx = best_start[:, None] + np.arange(k)[None, :]  # [B, k]
+    if wrap:  # period d = len - best_start: position i >= len reads best_start + (i - best_start) % d
+        period = np.maximum(lens - best_start, 1)[:, None]
+        idx = np.where(idx >= lens[:, None], best_start[:, None] + (idx - best_start[:, None]) % period, idx)
     ok = (best_start[:, None] >= 0) & (idx < lens[:, None])
     props = np.where(ok, tokens[rows[:, None], np.clip(idx, 0, L - 1)], -1).astype(np.int32)
     return props, ok.sum(-1).astype(np.int32)

@@ -27,6 +27,10 @@ Length limits are known ahead, so a request is never scheduled past them. With
 `async_scheduling=False` each step is scheduled only after the previous one was applied;
 outputs are token-identical either way.
 
+Speculative decoding (`speculative_config`, core.spec_decode / worker.spec_decode) runs the
+synchronous loop whatever `async_scheduling` says: a step's proposals are looked up in the
+tokens of the step before, and its length depends on how many of them were accepted.
+
 Not thread-safe: AsyncLLM drives it from one background thread.
 """
 
@@ -46,6 +50,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager, uniform_sliding_window
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler, SchedulerOutput
+from jaxserve.core.spec_decode import Speculator
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
@@ -55,6 +60,7 @@ from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import Placement
 from jaxserve.worker.memory_profile import KVLayout, kv_pages_for, profile_step_memory
 from jaxserve.worker.model_runner import ModelRunner, StepHandle
+from jaxserve.worker.spec_draft import DraftRunner
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.decoder import init_kv_caches, kv_cache_sharding
 from jaxserve.models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
@@ -84,6 +90,9 @@ class LLMEngine:
         """devices: the tensor_parallel_size devices of this engine (default: all visible;
         a data-parallel engine hands each replica its own slice)."""
         self.config = config
+        spec = config.speculative_config
+        # Speculation runs with the synchronous loop: a step's proposals need the tokens of the step before.
+        self.speculator = Speculator(spec) if spec is not None else None
         enable_compilation_cache(config.compilation_cache_dir)
         loaded, devices = self._load(config, devices)
         placement = self.placement
@@ -101,6 +110,7 @@ class LLMEngine:
                         config.max_model_len, mc.max_position_embeddings, self.max_model_len)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        draft = self._load_draft(spec, mc) if spec is not None and spec.method == "draft_model" else None
         kv_dtype = (self.dtype if config.kv_cache_dtype == "auto"
                     else kv_cache_dtype(config.kv_cache_dtype) or resolve_dtype(config.kv_cache_dtype))
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -114,7 +124,13 @@ class LLMEngine:
                            max_num_tokens=config.max_num_batched_tokens)
         log.info("attention backend: %s (attention_backend=%r)", self.attention_backend, config.attention_backend)
         self.shapes = StepShapes(config.token_buckets, config.seq_buckets, config.max_num_seqs)
-        num_pages = config.num_pages or self._pages_from_budget(loaded.model, kv_dtype, max_pages_per_seq, devices[0])
+        draft_page_bytes = 0
+        if draft is not None:  # one device: every cached kv head of the draft there
+            dc = draft.config
+            draft_page_bytes = KVLayout(dc.num_layers, config.page_size, dc.head_dim, np.dtype(draft.dtype).itemsize,
+                                        dc.num_kv_heads, dc.cache_kv_heads, dc.cache_kv_heads, 1).page_bytes
+        num_pages = config.num_pages or self._pages_from_budget(loaded.model, kv_dtype, max_pages_per_seq, devices[0],
+                                                                draft_page_bytes)
         # Pages slide out of the window only when every layer shares one window (Mistral);
         # mixed local/global models (Gemma, Qwen2 max_window_layers) keep all their pages.
         self.kv = KVCacheManager(num_pages, config.page_size, max_pages_per_seq,
@@ -124,13 +140,20 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
-                                   long_prompt_threshold=mc.rope.long_context_threshold, lora=self.lora)
+                                   long_prompt_threshold=mc.rope.long_context_threshold, lora=self.lora,
+                                   speculator=self.speculator)
         self.kv_layout = KVLayout.of(mc, placement, config.page_size, kv_dtype)
         log.info("KV cache (%s): %s", np.dtype(kv_dtype).name, self.kv_layout.describe(num_pages))
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
-            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement)
+            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement,
+            num_speculative_tokens=spec.num_speculative_tokens if spec is not None else 0,
+            draft=None if draft is None else DraftRunner(
+                draft.model, init_kv_caches(draft.config, num_pages, config.page_size, draft.dtype,
+                                            self.draft_placement.kv_sharding),
+                num_speculative_tokens=spec.num_speculative_tokens, page_size=config.page_size,
+                placement=self.draft_placement))
         self.runner.warm_up()
         self.inputs = InputProcessor(self.tokenizer, vocab_size=mc.vocab_size, max_model_len=self.max_model_len,
                                      max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
@@ -207,11 +230,31 @@ class LLMEngine:
         if self.lora is None:
             raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora)")
 
-    def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device) -> int:
+    def _load_draft(self, spec, mc: ModelConfig):
+        """The draft model of speculative_config.method 'draft_model', checked against the target."""
+        if self.placement.size > 1:
+            raise ValueError("speculative_config.method 'draft_model' runs on one device only "
+                             f"(tensor_parallel_size 1), got {self.placement.size}")
+        dc = ModelConfig.from_hf(read_hf_config(resolve_model_dir(spec.model)))
+        # the target's (one-device) mesh and rules: its arrays and programs are placed like the target's
+        self.draft_placement = dp = Placement(self.placement.mesh, self.config.mesh.rule_table, dc)
+        draft = load_model(spec.model, dtype=spec.dtype, attention_backend=self.config.attention_backend,
+                           sharding_fn=dp.sharding, mesh=dp.mesh, kv_head_replicas=dp.kv_head_replicas,
+                           expert_parallel=dp.expert_parallel)
+        if draft.config.vocab_size != mc.vocab_size:
+            raise ValueError(f"speculative_config.model: the draft's vocab_size {draft.config.vocab_size} differs "
+                             f"from the target's {mc.vocab_size}")
+        if draft.config.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"speculative_config.model: the draft's max_position_embeddings "
+                             f"{draft.config.max_position_embeddings} is below max_model_len {self.max_model_len}")
+        return draft
+
+    def _pages_from_budget(self, model, kv_dtype, max_pages_per_seq: int, device, draft_page_bytes: int = 0) -> int:
         """Pages from kv_cache_memory_bytes, or from the device's free memory less what the
-        largest step needs besides the KV cache (a profile of its compiled programs)."""
+        largest step needs besides the KV cache (a profile of its compiled programs).
+        draft_page_bytes: a draft model's page of the same index (its cache has as many pages)."""
         mc, cfg = self.model_config, self.config
-        page_bytes = KVLayout.of(mc, self.placement, cfg.page_size, kv_dtype).page_bytes  # per device
+        page_bytes = KVLayout.of(mc, self.placement, cfg.page_size, kv_dtype).page_bytes + draft_page_bytes
         useful = cfg.max_num_seqs * max_pages_per_seq + 1  # more pages than this can never be used
         stats = device.memory_stats() or {}
         if cfg.kv_cache_memory_bytes is not None or "bytes_limit" not in stats:
@@ -223,7 +266,9 @@ class LLMEngine:
                                 shape, kv_cache_sharding(self.placement.kv_sharding, shape))
             step = profile_step_memory(model, spec, shapes=self.shapes, page_size=cfg.page_size,
                                        max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
-                                       placement=self.placement)
+                                       placement=self.placement,
+                                       num_speculative_tokens=(cfg.speculative_config.num_speculative_tokens
+                                                               if cfg.speculative_config is not None else 0))
             budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             num_pages = kv_pages_for(budget, memory_fraction=cfg.memory_fraction, step=step, page_bytes=page_bytes,
                                      useful_pages=useful)
@@ -310,7 +355,7 @@ class LLMEngine:
         """Applies the dispatched steps but the one `begin_step` just queued (overlapped), or
         all of them (synchronous, or when nothing new was scheduled: then every request is
         waiting for tokens still in flight)."""
-        keep = 1 if self.config.async_scheduling and self._dispatched else 0
+        keep = 1 if self.config.async_scheduling and self._dispatched and self.speculator is None else 0
         outputs: list[RequestOutput] = []
         for touched in self._updated:
             outputs += self._process(touched)
@@ -324,8 +369,10 @@ class LLMEngine:
 
     def _update(self, out: SchedulerOutput, handle: StepHandle) -> list[Request]:
         """Step N's tokens into the scheduler; returns the requests it touched."""
-        tokens, logprobs = self.runner.collect(handle)
         self.num_computed_tokens += out.num_tokens
+        if self.runner.spec is not None:
+            return self.scheduler.update(out, self._verified_rows(out, handle), self.outputs.make_child)
+        tokens, logprobs = self.runner.collect(handle)
         sampled = []
         rows = [(s.request, s.num_samples) for s in out.seqs if s.num_samples]
         i = 0
@@ -338,6 +385,20 @@ class LLMEngine:
                 sampled.append((int(tokens[i]), lp))
                 i += 1
         return self.scheduler.update(out, sampled, self.outputs.make_child)
+
+    def _verified_rows(self, out: SchedulerOutput, handle) -> list:
+        """Per sample row of a verified step: (token, logprobs), or the emitted run [(token,
+        logprobs), ...] of a speculating sequence; top logprobs cut to each request's count."""
+        runs = self.runner.spec.collect(handle)
+        rows = []
+        i = 0
+        for s in out.seqs:
+            k = s.request.params.logprobs
+            for _ in range(s.num_samples):
+                run = [(t, None if lp is None or k is None else (lp[0], lp[1][:k], lp[2][:k])) for t, lp in runs[i]]
+                rows.append(run if s.draft_token_ids else run[0])
+                i += 1
+        return rows
 
     def _process(self, touched: list[Request]) -> list[RequestOutput]:
         # A failure in one request's output processing finishes that request with an error
@@ -357,4 +418,13 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             **(self.lora.stats() if self.lora is not None else {}),
+            **self._spec_stats(),
         }
+
+    def _spec_stats(self) -> dict[str, int]:
+        """Speculative decoding totals since start (absent when speculation is off)."""
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return {"spec_num_drafts": sp.num_drafts, "spec_num_draft_tokens": sp.num_draft_tokens,
+                "spec_num_accepted_tokens": sp.num_accepted_tokens}

@@ -50,7 +50,16 @@ class EngineMetrics:
         self.prefix_hits = counter("jaxserve_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache")
         self.prefix_queries = counter("jaxserve_prefix_cache_query_tokens",
                                       "Prompt tokens looked up in the prefix cache")
-        self._totals = {"num_preemptions": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_query_tokens": 0}
+        # Speculative decoding (vLLM's spec_decode counters; acceptance rate = rate(accepted) /
+        # rate(draft_tokens), mean acceptance length = 1 + rate(accepted) / rate(drafts)); they stay 0 when it is off.
+        self.spec_drafts = counter("jaxserve_spec_decode_num_drafts", "Verification steps of speculating sequences")
+        self.spec_draft_tokens = counter("jaxserve_spec_decode_num_draft_tokens", "Proposed tokens verified")
+        self.spec_accepted = counter("jaxserve_spec_decode_num_accepted_tokens", "Proposed tokens accepted")
+        self._counters = (("num_preemptions", self.preemptions), ("prefix_cache_hit_tokens", self.prefix_hits),
+                          ("prefix_cache_query_tokens", self.prefix_queries), ("spec_num_drafts", self.spec_drafts),
+                          ("spec_num_draft_tokens", self.spec_draft_tokens),
+                          ("spec_num_accepted_tokens", self.spec_accepted))
+        self._totals = {key: 0 for key, _ in self._counters}
         # Requests a front end refused (HTTP 4xx / 503, gRPC INVALID_ARGUMENT, UNAUTHENTICATED,
         # RESOURCE_EXHAUSTED, UNAVAILABLE), before or by the engine: _total{reason=...}
         self.model_name = model_name
@@ -60,7 +69,7 @@ class EngineMetrics:
     def rebase(self, stats: dict) -> None:
         """From now on the engine totals count from `stats` (what the warm-up did is not counted)."""
         for key in self._totals:
-            self._totals[key] = stats[key]
+            self._totals[key] = stats.get(key, 0)
 
     def request_finished(self, status: str, arrival: float) -> None:
         self.requests.labels(status=status, **self._labels).inc()
@@ -72,9 +81,8 @@ class EngineMetrics:
         self.kv_pages_used.set(stats["num_total_pages"] - stats["num_free_pages"])
         self.kv_pages_total.set(stats["num_total_pages"])
         self.compile_count.set(stats["compile_count"])
-        for key, counter in (("num_preemptions", self.preemptions), ("prefix_cache_hit_tokens", self.prefix_hits),
-                             ("prefix_cache_query_tokens", self.prefix_queries)):
-            new = stats[key] - self._totals[key]
+        for key, counter in self._counters:
+            new = stats.get(key, 0) - self._totals[key]
             if new > 0:
                 counter.inc(new)
                 self._totals[key] = stats[key]

@@ -20,6 +20,18 @@ from jaxserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def spec_metrics(counts: dict[int, tuple[int, int, int]]) -> dict[str, float] | None:
+    """Speculative decoding counts of a request (sample index -> Request.spec_counts, summed
+    over its samples), None when it never verified proposals:
+    verification steps, proposals, accepted proposals, acceptance rate (accepted / proposed) and
+    mean acceptance length (tokens per verification step, the bonus token included: vLLM's)."""
+    drafts, proposed, accepted = (sum(c[i] for c in counts.values()) for i in range(3))
+    if not drafts:
+        return None
+    return {"spec_num_drafts": drafts, "spec_num_draft_tokens": proposed, "spec_num_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / proposed, "spec_mean_acceptance_length": 1 + accepted / drafts}
+
+
 def child_request_id(parent_id: str, k: int) -> str:
     """Request id of sample k >= 1 of an n > 1 request."""
     return f"{parent_id}#{k}"
@@ -34,6 +46,7 @@ class _Group:
     params: SamplingParams
     detokenizers: dict[int, IncrementalDetokenizer]
     num_finished: int = 0
+    spec_counts: dict[int, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # per sample
 
     @property
     def finished(self) -> bool:
@@ -98,25 +111,39 @@ class OutputProcessor:
     def _output(self, req: Request, finish) -> RequestOutput:
         group = self.groups[req.parent_id]
         detok = group.detokenizers[req.sample_index]
-        token = req.token_ids[-1]
+        # The tokens since the last delta: one, or a speculative step's accepted run.
+        new = req.output_token_ids[len(detok.token_ids):]
         # The EOS or stop token that ended the request is not part of the text (as vLLM).
         ended_by_token = req.is_finished and req.status == RequestStatus.FINISHED_STOPPED
-        text = "" if ended_by_token else detok.append([token])
-        if detok.stop_reason is not None and not req.is_finished:
+        before = len(detok.token_ids)
+        text = detok.append(new[:-1] if ended_by_token else new)
+        dropped = len(new) - (len(detok.token_ids) - before)  # tokens after the one that completed a stop string
+        if detok.stop_reason is not None and (dropped or not req.is_finished):
+            if dropped:  # a stop string ended inside a speculative run: its later tokens never were
+                del req.token_ids[-dropped:]
+                new = new[:-dropped]
+                if req.params.logprobs is not None:
+                    del req.logprobs[-dropped:]
             req.stop_reason = detok.stop_reason
-            finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:  # by a later token of the run (length, EOS, stop token): the string came first
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                finish(req, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             text += detok.flush()
             group.num_finished += 1
         logprobs = None
         if req.params.logprobs is not None and req.logprobs:
-            sampled_lp, ids, lps = req.logprobs[-1]
-            entry = {i: Logprob(lp, rank=r + 1) for r, (i, lp) in enumerate(zip(ids, lps))}
-            entry.setdefault(token, Logprob(sampled_lp))
-            logprobs = [entry]
-        completion = CompletionOutput(req.sample_index, text, [token], logprobs, req.status.finish_reason,
+            logprobs = []
+            for token, (sampled_lp, ids, lps) in zip(new, req.logprobs[-len(new):]):
+                entry = {i: Logprob(lp, rank=r + 1) for r, (i, lp) in enumerate(zip(ids, lps))}
+                entry.setdefault(token, Logprob(sampled_lp))
+                logprobs.append(entry)
+        if req.spec_counts[0]:
+            group.spec_counts[req.sample_index] = req.spec_counts
+        completion = CompletionOutput(req.sample_index, text, list(new), logprobs, req.status.finish_reason,
                                       req.stop_reason)
         if group.finished:
             del self.groups[req.parent_id]
         return RequestOutput(req.parent_id, group.prompt, group.prompt_token_ids, [completion], group.finished,
-                             req.num_cached_prompt_tokens)
+                             req.num_cached_prompt_tokens, metrics=spec_metrics(group.spec_counts))

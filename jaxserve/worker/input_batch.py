@@ -105,7 +105,8 @@ class BodyInputs:
     cu_q_lens: jax.Array  # i32[S + 1]
     seq_slots: jax.Array  # i32[S]   padding sequences -> PAD_SLOT
     num_seqs: jax.Array  # i32[1]
-    logits_rows: jax.Array  # i32[max_num_seqs]  flat-batch row of each sample row
+    logits_rows: jax.Array  # i32[max_num_seqs * C]  flat-batch row of each sample row (C rows per sample
+    #                         row with speculative decoding, worker.spec_decode; C = 1 without)
 
 
 @jax.tree_util.register_dataclass
@@ -186,6 +187,7 @@ class InputBatch:
         self._num_null = [0] * self.num_slots  # leading null block-table entries on the device
         self._free = list(range(self.max_num_seqs - 1, -1, -1))  # pop() hands out low slots first
         self.assignment_buckets = tuple(sorted({min(16, self.max_num_seqs), self.max_num_seqs}))
+        self.group_size = 1  # C: logits rows per sample row (1 + num_speculative_tokens when speculating)
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Frees the slots of requests whose pages the scheduler released. A step still on
@@ -221,7 +223,7 @@ class InputBatch:
             known = min(end, req.num_tokens)
             ids += req.token_ids[s.start:known]
             if end > known:  # placeholders: the device feeds the tokens its last step sampled
-                ids += [-1] * (end - known)
+                ids += list(s.draft_token_ids) or [-1] * (end - known)  # (or the proposals it verifies)
             if s.num_samples:
                 want_logprobs |= req.params.logprobs is not None
                 row_slots += [slot] * s.num_samples
@@ -310,10 +312,14 @@ class InputBatch:
         cu = np.full(s + 1, out.num_tokens, np.int32)
         cu[0] = 0
         np.cumsum(q_lens, out=cu[1:n + 1])
-        rows = np.zeros(self.max_num_seqs, np.int32)
+        c = self.group_size
+        rows = np.zeros(self.max_num_seqs * c, np.int32)
         samples = np.fromiter((q.num_samples for q in out.seqs), np.int32, n)
-        last = np.repeat(cu[1:n + 1] - 1, samples)
-        rows[:len(last)] = last
+        drafts = np.fromiter((len(q.draft_token_ids) for q in out.seqs), np.int32, n)
+        # Group of C rows per sample row: the chunk's last 1 + k tokens (k proposals), then repeats.
+        first = np.repeat(cu[1:n + 1] - 1 - drafts, samples)
+        span = np.repeat(drafts, samples)
+        rows[:len(first) * c] = (first[:, None] + np.minimum(np.arange(c)[None, :], span[:, None])).reshape(-1)
         return BodyInputs(host_ids, cu, self._pad(seq_slots, s, self.pad_slot), np.asarray([n], np.int32), rows)
 
     @staticmethod

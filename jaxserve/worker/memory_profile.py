@@ -28,6 +28,7 @@ from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
 from jaxserve.models.lora_layers import lora_paths
+from jaxserve.worker.spec_decode import SpecVerifier
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class StepMemory:
 
 
 def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, max_pages_per_seq: int,
-                        num_logprobs: int, placement=None) -> StepMemory:
-    """kv_spec: a pytree of jax.ShapeDtypeStruct like the KV cache (any page count)."""
+                        num_logprobs: int, placement=None, num_speculative_tokens: int = 0) -> StepMemory:
+    """kv_spec: a pytree of jax.ShapeDtypeStruct like the KV cache (any page count).
+    num_speculative_tokens K > 0: the verify program (K + 1 logits rows per row) replaces the sampler."""
     graphdef, params = nnx.split(model)
     state = init_slot_state(shapes.max_num_seqs + 1, max_pages_per_seq, model.cfg.vocab_size)
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(state))
@@ -55,17 +57,25 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
     s, r = shapes.seqs(t), shapes.row_buckets[-1]
     body_in = jax.tree.map(abstract, BodyInputs(np.zeros(t, np.int32), np.zeros(s + 1, np.int32),
                                                 np.zeros(s, np.int32), np.zeros(1, np.int32),
-                                                np.zeros(shapes.max_num_seqs, np.int32)))
+                                                np.zeros(shapes.max_num_seqs * (num_speculative_tokens + 1),
+                                                         np.int32)))
     lora = bool(lora_paths(params))  # a model with LoRA slots profiles the step that computes the deltas
     body = jax.jit(functools.partial(_body, graphdef, page_size=page_size, lora=lora), donate_argnums=(1, 2))
     cells = jax.tree.map(abstract, Cells(*(np.zeros(CELL_BUCKET, np.int32) for _ in range(4))))
     body_c = body.lower(params, kv_spec, state, body_in, cells).compile()
-    hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs, model.cfg.hidden_size), model.dtype, sharding=rep)
+    hidden = jax.ShapeDtypeStruct((shapes.max_num_seqs * (num_speculative_tokens + 1), model.cfg.hidden_size),
+                                  model.dtype, sharding=rep)
     sample_in = jax.tree.map(abstract, SampleInputs(np.zeros(r, np.int32), np.zeros(r, np.int32),
                                                     np.zeros(r, np.bool_),
                                                     allow_all(r, -(-model.cfg.vocab_size // 32))))
-    sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
-    sample_c = sampler.lower(params, state, hidden, sample_in).compile()
+    if num_speculative_tokens:
+        verifier = SpecVerifier(graphdef, num_speculative_tokens=num_speculative_tokens, num_logprobs=num_logprobs)
+        verify_in = verifier.inputs(np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.bool_),
+                                    allow_all(r, -(-model.cfg.vocab_size // 32)), [])
+        sample_c = verifier.jit.lower(params, state, hidden, jax.tree.map(abstract, verify_in)).compile()
+    else:
+        sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
+        sample_c = sampler.lower(params, state, hidden, sample_in).compile()
     temps = [_temp_bytes(c) for c in (body_c, sample_c)]
     log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s of temporaries, slot state %.1f MiB",
              t, _mib(temps[0]), r, _mib(temps[1]), state_bytes / 2**20)

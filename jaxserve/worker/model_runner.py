@@ -46,6 +46,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
 from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.lora_slots import LoRAWriter, token_lora_slots
 from jaxserve.worker.sampler import SamplingMetadata, sample
+from jaxserve.worker.spec_decode import SpecVerifier
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
 
@@ -109,7 +110,10 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
-                 block_table_fn, max_logprobs: int, placement=None):
+                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0, draft=None):
+        """num_speculative_tokens K > 0: every step samples through worker.spec_decode's verify
+        program (K + 1 logits rows per sample row) instead of sample(R); draft: a
+        worker.spec_draft.DraftRunner that proposes on the device (method draft_model)."""
         self.graphdef, self.params = nnx.split(model)
         self.lora = LoRAWriter.for_params(self.params)  # None unless the model has LoRA slots
         self.kv_caches = kv_caches
@@ -151,6 +155,15 @@ class ModelRunner:
                              **(dict(out_shardings=kv_out) if kv_out else {}))
         self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
         self._programs += (self.lora.program,) if self.lora is not None else ()
+        self.spec = None
+        if num_speculative_tokens:
+            self.batch.group_size = num_speculative_tokens + 1
+            self.spec = SpecVerifier(g, num_speculative_tokens=num_speculative_tokens, num_logprobs=self.num_logprobs,
+                                     out_shardings=None if rep is None else (rep, rep))
+            self._programs += (self.spec.jit,)
+        self.draft = draft
+        if draft is not None:
+            self._programs += draft.programs
 
     @property
     def compile_count(self) -> int:
@@ -158,9 +171,13 @@ class ModelRunner:
 
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
-        return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
+        programs = self.shapes.programs()
+        if self.spec is not None:  # verify(R) replaces sample(R)
+            programs = [("verify" if name == "sample" else name, k) for name, k in programs]
+        return (programs + [("assign", k) for k in self.batch.assignment_buckets]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)]
-                + ([("lora_write", 1)] if self.lora is not None else []))
+                + ([("lora_write", 1)] if self.lora is not None else [])
+                + (self.draft.shapes_to_compile(self) if self.draft is not None else []))
 
     def warm_up(self) -> None:
         start = time.perf_counter()
@@ -170,16 +187,23 @@ class ModelRunner:
                  [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
         n, oob = self.batch.num_slots, self.batch.num_slots
         for name, k in programs:
+            if name.startswith("draft_") or (self.draft is not None and name in ("body", "verify")):
+                continue  # the draft's warm-up, below, compiles these on its device inputs
             if name == "body":
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
-                                 np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
+                                 np.zeros(1, np.int32),
+                                 np.zeros(self.shapes.max_num_seqs * self.batch.group_size, np.int32))
                 self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
                                                                 _no_cells())
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
                                    self._allow_all[k])
                 self.state, out = self._sample(self.params, self.state, hidden, inp)
+            elif name == "verify":
+                inp = self.spec.inputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
+                                       self._allow_all[k], [])
+                self.state, out = self.spec.jit(self.params, self.state, hidden, inp)
             elif name == "assign":
                 cols = {c: np.full(k, pad, dt) for c, (dt, pad) in SLOT_COLUMNS.items()}
                 a = SlotAssignment(np.full(k, oob, np.int32), cols, np.full((k, MAX_BIAS_ENTRIES), -1, np.int32),
@@ -195,7 +219,10 @@ class ModelRunner:
             else:
                 zeros = np.zeros(k, np.int32)  # copies the null page onto itself
                 self.kv_caches = self._copy(self.kv_caches, zeros, zeros)
-        jax.block_until_ready((self.state, out.token_ids))
+        if self.draft is not None:
+            self.draft.warm_up(self)
+        else:
+            jax.block_until_ready((self.state, out.token_ids))
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
     def dispatch(self, out: SchedulerOutput, bitmask=None) -> StepHandle:
@@ -205,6 +232,8 @@ class ModelRunner:
         bitmask: None, or a callable (padded row count R) -> int32[R, mask_words], called
         after the body is queued, so the host computes the mask while the body runs."""
         plan = self.batch.prepare(out)
+        if self.draft is not None:  # the draft proposes on the device first (worker.spec_draft)
+            return self.draft.dispatch(self, plan, out, bitmask)
         for rows in plan.resets:
             self.state = self._reset(self.state, rows)
         if plan.assignment is not None:
@@ -222,6 +251,13 @@ class ModelRunner:
         mask = self._allow_all[r]
         if bitmask is not None:
             mask = jax.device_put(bitmask(r), self._mask_placement)
+        if self.spec is not None:
+            drafts = [s.draft_token_ids for s in out.seqs for _ in range(s.num_samples)]
+            inp = self.spec.inputs(plan.sample.row_slots, plan.sample.row_sample_index, plan.sample.row_owner, mask,
+                                   drafts)
+            self.state, handle = self.spec.dispatch(self.params, self.state, hidden, inp, plan.num_rows,
+                                                    plan.want_logprobs)
+            return handle
         self.state, result = self._sample(self.params, self.state, hidden,
                                           dataclasses.replace(plan.sample, bitmask=mask))
         result.token_ids.copy_to_host_async()
