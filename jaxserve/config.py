@@ -21,6 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The KV cache also takes 8-bit pages with a scale per token and kv head (pallas_kernels.kv_quant);
 # vLLM's "fp8" is e4m3 and is stored as "fp8_e4m3".
 KV_CACHE_DTYPES = DTYPES + ("int8", "fp8_e4m3", "fp8")
+QUANTIZATIONS = ("int8", "fp8")  # weight quantization (models.quantization); fp8 is e4m3
 
 
 def _power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -65,6 +66,10 @@ class EngineConfig:
     # than this to compile is refused (a 400 / INVALID_ARGUMENT); compiles run in their own
     # threads, so a slow one never holds up other requests.
     structured_outputs_compile_timeout_s: float = 10.0
+    # Weight quantization (vLLM's name): None (the checkpoint's weights in `dtype`), "int8" or "fp8"
+    # (e4m3): the decoder layers' q/k/v/o/gate/up/down projections stored in 8 bits with a float32
+    # scale per output channel, quantized at load (models.quantize_weights).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -101,6 +106,9 @@ class EngineConfig:
         timeout = self.structured_outputs_compile_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ValueError(f"structured_outputs_compile_timeout_s must be in (0, 3600] seconds, got {timeout!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or null for none), "
+                             f"got {self.quantization!r}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

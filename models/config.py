@@ -79,6 +79,10 @@ class ModelConfig:
     # Expert parallelism: the experts are split over this many devices of the model axis, whole
     # experts per device (jaxserve.sharding.Placement.expert_parallel); never read from a HF config.
     expert_parallel: int = 1
+    # Weight quantization of the decoder layers' projections (models.quantization): None, "int8" or
+    # "fp8" (e4m3); per-output-channel scales beside the weights. Set by the loader (the engine's
+    # `quantization`), never read from a HF config's fields.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -117,6 +121,8 @@ class ModelConfig:
         if self.sliding_rope is not None:
             self.sliding_rope.rotary_dim(self.head_dim)
         self._check_experts()
+        if self.quantization is not None and self.quantization not in ("int8", "fp8"):
+            raise ModelConfigError(f"quantization must be None, 'int8' or 'fp8', got {self.quantization!r}")
 
     def _check_experts(self) -> None:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):

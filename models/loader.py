@@ -34,6 +34,7 @@ from jaxserve.models.decoder import CausalLM
 from jaxserve.models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model_name, weight_specs
 from jaxserve.models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from jaxserve.models.orbax_state import restore_state
+from jaxserve.models import quantize_weights
 
 __all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
            "resolve_model_dir"]
@@ -69,20 +70,28 @@ def load_model(
     mesh=None,
     kv_head_replicas: int = 1,
     expert_parallel: int = 1,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory.
     With `sharding_fn`, each tensor goes straight to its shards; `mesh` tells the model how to
     run a Pallas attention kernel on it; `kv_head_replicas` copies each kv head that many times
     (jaxserve.sharding.Placement.kv_head_replicas; the returned config carries it);
     `expert_parallel` splits a mixture of experts' experts over that many devices of `mesh`
-    (Placement.expert_parallel)."""
+    (Placement.expert_parallel); `quantization` ("int8" | "fp8") quantizes the decoder layers'
+    projections per output channel (models.quantize_weights)."""
     model_dir = resolve_model_dir(model)
     cfg = dataclasses.replace(ModelConfig.from_hf(read_hf_config(model_dir)), kv_head_replicas=kv_head_replicas,
-                              expert_parallel=expert_parallel)
+                              expert_parallel=expert_parallel, quantization=quantization)
+    quantize_weights.check_supported(cfg)
     jdtype = resolve_dtype(dtype, cfg)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh))
     graphdef, state = nnx.split(abstract)
-    if is_orbax_checkpoint(model_dir):
+    if is_orbax_checkpoint(model_dir) and quantization is not None:  # saved unquantized: restore, then quantize
+        plain_cfg = dataclasses.replace(cfg, quantization=None)
+        _, plain = nnx.split(nnx.eval_shape(lambda: CausalLM(plain_cfg, dtype=jdtype)))
+        plain = _restore_orbax(model_dir, plain_cfg, plain, jdtype, sharding_fn)
+        state = quantize_weights.quantize_state(cfg, plain, state, sharding_fn)
+    elif is_orbax_checkpoint(model_dir):
         state = _restore_orbax(model_dir, cfg, state, jdtype, sharding_fn)
     else:
         state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn)
@@ -145,19 +154,21 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.hf_shape} "
                 f"from config.json ({cfg.model_type})"
             )
-        var = variables[spec.path]
-        axes = var.get_metadata().get("out_sharding")
-        value = spec.transform(tensor).astype(dtype)
+        axes = variables[spec.path].get_metadata().get("out_sharding")
+        value = spec.transform(tensor)
         if cfg.kv_head_replicas > 1 and axes is not None and "kv_heads" in axes:
             axis = axes.index("kv_heads") - (spec.layer is not None)  # the tensor has no layers axis
             value = np.repeat(value, cfg.kv_head_replicas, axis=axis)
-        if spec.layer is None:
-            var.set_value(place(value, axes, sharding_fn))
-        else:
-            if spec.path not in stacked:
-                stacked[spec.path] = _zeros(var.get_value(), dtype, axes, sharding_fn)
-            layer = place(value, None if axes is None else axes[len(axes) - value.ndim:], sharding_fn)
-            stacked[spec.path] = _set_layer(stacked[spec.path], layer, (spec.layer, *spec.offset))
+        for path, part in quantize_weights.prepare(cfg, spec.path, value, dtype):  # cast, or values + scale
+            var = variables[path]
+            axes = var.get_metadata().get("out_sharding")
+            if spec.layer is None:
+                var.set_value(place(part, axes, sharding_fn))
+                continue
+            if path not in stacked:
+                stacked[path] = _zeros(var.get_value(), part.dtype, axes, sharding_fn)
+            layer = place(part, None if axes is None else axes[len(axes) - part.ndim:], sharding_fn)
+            stacked[path] = _set_layer(stacked[path], layer, (spec.layer, *spec.offset))
         loaded.add(name)
         loaded.update(spec.covers)
     missing = sorted(n for n, spec in specs.items() if not spec.covers and n not in loaded)

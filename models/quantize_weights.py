@@ -1,0 +1,87 @@
+"""Quantizing a model's weights at load (EngineConfig.quantization: int8 | fp8).
+
+The loader hands every tensor through `prepare` after transforming it to our layout: a tensor
+of a quantized projection (models.quantization.QUANTIZED_WEIGHTS, in a decoder layer) becomes
+two, its int8 / e4m3 values and their float32 per-output-channel scale (the `<name>_scale`
+parameter beside it), quantized from the checkpoint's values in float32; everything else is cast
+to the model dtype as before. An Orbax checkpoint (saved unquantized) is restored unquantized and
+quantized on its devices (`quantize_state`). Embeddings, norms, biases and the LM head stay in
+the model dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.quantization import QUANTIZED_WEIGHTS, quantize
+
+Path = tuple
+
+
+def is_quantized_path(cfg: ModelConfig, path: Path) -> bool:
+    """A decoder layer's projection under cfg.quantization."""
+    return cfg.quantization is not None and path[0] == "layers" and path[-1] in QUANTIZED_WEIGHTS
+
+
+def scale_path(path: Path) -> Path:
+    return (*path[:-1], f"{path[-1]}_scale")
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuses what quantization does not cover yet: a mixture of experts' expert weights."""
+    if cfg.quantization is not None and cfg.num_experts:
+        raise ValueError(f"quantization={cfg.quantization!r} is not supported for mixture-of-experts models yet "
+                         f"({cfg.model_type}, {cfg.num_experts} experts); use quantization=None")
+
+
+def prepare(cfg: ModelConfig, path: Path, value: np.ndarray, dtype) -> list[tuple[Path, jax.Array | np.ndarray]]:
+    """One tensor in our layout (one layer's slice for a stacked parameter) -> the (path, value)
+    pairs to store: [(path, value cast to dtype)], or for a quantized projection
+    [(path, int8 / e4m3 values), (path + "_scale", float32 scale)], quantized on the default device."""
+    if not is_quantized_path(cfg, path):
+        return [(path, value.astype(dtype))]
+    q, scale = quantize(np.asarray(value, np.float32), QUANTIZED_WEIGHTS[path[-1]], cfg.quantization)
+    return [(path, q), (scale_path(path), scale)]
+
+
+def quantize_state(cfg: ModelConfig, plain: nnx.State, target: nnx.State, sharding_fn) -> nnx.State:
+    """`target` (the quantized model's abstract state) filled from `plain`, the same model's
+    unquantized state (restored from Orbax, layer-stacked): each projection [L, ...] is quantized
+    on its devices (contracted axes shifted by the layers axis) into its target shardings."""
+    values = {path: var.get_value() for path, var in nnx.to_flat_state(plain)}
+    flat = nnx.to_flat_state(target)
+    variables = dict(flat)
+    for path, var in flat:
+        if path[-1].endswith("_scale") and path[-1][:-6] in QUANTIZED_WEIGHTS:
+            continue  # filled with its weight
+        if not is_quantized_path(cfg, path):
+            var.set_value(values[path])
+            continue
+        contract = tuple(a + 1 for a in QUANTIZED_WEIGHTS[path[-1]])  # [L, ...]: axis 0 is the layers axis
+        shardings = tuple(_sharding(variables[p], sharding_fn) for p in (path, scale_path(path)))
+        fn = jax.jit(lambda w, c=contract: quantize(w, c, cfg.quantization),
+                     out_shardings=shardings if None not in shardings else None)
+        q, scale = fn(values[path])
+        var.set_value(q)
+        variables[scale_path(path)].set_value(scale)
+    return nnx.from_flat_state(flat)
+
+
+def _sharding(var, sharding_fn):
+    axes = var.get_metadata().get("out_sharding")
+    return sharding_fn(tuple(axes)) if sharding_fn is not None and axes is not None else None
+
+
+def param_bytes(state: nnx.State) -> tuple[int, int]:
+    """(bytes of every parameter, the most any one device holds): the model's size on its devices."""
+    total, per_device = 0, {}
+    for _, var in nnx.to_flat_state(state):
+        a = var.get_value()
+        total += a.size * jnp.dtype(a.dtype).itemsize
+        for shard in getattr(a, "addressable_shards", ()):
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return total, max(per_device.values(), default=total)
