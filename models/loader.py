@@ -34,7 +34,8 @@ from jaxserve.models.decoder import CausalLM
 from jaxserve.models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model_name, weight_specs
 from jaxserve.models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from jaxserve.models.orbax_state import restore_state
-from jaxserve.models import quantize_weights
+from jaxserve.models import prequantized, quantize_weights
+from jaxserve.models.quantization import QUANTIZED_WEIGHTS
 
 __all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
            "resolve_model_dir"]
@@ -80,7 +81,14 @@ def load_model(
     (Placement.expert_parallel); `quantization` ("int8" | "fp8") quantizes the decoder layers'
     projections per output channel (models.quantize_weights)."""
     model_dir = resolve_model_dir(model)
-    cfg = dataclasses.replace(ModelConfig.from_hf(read_hf_config(model_dir)), kv_head_replicas=kv_head_replicas,
+    hf_config = read_hf_config(model_dir)
+    scheme = prequantized.read_scheme(hf_config)  # a pre-quantized checkpoint's quantization_config
+    if scheme is not None:
+        if quantization not in (None, scheme.mode):
+            raise ValueError(f"quantization={quantization!r}, but {model_dir} is a pre-quantized checkpoint "
+                             f"({scheme.describe()}): leave quantization unset or set it to {scheme.mode!r}")
+        quantization = scheme.mode
+    cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), kv_head_replicas=kv_head_replicas,
                               expert_parallel=expert_parallel, quantization=quantization)
     quantize_weights.check_supported(cfg)
     jdtype = resolve_dtype(dtype, cfg)
@@ -94,7 +102,7 @@ def load_model(
     elif is_orbax_checkpoint(model_dir):
         state = _restore_orbax(model_dir, cfg, state, jdtype, sharding_fn)
     else:
-        state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn)
+        state = _fill_from_safetensors(model_dir, cfg, state, jdtype, sharding_fn, scheme)
     return LoadedModel(nnx.merge(graphdef, state), cfg, model_dir, jdtype)
 
 
@@ -127,11 +135,23 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, Callable[[], np.ndarray
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="numpy") as f:
             for name in f.keys():
-                yield name, (lambda f=f, name=name: f.get_tensor(name))
+                yield name, (lambda f=f, name=name, file=file: _read_tensor(f, file, name))
 
 
-def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, sharding_fn) -> nnx.State:
+def _read_tensor(f, file: Path, name: str) -> np.ndarray:
+    if f.get_slice(name).get_dtype().startswith("F8"):  # safetensors' numpy reader has no float8
+        return prequantized.read_safetensors_raw(file, name)
+    return f.get_tensor(name)
+
+
+def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, sharding_fn,
+                           scheme: prequantized.Scheme | None = None) -> nnx.State:
     specs = weight_specs(cfg)
+    scales: dict[str, np.ndarray] = {}
+    if scheme is not None:  # a pre-quantized checkpoint: its weight scales first (small), by weight name
+        scales, unused = prequantized.collect_scales(
+            (text_model_name(cfg, n) or n, read) for n, read in iter_tensors(model_dir))
+        prequantized.log_scheme(scheme, unused)
     flat = nnx.to_flat_state(state)
     variables = dict(flat)
     stacked: dict[tuple, jax.Array] = {}  # path -> the [L, ...] parameter being filled layer by layer
@@ -143,6 +163,8 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
         if name is None:
             skipped += 1
             continue
+        if scheme is not None and prequantized.is_aux(name):
+            continue  # read with its weight (scales) or not used
         spec = specs.get(name)
         if spec is None:
             if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight"):
@@ -154,12 +176,19 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.hf_shape} "
                 f"from config.json ({cfg.model_type})"
             )
+        scale = None  # a pre-quantized weight's scale, in our layout
+        if scheme is not None and prequantized.is_projection_weight(name):
+            tensor, rows = prequantized.split_weight(scheme, name, tensor, scales)
+            if rows is not None:
+                contract = QUANTIZED_WEIGHTS[spec.path[-1]]
+                scale = prequantized.scale_in_layout(spec.transform, rows, tensor.shape, contract)
         axes = variables[spec.path].get_metadata().get("out_sharding")
         value = spec.transform(tensor)
         if cfg.kv_head_replicas > 1 and axes is not None and "kv_heads" in axes:
             axis = axes.index("kv_heads") - (spec.layer is not None)  # the tensor has no layers axis
             value = np.repeat(value, cfg.kv_head_replicas, axis=axis)
-        for path, part in quantize_weights.prepare(cfg, spec.path, value, dtype):  # cast, or values + scale
+            scale = None if scale is None else np.repeat(scale, cfg.kv_head_replicas, axis=axis)
+        for path, part in quantize_weights.prepare(cfg, spec.path, value, dtype, scale):  # cast, or values + scale
             var = variables[path]
             axes = var.get_metadata().get("out_sharding")
             if spec.layer is None:

@@ -38,12 +38,17 @@ def check_supported(cfg: ModelConfig) -> None:
                          f"({cfg.model_type}, {cfg.num_experts} experts); use quantization=None")
 
 
-def prepare(cfg: ModelConfig, path: Path, value: np.ndarray, dtype) -> list[tuple[Path, jax.Array | np.ndarray]]:
+def prepare(cfg: ModelConfig, path: Path, value: np.ndarray, dtype,
+            scale: np.ndarray | None = None) -> list[tuple[Path, jax.Array | np.ndarray]]:
     """One tensor in our layout (one layer's slice for a stacked parameter) -> the (path, value)
     pairs to store: [(path, value cast to dtype)], or for a quantized projection
-    [(path, int8 / e4m3 values), (path + "_scale", float32 scale)], quantized on the default device."""
+    [(path, int8 / e4m3 values), (path + "_scale", float32 scale)], quantized on the default device;
+    `scale` given (a pre-quantized checkpoint, models.prequantized): value holds the checkpoint's
+    8-bit values, stored as they are with that scale."""
     if not is_quantized_path(cfg, path):
         return [(path, value.astype(dtype))]
+    if scale is not None:
+        return [(path, value), (scale_path(path), scale)]
     q, scale = quantize(np.asarray(value, np.float32), QUANTIZED_WEIGHTS[path[-1]], cfg.quantization)
     return [(path, q), (scale_path(path), scale)]
 

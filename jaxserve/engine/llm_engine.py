@@ -166,7 +166,7 @@ class LLMEngine:
                             kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel,
                             quantization=config.quantization)
         self.weight_bytes, self.weight_bytes_per_device = param_bytes(nnx.state(loaded.model, nnx.Param))
-        log.info("weights (quantization=%s): %.1f MiB, %.1f MiB per device", config.quantization,
+        log.info("weights (quantization=%s): %.1f MiB, %.1f MiB per device", loaded.config.quantization,
                  self.weight_bytes / 2**20, self.weight_bytes_per_device / 2**20)
         return loaded, devices
 
