@@ -148,7 +148,11 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
                            scheme: prequantized.Scheme | None = None) -> nnx.State:
     specs = weight_specs(cfg)
     scales: dict[str, np.ndarray] = {}
-    if scheme is not None:  # a pre-quantized checkpoint: its weight scales first (small), by weight name
+    tensors = iter_tensors(model_dir)
+    if scheme is not None and scheme.strategy == "int4":  # packed 4-bit: group scales and zeros first
+        tensors = prequantized.unpack_int4(scheme, tensors, prequantized.collect_int4_aux(iter_tensors(model_dir)))
+        prequantized.log_scheme(scheme, 0)
+    elif scheme is not None:  # a pre-quantized checkpoint: its weight scales first (small), by weight name
         scales, unused = prequantized.collect_scales(
             (text_model_name(cfg, n) or n, read) for n, read in iter_tensors(model_dir))
         prequantized.log_scheme(scheme, unused)
@@ -158,7 +162,7 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     loaded: set[str] = set()
     unexpected: list[str] = []
     skipped = 0  # tensors of a wrapper's non-text part (Gemma 3's vision tower)
-    for name, read in split_fused(cfg, iter_tensors(model_dir)):  # Phi-3's qkv / gate_up split into parts
+    for name, read in split_fused(cfg, tensors):  # Phi-3's qkv / gate_up split into parts
         name = text_model_name(cfg, name)
         if name is None:
             skipped += 1
