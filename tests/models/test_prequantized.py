@@ -170,8 +170,8 @@ def test_compressed_tensors_group_scales_are_requantized_per_channel(hf_model_di
 
 @pytest.mark.parametrize("qconfig,match", [
     ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' is not supported"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}},
-     "format 'pack-quantized' is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}},
+     "format 'nvfp4-pack-quantized' is not supported"),
     ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"g": {
         "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel"}}}},
      "symmetric=false"),
