@@ -70,6 +70,9 @@ class EngineConfig:
     # (e4m3): the decoder layers' q/k/v/o/gate/up/down projections stored in 8 bits with a float32
     # scale per output channel, quantized at load (models.quantize_weights).
     quantization: str | None = None
+    # w8a8, off by default: with 8-bit weights, also quantize each projection's input per token
+    # (dynamic absmax scales) and contract the 8-bit operands (int8 x int8 -> int32 on TPU, e4m3 on GPU).
+    activation_quantization: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -109,6 +112,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or null for none), "
                              f"got {self.quantization!r}")
+        if not isinstance(self.activation_quantization, bool):
+            raise ValueError(f"activation_quantization must be true or false, got {self.activation_quantization!r}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

@@ -83,6 +83,8 @@ class ModelConfig:
     # "fp8" (e4m3); per-output-channel scales beside the weights. Set by the loader (the engine's
     # `quantization`), never read from a HF config's fields.
     quantization: str | None = None
+    # w8a8 (opt-in): also quantize each projection's input per token (models.quantization.linear).
+    activation_quantization: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -123,6 +125,9 @@ class ModelConfig:
         self._check_experts()
         if self.quantization is not None and self.quantization not in ("int8", "fp8"):
             raise ModelConfigError(f"quantization must be None, 'int8' or 'fp8', got {self.quantization!r}")
+        if self.activation_quantization and self.quantization is None:
+            raise ModelConfigError("activation_quantization (w8a8) needs quantized weights: set quantization to "
+                                   "'int8' or 'fp8' (or load a pre-quantized checkpoint)")
 
     def _check_experts(self) -> None:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):

@@ -108,6 +108,7 @@ class Attention(nnx.Module):
             self.q_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
             self.k_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
         self.cfg = cfg
+        self.w8a8 = cfg.activation_quantization
         self.attention_backend = attention_backend
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
         self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
@@ -118,9 +119,9 @@ class Attention(nnx.Module):
         which this layer owns [first_page, first_page + P) (first_page int32 scalar, traced)
         -> (out [T, D], kv_pages')."""
         cfg = self.cfg
-        q = linear("td,dnh->tnh", x, self.q_proj, self.q_proj_scale)
-        k = linear("td,dkh->tkh", x, self.k_proj, self.k_proj_scale)
-        v = linear("td,dkh->tkh", x, self.v_proj, self.v_proj_scale)
+        q = linear("td,dnh->tnh", x, self.q_proj, self.q_proj_scale, w8a8=self.w8a8)
+        k = linear("td,dkh->tkh", x, self.k_proj, self.k_proj_scale, w8a8=self.w8a8)
+        v = linear("td,dkh->tkh", x, self.v_proj, self.v_proj_scale, w8a8=self.w8a8)
         if cfg.attention_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if cfg.qk_norm:
@@ -134,7 +135,7 @@ class Attention(nnx.Module):
         o = attend(q, kv_pages, md.kv_lens, md.block_tables + first_page, md.cu_q_lens, md.num_seqs,
                    sm_scale=cfg.sm_scale, sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap,
                    backend=self.attention_backend)  # [T, N, H]
-        out = linear("tnh,nhd->td", o.astype(x.dtype), self.o_proj, self.o_proj_scale)
+        out = linear("tnh,nhd->td", o.astype(x.dtype), self.o_proj, self.o_proj_scale, w8a8=self.w8a8)
         if cfg.o_proj_bias:
             out = out + self.o_bias[...]
         return out, kv_pages
@@ -153,13 +154,15 @@ class MLP(nnx.Module):
             self.down_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
         self.mlp_bias = cfg.mlp_bias
         self.hidden_act = cfg.hidden_act
+        self.w8a8 = cfg.activation_quantization
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = linear("td,df->tf", x, self.gate_proj, self.gate_proj_scale)
-        up = linear("td,df->tf", x, self.up_proj, self.up_proj_scale)
+        gate = linear("td,df->tf", x, self.gate_proj, self.gate_proj_scale, w8a8=self.w8a8)
+        up = linear("td,df->tf", x, self.up_proj, self.up_proj_scale, w8a8=self.w8a8)
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = linear("tf,fd->td", ACTIVATIONS[self.hidden_act](gate) * up, self.down_proj, self.down_proj_scale)
+        act = ACTIVATIONS[self.hidden_act](gate) * up  # [T, F]
+        out = linear("tf,fd->td", act, self.down_proj, self.down_proj_scale, w8a8=self.w8a8)
         return out + self.down_bias[...] if self.mlp_bias else out
 
 

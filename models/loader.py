@@ -72,6 +72,7 @@ def load_model(
     kv_head_replicas: int = 1,
     expert_parallel: int = 1,
     quantization: str | None = None,
+    activation_quantization: bool = False,
 ) -> LoadedModel:
     """Loads weights from a HF directory / hub id, or a jaxserve Orbax checkpoint directory.
     With `sharding_fn`, each tensor goes straight to its shards; `mesh` tells the model how to
@@ -79,7 +80,8 @@ def load_model(
     (jaxserve.sharding.Placement.kv_head_replicas; the returned config carries it);
     `expert_parallel` splits a mixture of experts' experts over that many devices of `mesh`
     (Placement.expert_parallel); `quantization` ("int8" | "fp8") quantizes the decoder layers'
-    projections per output channel (models.quantize_weights)."""
+    projections per output channel (models.quantize_weights); `activation_quantization` (w8a8)
+    quantizes their inputs per token too."""
     model_dir = resolve_model_dir(model)
     hf_config = read_hf_config(model_dir)
     scheme = prequantized.read_scheme(hf_config)  # a pre-quantized checkpoint's quantization_config
@@ -89,13 +91,14 @@ def load_model(
                              f"({scheme.describe()}): leave quantization unset or set it to {scheme.mode!r}")
         quantization = scheme.mode
     cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), kv_head_replicas=kv_head_replicas,
-                              expert_parallel=expert_parallel, quantization=quantization)
+                              expert_parallel=expert_parallel, quantization=quantization,
+                              activation_quantization=activation_quantization)
     quantize_weights.check_supported(cfg)
     jdtype = resolve_dtype(dtype, cfg)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh))
     graphdef, state = nnx.split(abstract)
     if is_orbax_checkpoint(model_dir) and quantization is not None:  # saved unquantized: restore, then quantize
-        plain_cfg = dataclasses.replace(cfg, quantization=None)
+        plain_cfg = dataclasses.replace(cfg, quantization=None, activation_quantization=False)
         _, plain = nnx.split(nnx.eval_shape(lambda: CausalLM(plain_cfg, dtype=jdtype)))
         plain = _restore_orbax(model_dir, plain_cfg, plain, jdtype, sharding_fn)
         state = quantize_weights.quantize_state(cfg, plain, state, sharding_fn)

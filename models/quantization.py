@@ -14,7 +14,10 @@ this is dequantize-then-matmul without a dequantized copy of the weight in memor
 v6e XLA keeps the int8 weight in HBM and converts in VMEM (weight-only int8 halves the bytes
 each decode step reads, which bounds decode), and on H100 / H200 the same holds for e4m3.
 A native low-precision dot (int8 x int8 -> int32 on TPU, e4m3 x e4m3 on GPU through XLA's fp8
-gemm) needs the activations quantized too (w8a8, dynamic per-token scales): not built here.
+gemm) needs the activations quantized too: w8a8, opt-in (EngineConfig.activation_quantization),
+quantizes each token's input of every projection dynamically (absmax per token, float32 scale) and
+contracts the 8-bit operands (`_w8a8`). Off by default: it adds a rounding of the activations, and
+on CPU it is only a check of the numerics (XLA converts the operands back before its dot).
 
 Why not qwix (installed, 0.1.8; MaxText and tpu-inference use it): its PTQ provider intercepts
 jnp.einsum / lax.dot_general while the model runs and, the first time an op sees a param, swaps
@@ -126,21 +129,55 @@ def _apply_scale(eq: str, y: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.einsum(f"{out},{''.join(rhs[i] for i in kept)}->{out}", y, s)
 
 
-def linear(eq: str, x: jax.Array, w, scale=None) -> jax.Array:
+def _quantize_tokens(eq: str, x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-token activation quantization (w8a8): x's absmax over the axes eq contracts, one
+    float32 scale per remaining index (per token), -> (int8 / e4m3 values, scale squeezed to x's kept axes)."""
+    lhs, out = eq.replace(" ", "").split("->")[0].split(",")[0], eq.split("->")[1].strip()
+    contracted = tuple(i for i, c in enumerate(lhs) if c not in out)
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
+    scale = jnp.where(amax > 0, amax * np.float32(1.0 / _QMAX[mode]), 1.0)
+    scaled = x32 / scale
+    if mode == "int8":
+        q = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
+    else:
+        q = jnp.clip(scaled, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return q, jnp.squeeze(scale, axis=contracted)
+
+
+def _w8a8(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eq, x, w) with x quantized per token to w's 8-bit type: int8 x int8 accumulated in
+    int32 (exact; XLA's native int8 dot on TPU), e4m3 x e4m3 accumulated in float32 (XLA's fp8 gemm
+    on H100 / H200; on CPU XLA converts the operands first). Returns float32 with the activation
+    scales applied (the weight's are applied by the caller)."""
+    mode = "int8" if w.dtype == jnp.int8 else "fp8"
+    xq, xs = _quantize_tokens(eq, x, mode)
+    acc = jnp.int32 if mode == "int8" else jnp.float32
+    y = jnp.einsum(eq, xq, w, preferred_element_type=acc).astype(jnp.float32)
+    inputs, out = eq.replace(" ", "").split("->")
+    kept = "".join(c for c in inputs.split(",")[0] if c in out)
+    return jnp.einsum(f"{out},{kept}->{out}", y, xs)
+
+
+def linear(eq: str, x: jax.Array, w, scale=None, *, w8a8: bool = False) -> jax.Array:
     """einsum(eq, x, w) for a projection (eq's second operand is the weight, e.g. "td,dnh->tnh");
     w and scale are arrays or the nnx.Params `linear_weight` makes.
 
     scale None: w is a float weight, plain einsum in x's dtype. Else w holds int8 / e4m3 values
     and scale their float32 per-output-channel scale (size 1 on the contracted axes): the
     weight-only quantized matmul (module docstring), float32 accumulation, cast back to x.dtype.
-    Platform paths: on TPU the convert fuses into the int8-weight dot; with w8a8 this would be
-    lax.dot_general(int8, int8, preferred_element_type=int32) (TPU) or an e4m3 x e4m3 dot (GPU).
+    Platform paths: on TPU the convert fuses into the int8-weight dot. With `w8a8` (opt-in,
+    EngineConfig.activation_quantization) x is quantized per token too and the dot runs on the
+    8-bit operands (`_w8a8`).
     """
     w = w[...]
     if scale is None:
         return jnp.einsum(eq, x, w)
     scale = scale[...]
-    y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if w8a8:  # activations quantized per token too (EngineConfig.activation_quantization)
+        y = _w8a8(eq, x, w)
+    else:
+        y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return _apply_scale(eq, y, scale).astype(x.dtype)
 
 

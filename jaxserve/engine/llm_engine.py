@@ -164,9 +164,11 @@ class LLMEngine:
         loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
                             sharding_fn=placement.sharding, mesh=placement.mesh,
                             kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel,
-                            quantization=config.quantization)
+                            quantization=config.quantization,
+                            activation_quantization=config.activation_quantization)
         self.weight_bytes, self.weight_bytes_per_device = param_bytes(nnx.state(loaded.model, nnx.Param))
-        log.info("weights (quantization=%s): %.1f MiB, %.1f MiB per device", loaded.config.quantization,
+        log.info("weights (quantization=%s%s): %.1f MiB, %.1f MiB per device", loaded.config.quantization,
+                 ", w8a8 activations" if loaded.config.activation_quantization else "",
                  self.weight_bytes / 2**20, self.weight_bytes_per_device / 2**20)
         return loaded, devices
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -19,13 +20,30 @@ from jaxserve.models.quantization import dequantize_numpy, quantize
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def hf_fake_quantized(model, mode: str):
+def hf_fake_quantized(model, mode: str, activations: bool = False):
     """A float32 copy of the transformers model with every decoder projection weight W [out, in]
-    replaced by dequantize(quantize(W, per row)): what a `quantization=mode` engine computes with."""
+    replaced by dequantize(quantize(W, per row)): what a `quantization=mode` engine computes with.
+    activations (w8a8): each projection's input is also quantized and dequantized per token (its
+    last axis, numpy: absmax / qmax, int8 rounded or e4m3 by ml_dtypes) by a forward pre-hook."""
     ref = copy.deepcopy(model).float()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if ".layers." in name and name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
                 q, scale = quantize(p.detach().numpy(), (1,), mode)
                 p.copy_(torch.from_numpy(dequantize_numpy(np.asarray(q), np.asarray(scale))))
+    if activations:
+        for name, module in ref.named_modules():
+            if ".layers." in name and name.split(".")[-1] in PROJECTIONS:
+                module.register_forward_pre_hook(lambda m, args: (fake_quantize_tokens(args[0], mode),))
     return ref
+
+
+def fake_quantize_tokens(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """x [..., in] -> q * scale with a symmetric absmax scale per token (row), in numpy."""
+    a = x.detach().numpy().astype(np.float32)
+    qmax = 127.0 if mode == "int8" else 448.0
+    amax = np.abs(a).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, amax * np.float32(1 / qmax), 1).astype(np.float32)
+    y = np.clip(a / scale, -qmax, qmax)
+    y = np.rint(y) if mode == "int8" else y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return torch.from_numpy((y * scale).astype(np.float32))

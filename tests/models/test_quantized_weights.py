@@ -128,3 +128,39 @@ def test_engine_config_field_yaml_and_flags(tmp_path):
     assert serve_config(build_parser().parse_args(["serve"])).quantization is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "-q", "int4"])
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("eq,shape,axes", [("td,dnh->tnh", (16, 4, 8), (0,)), ("tnh,nhd->td", (4, 8, 16), (0, 1))])
+def test_w8a8_linear_equals_numpy_on_per_token_quantized_inputs(mode, eq, shape, axes):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=shape).astype(np.float32)
+    x = (rng.normal(size=(5, *shape[:len(axes)])) * rng.uniform(0.1, 10, size=(5,) + (1,) * len(axes)))
+    x = x.astype(np.float32)
+    q, scale = quantize(w, axes, mode)
+    nq, nscale = np_quantize(w, axes, mode)
+    xq, xscale = np_quantize(x, tuple(range(1, 1 + len(axes))), mode)  # one scale per token
+    want = np.einsum(eq, xq.astype(np.float64), nq.astype(np.float64))
+    want = want * xscale.reshape(5, *([1] * (want.ndim - 1))) * nscale.reshape(want.shape[1:])
+    got = np.asarray(linear(eq, jnp.asarray(x), q, scale, w8a8=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_w8a8_logits_equal_transformers_with_per_token_activation_quantization(hf_model_dir, mode):
+    path, hf = hf_model_dir("llama3")
+    model = load_model(path, quantization=mode, activation_quantization=True).model
+    got = SingleSequenceRunner(model, max_len=32).full_logits(IDS)
+    with torch.no_grad():
+        want = hf_fake_quantized(hf, mode, activations=True)(torch.tensor([IDS])).logits[0].numpy()
+        weight_only = hf_fake_quantized(hf, mode)(torch.tensor([IDS])).logits[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    assert np.abs(weight_only - got).max() > 1e-2 * np.abs(want).max()  # the activations really were rounded
+
+
+def test_w8a8_needs_quantized_weights(hf_model_dir):
+    path, _ = hf_model_dir("llama3")
+    with pytest.raises(ValueError, match="activation_quantization .* needs quantized weights"):
+        load_model(path, activation_quantization=True)
+    with pytest.raises(ValueError, match="activation_quantization must be true or false"):
+        EngineConfig(activation_quantization="yes")

@@ -1,8 +1,9 @@
 """The engine with quantized weights (quantization int8 / fp8, models.quantize_weights).
 
 Oracle: transformers' Llama (float32) whose projection weights are quantized per output channel
-with models.quantization.quantize in the HF [out, in] layout and dequantized with numpy
-(tests/models/quant_fixtures.py): a mixed concurrent workload gives its greedy tokens, and the
+with models.quantization.quantize in the HF [out, in] layout and dequantized with numpy (and, for
+w8a8, whose projection inputs are fake-quantized per token by numpy pre-hooks;
+tests/models/quant_fixtures.py): a mixed concurrent workload gives its greedy tokens, and the
 logprobs of the top tokens agree within 1e-3. Also: nothing compiles after warm-up, and stats()
 reports the weight bytes on the device, which the shapes fix exactly.
 """
@@ -53,13 +54,15 @@ def expected_weight_bytes(value_bytes: int, float_bytes: int) -> int:
     return proj * value_bytes + scales * 4 + rest * float_bytes
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
-def test_quantized_engine_equals_transformers_on_dequantized_weights(model_dir, mode, caplog):
+@pytest.mark.parametrize("mode,w8a8", [("int8", False), ("fp8", False), ("int8", True)])
+def test_quantized_engine_equals_transformers_on_dequantized_weights(model_dir, mode, w8a8, caplog):
+    """w8a8 (activation_quantization): the reference also quantizes each projection's input per token."""
     path, hf = model_dir
     with caplog.at_level(logging.INFO, logger="jaxserve.engine.llm_engine"):
-        llm = LLM(str(path), config=CPU, dtype="float32", quantization=mode, token_buckets=[128], seq_buckets=[16])
-    assert f"weights (quantization={mode})" in caplog.text
-    ref = hf_fake_quantized(hf, mode)
+        llm = LLM(str(path), config=CPU, dtype="float32", quantization=mode, activation_quantization=w8a8,
+                  token_buckets=[128], seq_buckets=[16])
+    assert f"weights (quantization={mode}{', w8a8 activations' if w8a8 else ''})" in caplog.text
+    ref = hf_fake_quantized(hf, mode, activations=w8a8)
     work = workload(16, seed=len(mode))
     outs = llm.generate([p for p, _ in work], [SamplingParams(max_tokens=m, **GREEDY) for _, m in work],
                         use_tqdm=False)
