@@ -35,7 +35,7 @@ from jaxserve.models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model
 from jaxserve.models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from jaxserve.models.orbax_state import restore_state
 from jaxserve.models import prequantized, quantize_weights
-from jaxserve.models.quantization import QUANTIZED_WEIGHTS
+from jaxserve.models.quantization import contract_axes
 
 __all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
            "resolve_model_dir"]
@@ -93,7 +93,7 @@ def load_model(
     cfg = dataclasses.replace(ModelConfig.from_hf(hf_config), kv_head_replicas=kv_head_replicas,
                               expert_parallel=expert_parallel, quantization=quantization,
                               activation_quantization=activation_quantization)
-    quantize_weights.check_supported(cfg)
+    quantize_weights.check_supported(cfg, prequantized=scheme is not None)
     jdtype = resolve_dtype(dtype, cfg)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, dtype=jdtype, attention_backend=attention_backend, mesh=mesh))
     graphdef, state = nnx.split(abstract)
@@ -187,7 +187,7 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
         if scheme is not None and prequantized.is_projection_weight(name):
             tensor, rows = prequantized.split_weight(scheme, name, tensor, scales)
             if rows is not None:
-                contract = QUANTIZED_WEIGHTS[spec.path[-1]]
+                contract = contract_axes(spec.path[-1], 2)  # (a 2-D MLP weight in our layout, too)
                 scale = prequantized.scale_in_layout(spec.transform, rows, tensor.shape, contract)
         axes = variables[spec.path].get_metadata().get("out_sharding")
         value = spec.transform(tensor)

@@ -43,13 +43,23 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}  # float8_e4m3fn's largest finite value is
 _QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 
 # The quantized projections of a decoder layer: parameter name -> the axes its matmul contracts
-# (of the per-layer weight, without the stacked layers axis).
+# (of the per-layer weight, without the stacked layers axis). The MLP's weights contract their
+# second-to-last axis, which holds for a mixture of experts' stacked [E, ...] ones too
+# (`contract_axes`).
 QUANTIZED_WEIGHTS: dict[str, tuple[int, ...]] = {
     "q_proj": (0,), "k_proj": (0,), "v_proj": (0,),  # [D, N|K, H], "td,dnh->tnh"
     "o_proj": (0, 1),                                 # [N, H, D], "tnh,nhd->td"
     "gate_proj": (0,), "up_proj": (0,),               # [D, F], "td,df->tf"
-    "down_proj": (0,),                                # [F, D], "tf,fd->td"
+    "down_proj": (0,),                                # [F, D], "tf,fd->td"; experts [E, F, D]
+    "gate_up_proj": (1,),                             # experts [E, D, 2F] (models.moe)
 }
+_MLP_WEIGHTS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+def contract_axes(name: str, ndim: int) -> tuple[int, ...]:
+    """The contracted axes of projection `name` in a per-layer tensor of `ndim` axes (one expert's
+    [D, F] slice of an expert weight contracts axis 0, the whole [E, D, 2F] axis 1)."""
+    return (ndim - 2,) if name in _MLP_WEIGHTS else QUANTIZED_WEIGHTS[name]
 
 
 def check_mode(mode: str) -> None:
@@ -98,7 +108,7 @@ def linear_weight(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None
     drawn in float32 and quantized, so a quantized model made from scratch is a real one."""
     if quantization is None:
         return param(rngs, shape, axes, dtype), None
-    contract = QUANTIZED_WEIGHTS[name]
+    contract = contract_axes(name, len(shape))
     q, scale = quantize(param(rngs, shape, axes, jnp.float32).get_value(), contract, quantization)
     return (nnx.Param(q, out_sharding=axes, eager_sharding=False),
             nnx.Param(scale, out_sharding=scale_axes(axes, contract), eager_sharding=False))

@@ -1,7 +1,8 @@
 """Quantizing a model's weights at load (EngineConfig.quantization: int8 | fp8).
 
 The loader hands every tensor through `prepare` after transforming it to our layout: a tensor
-of a quantized projection (models.quantization.QUANTIZED_WEIGHTS, in a decoder layer) becomes
+of a quantized projection (models.quantization.QUANTIZED_WEIGHTS, in a decoder layer; a mixture of
+experts' gate_up / down expert weights and its shared expert included) becomes
 two, its int8 / e4m3 values and their float32 per-output-channel scale (the `<name>_scale`
 parameter beside it), quantized from the checkpoint's values in float32; everything else is cast
 to the model dtype as before. An Orbax checkpoint (saved unquantized) is restored unquantized and
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.quantization import QUANTIZED_WEIGHTS, quantize
+from jaxserve.models.quantization import QUANTIZED_WEIGHTS, contract_axes, quantize
 
 Path = tuple
 
@@ -31,11 +32,13 @@ def scale_path(path: Path) -> Path:
     return (*path[:-1], f"{path[-1]}_scale")
 
 
-def check_supported(cfg: ModelConfig) -> None:
-    """Refuses what quantization does not cover yet: a mixture of experts' expert weights."""
-    if cfg.quantization is not None and cfg.num_experts:
-        raise ValueError(f"quantization={cfg.quantization!r} is not supported for mixture-of-experts models yet "
-                         f"({cfg.model_type}, {cfg.num_experts} experts); use quantization=None")
+def check_supported(cfg: ModelConfig, prequantized: bool = False) -> None:
+    """Refuses what quantization does not cover yet: a pre-quantized mixture of experts (its expert
+    tensors' scales are not read); quantizing one at load is supported."""
+    if prequantized and cfg.num_experts:
+        raise ValueError(f"pre-quantized mixture-of-experts checkpoints are not supported yet ({cfg.model_type}, "
+                         f"{cfg.num_experts} experts, quantization_config); load the unquantized checkpoint with "
+                         f"quantization={cfg.quantization!r} instead")
 
 
 def prepare(cfg: ModelConfig, path: Path, value: np.ndarray, dtype,
@@ -49,7 +52,7 @@ def prepare(cfg: ModelConfig, path: Path, value: np.ndarray, dtype,
         return [(path, value.astype(dtype))]
     if scale is not None:
         return [(path, value), (scale_path(path), scale)]
-    q, scale = quantize(np.asarray(value, np.float32), QUANTIZED_WEIGHTS[path[-1]], cfg.quantization)
+    q, scale = quantize(np.asarray(value, np.float32), contract_axes(path[-1], value.ndim), cfg.quantization)
     return [(path, q), (scale_path(path), scale)]
 
 
@@ -66,7 +69,8 @@ def quantize_state(cfg: ModelConfig, plain: nnx.State, target: nnx.State, shardi
         if not is_quantized_path(cfg, path):
             var.set_value(values[path])
             continue
-        contract = tuple(a + 1 for a in QUANTIZED_WEIGHTS[path[-1]])  # [L, ...]: axis 0 is the layers axis
+        # [L, ...]: axis 0 is the layers axis
+        contract = tuple(a + 1 for a in contract_axes(path[-1], values[path].ndim - 1))
         shardings = tuple(_sharding(variables[p], sharding_fn) for p in (path, scale_path(path)))
         fn = jax.jit(lambda w, c=contract: quantize(w, c, cfg.quantization),
                      out_shardings=shardings if None not in shardings else None)

@@ -13,7 +13,8 @@ next-token distribution is compared with the baseline's:
   max |dlogit| the largest logit difference
 
 Runs: bfloat16 weights and activations (unquantized; the rounding every bf16 deployment already
-accepts, for scale), then int8 and fp8 (e4m3) weights with float32 activations. The random-weight
+accepts, for scale), then int8 and fp8 (e4m3) weights with float32 activations, then the same with
+w8a8 (activation_quantization: each projection's input quantized per token as well). The random-weight
 demo model has nearly flat next-token distributions (weights N(0, 0.02)), so its top-1 figures are
 dominated by near-ties; `--model` takes any HF directory (scripts/make_random_model.py, or the engine
 test model's sharper random Llama: `--write-peaky DIR`).
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log_probs(model_dir: str, seqs: list[list[int]], prompt_len: int, dtype: str, quantization: str | None):
+def log_probs(model_dir: str, seqs: list[list[int]], prompt_len: int, dtype: str, quantization: str | None,
+              w8a8: bool = False):
     """Per sequence: log-softmax float64 [output_len, V] of the next-token logits at the output
     positions; and the model's weight bytes."""
     import jax
@@ -61,7 +63,7 @@ def log_probs(model_dir: str, seqs: list[list[int]], prompt_len: int, dtype: str
     from jaxserve.models.quantize_weights import param_bytes
     from jaxserve.models.single_sequence import SingleSequenceRunner
 
-    model = load_model(model_dir, dtype=dtype, quantization=quantization).model
+    model = load_model(model_dir, dtype=dtype, quantization=quantization, activation_quantization=w8a8).model
     runner = SingleSequenceRunner(model, max_len=-(-len(seqs[0]) // 16) * 16)
     out = []
     for ids in seqs:
@@ -110,10 +112,12 @@ def main(argv=None) -> None:
     entropy = float(-np.sum(np.exp(b) * b, axis=-1).mean())
     margin = float(np.median(sorted_b[:, -1] - sorted_b[:, -2]))
     rows = []
-    for label, dtype, quant in (("bfloat16 weights + activations", "bfloat16", None),
-                                ("int8 weights (float32 activations)", "float32", "int8"),
-                                ("fp8 e4m3 weights (float32 activations)", "float32", "fp8")):
-        run, nbytes = log_probs(model_dir, seqs, args.prompt_len, dtype, quant)
+    for label, dtype, quant, w8a8 in (("bfloat16 weights + activations", "bfloat16", None, False),
+                                      ("int8 weights (float32 activations)", "float32", "int8", False),
+                                      ("fp8 e4m3 weights (float32 activations)", "float32", "fp8", False),
+                                      ("int8 w8a8 (activations int8 per token)", "float32", "int8", True),
+                                      ("fp8 w8a8 (activations e4m3 per token)", "float32", "fp8", True)):
+        run, nbytes = log_probs(model_dir, seqs, args.prompt_len, dtype, quant, w8a8)
         rows.append((label, nbytes, compare(base, run)))
     load_after = os.getloadavg()
     name = "demo model" if args.model is None else Path(model_dir).name

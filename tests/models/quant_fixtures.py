@@ -1,8 +1,9 @@
 """The oracle of weight quantization: a transformers model whose projection weights are replaced by
 their quantized-then-dequantized values.
 
-Every quantized projection of an HF checkpoint is an nn.Linear [out, in], and our per-output-channel
-scale is one scale per HF row, so the reference quantizes each HF weight along its rows' axis (1) with
+Every quantized projection of an HF checkpoint is an nn.Linear [out, in] (a mixture of experts' fused
+expert weights [E, out, in]), and our per-output-channel scale is one scale per HF row, so the
+reference quantizes each HF weight along its rows' (last) axis with
 models.quantization.quantize and dequantizes with numpy (`dequantize_numpy`): it shares no layout code
 with the loader (which quantizes in our [D, N, H] / [N, H, D] / [D, F] layouts).
 """
@@ -28,8 +29,10 @@ def hf_fake_quantized(model, mode: str, activations: bool = False):
     ref = copy.deepcopy(model).float()
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if ".layers." in name and name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-                q, scale = quantize(p.detach().numpy(), (1,), mode)
+            projection = name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS
+            experts = name.endswith((".experts.gate_up_proj", ".experts.down_proj"))  # [E, out, in]
+            if ".layers." in name and (projection or experts):
+                q, scale = quantize(p.detach().numpy(), (p.ndim - 1,), mode)
                 p.copy_(torch.from_numpy(dequantize_numpy(np.asarray(q), np.asarray(scale))))
     if activations:
         for name, module in ref.named_modules():

@@ -199,3 +199,13 @@ def test_a_conflicting_quantization_is_refused(hf_model_dir, tmp_path):
     with pytest.raises(ValueError, match="quantization='int8', but .* is a pre-quantized checkpoint"):
         load_model(tmp_path / "fp8", quantization="int8")
     assert load_model(tmp_path / "fp8", quantization="fp8").config.quantization == "fp8"
+
+
+def test_a_prequantized_mixture_of_experts_is_refused(tmp_path):
+    from moe_fixtures import save_hf_moe
+
+    save_hf_moe("mixtral", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="pre-quantized mixture-of-experts checkpoints are not supported"):
+        load_model(tmp_path)

@@ -108,12 +108,23 @@ def test_orbax_checkpoint_is_quantized_on_restore(hf_model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
 
 
-def test_mixture_of_experts_with_quantization_is_refused(tmp_path):
+@pytest.mark.parametrize("arch,mode", [("mixtral", "int8"), ("qwen2_moe", "fp8")])
+def test_mixture_of_experts_quantized_logits_equal_transformers(tmp_path, arch, mode):
+    """Expert weights quantized per expert and output channel (Qwen2-MoE: and its shared expert)."""
     from moe_fixtures import save_hf_moe
 
-    save_hf_moe("mixtral", tmp_path)
-    with pytest.raises(ValueError, match="quantization='int8' is not supported for mixture-of-experts"):
-        load_model(tmp_path, quantization="int8")
+    hf = save_hf_moe(arch, tmp_path)
+    loaded = load_model(tmp_path, quantization=mode)
+    mlp = nnx.state(loaded.model)["layers"]["mlp"]
+    e, f = hf.config.num_local_experts if arch == "mixtral" else hf.config.num_experts, \
+        hf.config.intermediate_size if arch == "mixtral" else hf.config.moe_intermediate_size
+    assert mlp["gate_up_proj_scale"].get_value().shape == (2, e, 1, 2 * f)
+    assert tuple(mlp["gate_up_proj_scale"].get_metadata()["out_sharding"]) == ("layers", "expert", None, "expert_mlp")
+    assert mlp["down_proj"].get_value().dtype == (jnp.int8 if mode == "int8" else jnp.float8_e4m3fn)
+    got = SingleSequenceRunner(loaded.model, max_len=32).full_logits(IDS)
+    with torch.no_grad():
+        want = hf_fake_quantized(hf, mode)(torch.tensor([IDS])).logits[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 def test_engine_config_field_yaml_and_flags(tmp_path):
