@@ -96,3 +96,28 @@ def test_8bit_weight_bytes_are_about_half_of_bfloat16(model_dir):
     # the projections halve; their scales (one float32 per output channel) add ~3% of them here
     assert sizes[None] - sizes["int8"] == proj - 4 * L * (N * H + 2 * K * H + D + 2 * F + D)
     assert 0.45 < (sizes["int8"] - 2 * (2 * V * D + D + 2 * L * D)) / (2 * proj) < 0.56
+
+
+def test_a_prequantized_checkpoint_serves_without_the_flag(model_dir, tmp_path):
+    """compressed-tensors FP8 (per channel, dynamic activations), written by the package's own
+    compressor: LLM(path) reads quantization_config and serves it as fp8, tokens equal to
+    transformers on the package's decompressed weights."""
+    import shutil
+
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from test_prequantized import _compressed, reference, write_checkpoint
+
+    path, hf = model_dir
+    config, one = _compressed(preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]), "float-quantized")
+    deq = write_checkpoint(path, hf, tmp_path / "fp8", config, one)
+    for f in path.iterdir():  # the tokenizer files
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, tmp_path / "fp8" / f.name)
+    llm = LLM(str(tmp_path / "fp8"), config=CPU, dtype="float32", token_buckets=[128], seq_buckets=[16])
+    assert llm.engine.model_config.quantization == "fp8"
+    ref = reference(hf, deq)
+    work = workload(8, seed=5)
+    outs = llm.generate([p for p, _ in work], [SamplingParams(max_tokens=m, **GREEDY) for _, m in work],
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(ref, p, m) for p, m in work]
+    assert llm.stats()["weight_bytes"] == expected_weight_bytes(1, 4)
