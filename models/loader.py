@@ -35,7 +35,6 @@ from jaxserve.models.hf_weights import IGNORED_SUFFIXES, split_fused, text_model
 from jaxserve.models.model_files import ORBAX_DIR, ShardingFn, is_orbax_checkpoint, read_hf_config, resolve_model_dir
 from jaxserve.models.orbax_state import restore_state
 from jaxserve.models import prequantized, quantize_weights
-from jaxserve.models.quantization import contract_axes
 
 __all__ = ["DTYPES", "LoadedModel", "ShardingFn", "load_model", "read_hf_config", "resolve_dtype",
            "resolve_model_dir"]
@@ -183,12 +182,9 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.hf_shape} "
                 f"from config.json ({cfg.model_type})"
             )
-        scale = None  # a pre-quantized weight's scale, in our layout
-        if scheme is not None and prequantized.is_projection_weight(name):
-            tensor, rows = prequantized.split_weight(scheme, name, tensor, scales)
-            if rows is not None:
-                contract = contract_axes(spec.path[-1], 2)  # (a 2-D MLP weight in our layout, too)
-                scale = prequantized.scale_in_layout(spec.transform, rows, tensor.shape, contract)
+        # A pre-quantized checkpoint's weight: its 8-bit values and its scale in our layout (None:
+        # a float weight, quantized at load if it is a projection).
+        tensor, scale = prequantized.checkpoint_weight(scheme, name, tensor, scales, spec.transform, spec.path[-1])
         axes = variables[spec.path].get_metadata().get("out_sharding")
         value = spec.transform(tensor)
         if cfg.kv_head_replicas > 1 and axes is not None and "kv_heads" in axes:
@@ -196,15 +192,7 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
             value = np.repeat(value, cfg.kv_head_replicas, axis=axis)
             scale = None if scale is None else np.repeat(scale, cfg.kv_head_replicas, axis=axis)
         for path, part in quantize_weights.prepare(cfg, spec.path, value, dtype, scale):  # cast, or values + scale
-            var = variables[path]
-            axes = var.get_metadata().get("out_sharding")
-            if spec.layer is None:
-                var.set_value(place(part, axes, sharding_fn))
-                continue
-            if path not in stacked:
-                stacked[path] = _zeros(var.get_value(), part.dtype, axes, sharding_fn)
-            layer = place(part, None if axes is None else axes[len(axes) - part.ndim:], sharding_fn)
-            stacked[path] = _set_layer(stacked[path], layer, (spec.layer, *spec.offset))
+            _store(variables[path], path, part, spec, stacked, sharding_fn)
         loaded.add(name)
         loaded.update(spec.covers)
     missing = sorted(n for n, spec in specs.items() if not spec.covers and n not in loaded)
@@ -218,6 +206,19 @@ def _fill_from_safetensors(model_dir: Path, cfg: ModelConfig, state: nnx.State, 
     for path, value in stacked.items():
         variables[path].set_value(value)
     return nnx.from_flat_state(flat)
+
+
+def _store(var, path: tuple, part, spec, stacked: dict[tuple, jax.Array], sharding_fn) -> None:
+    """One tensor into its parameter: placed whole, or into layer spec.layer (and block spec.offset)
+    of its stacked [L, ...] parameter, allocated on its devices on first use."""
+    axes = var.get_metadata().get("out_sharding")
+    if spec.layer is None:
+        var.set_value(place(part, axes, sharding_fn))
+        return
+    if path not in stacked:
+        stacked[path] = _zeros(var.get_value(), part.dtype, axes, sharding_fn)
+    layer = place(part, None if axes is None else axes[len(axes) - part.ndim:], sharding_fn)
+    stacked[path] = _set_layer(stacked[path], layer, (spec.layer, *spec.offset))
 
 
 def _restore_orbax(model_dir: Path, cfg: ModelConfig, state: nnx.State, dtype, sharding_fn) -> nnx.State:

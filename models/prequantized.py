@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxserve.models.errors import ModelLoadError
-from jaxserve.models.quantization import QUANTIZED_WEIGHTS
+from jaxserve.models.quantization import QUANTIZED_WEIGHTS, contract_axes
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,22 @@ def split_weight(scheme: Scheme, name: str, tensor: np.ndarray,
     if scale.shape != want_shape:
         raise ModelLoadError(f"scale of {name!r} has shape {scale.shape}, expected {want_shape} ({scheme.strategy})")
     return tensor.astype(np.float32) * expand(scale), None
+
+
+def checkpoint_weight(scheme: Scheme | None, name: str, tensor: np.ndarray, scales: Mapping[str, np.ndarray],
+                      transform: Callable[[np.ndarray], np.ndarray], param: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A checkpoint tensor -> (what to transform and store, the scale of its 8-bit values in our
+    layout or None). A projection's 8-bit values keep their scale (or come back dequantized, for
+    group / block scales); any other 8-bit tensor (an LM head a checkpoint quantized too) comes
+    back dequantized in float32, since only the projections are stored in 8 bits."""
+    if scheme is None or tensor.dtype not in (np.int8, ml_dtypes.float8_e4m3fn):
+        return tensor, None
+    values, rows = split_weight(scheme, name, tensor, scales)
+    if rows is None:
+        return values, None
+    if not is_projection_weight(name):
+        return values.astype(np.float32) * rows[:, None], None
+    return values, scale_in_layout(transform, rows, tensor.shape, contract_axes(param, 2))
 
 
 def scale_in_layout(transform: Callable[[np.ndarray], np.ndarray], rows_scale: np.ndarray,

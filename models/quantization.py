@@ -175,7 +175,7 @@ def linear(eq: str, x: jax.Array, w, scale=None, *, w8a8: bool = False) -> jax.A
 
     scale None: w is a float weight, plain einsum in x's dtype. Else w holds int8 / e4m3 values
     and scale their float32 per-output-channel scale (size 1 on the contracted axes): the
-    weight-only quantized matmul (module docstring), float32 accumulation, cast back to x.dtype.
+    weight-only quantized matmul (module docstring): the dot in x.dtype, scaled in float32, cast back.
     Platform paths: on TPU the convert fuses into the int8-weight dot. With `w8a8` (opt-in,
     EngineConfig.activation_quantization) x is quantized per token too and the dot runs on the
     8-bit operands (`_w8a8`).
@@ -187,7 +187,10 @@ def linear(eq: str, x: jax.Array, w, scale=None, *, w8a8: bool = False) -> jax.A
     if w8a8:  # activations quantized per token too (EngineConfig.activation_quantization)
         y = _w8a8(eq, x, w)
     else:
-        y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        # float32 accumulation is XLA's own for a bf16 / f16 dot (TPU's MXU, GPU); asking for an f32
+        # result of one is refused by XLA:CPU's DotThunk at some shapes, so only f32 x f32 asks.
+        acc = jnp.float32 if x.dtype == jnp.float32 else None
+        y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=acc).astype(jnp.float32)
     return _apply_scale(eq, y, scale).astype(x.dtype)
 
 

@@ -3,6 +3,7 @@ quantized matmul, logits against transformers on the dequantized weights, Orbax,
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -175,3 +176,19 @@ def test_w8a8_needs_quantized_weights(hf_model_dir):
         load_model(path, activation_quantization=True)
     with pytest.raises(ValueError, match="activation_quantization must be true or false"):
         EngineConfig(activation_quantization="yes")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_activations_run_at_engine_shapes(dtype):
+    """XLA:CPU refuses a bf16 x bf16 -> f32 dot at some shapes (128 tokens x 64 -> 128 did):
+    linear keeps 16-bit dots in their own dtype and scales in float32."""
+    rng = np.random.default_rng(3)
+    for eq, shape, axes in [("td,dnh->tnh", (64, 4, 16), (0,)), ("tnh,nhd->td", (4, 16, 64), (0, 1)),
+                            ("td,df->tf", (64, 128), (0,)), ("tf,fd->td", (128, 64), (0,))]:
+        w = rng.normal(size=shape).astype(np.float32)
+        q, scale = quantize(w, axes, "int8")
+        x = rng.normal(size=(128, *shape[:len(axes)])).astype(np.float32)
+        got = jax.jit(lambda x: linear(eq, x, q, scale))(jnp.asarray(x, dtype))
+        want = np.einsum(eq, x, np.asarray(q, np.float32) * np.asarray(scale))
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.02 * np.abs(want).max())
