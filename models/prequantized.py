@@ -58,9 +58,9 @@ INT4_AUX_SUFFIXES = (".qzeros", ".scales", ".g_idx", ".weight_shape")
 class Scheme:
     """What a checkpoint's quantization_config says about its linear weights."""
 
-    method: str  # "fp8" | "compressed-tensors"
-    mode: str  # our quantization of the projections: "int8" | "fp8"
-    strategy: str  # "tensor-or-channel" (from each scale's shape) | "group" | "block"
+    method: str  # quantization_config.quant_method: "fp8" | "compressed-tensors" | "awq" | "gptq"
+    mode: str  # our quantization of the projections: "int8" | "fp8" (4-bit checkpoints: "int8")
+    strategy: str  # "tensor-or-channel" (from each scale's shape) | "group" | "block" | "int4"
     scale_suffix: str = ".weight_scale"  # ".weight_scale_inv" for block-wise fp8
     group_size: int | None = None  # strategy "group": input columns per scale
     block: tuple[int, int] | None = None  # strategy "block": (rows, columns) per scale
