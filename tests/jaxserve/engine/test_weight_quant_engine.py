@@ -15,7 +15,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flax import nnx
