@@ -21,6 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The KV cache also takes 8-bit pages with a scale per token and kv head (pallas_kernels.kv_quant);
 # vLLM's "fp8" is e4m3 and is stored as "fp8_e4m3".
 KV_CACHE_DTYPES = DTYPES + ("int8", "fp8_e4m3", "fp8")
+QUANTIZATIONS = ("int8", "fp8")  # weight quantization (models.quantization); fp8 is e4m3
 
 
 def _power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -76,6 +77,13 @@ class EngineConfig:
     # Speculative decoding (vLLM's speculative_config: a SpeculativeConfig, a mapping or a JSON
     # string); None: off. See jaxserve/speculative.py.
     speculative_config: Any = None
+    # Weight quantization (vLLM's name): None (the checkpoint's weights in `dtype`), "int8" or "fp8"
+    # (e4m3): the decoder layers' q/k/v/o/gate/up/down projections stored in 8 bits with a float32
+    # scale per output channel, quantized at load (models.quantize_weights).
+    quantization: str | None = None
+    # w8a8, off by default: with 8-bit weights, also quantize each projection's input per token
+    # (dynamic absmax scales) and contract the 8-bit operands (int8 x int8 -> int32 on TPU, e4m3 on GPU).
+    activation_quantization: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -116,6 +124,11 @@ class EngineConfig:
         from jaxserve.speculative import SpeculativeConfig
 
         object.__setattr__(self, "speculative_config", SpeculativeConfig.coerce(self.speculative_config))
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or null for none), "
+                             f"got {self.quantization!r}")
+        if not isinstance(self.activation_quantization, bool):
+            raise ValueError(f"activation_quantization must be true or false, got {self.activation_quantization!r}")
         if not 0 <= self.max_logprobs <= 20:
             raise ValueError(f"max_logprobs must be in [0, 20], got {self.max_logprobs}")
         object.__setattr__(self, "token_buckets", self._buckets(

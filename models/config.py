@@ -79,6 +79,12 @@ class ModelConfig:
     # Expert parallelism: the experts are split over this many devices of the model axis, whole
     # experts per device (jaxserve.sharding.Placement.expert_parallel); never read from a HF config.
     expert_parallel: int = 1
+    # Weight quantization of the decoder layers' projections (models.quantization): None, "int8" or
+    # "fp8" (e4m3); per-output-channel scales beside the weights. Set by the loader (the engine's
+    # `quantization`), never read from a HF config's fields.
+    quantization: str | None = None
+    # w8a8 (opt-in): also quantize each projection's input per token (models.quantization.linear).
+    activation_quantization: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -117,6 +123,11 @@ class ModelConfig:
         if self.sliding_rope is not None:
             self.sliding_rope.rotary_dim(self.head_dim)
         self._check_experts()
+        if self.quantization is not None and self.quantization not in ("int8", "fp8"):
+            raise ModelConfigError(f"quantization must be None, 'int8' or 'fp8', got {self.quantization!r}")
+        if self.activation_quantization and self.quantization is None:
+            raise ModelConfigError("activation_quantization (w8a8) needs quantized weights: set quantization to "
+                                   "'int8' or 'fp8' (or load a pre-quantized checkpoint)")
 
     def _check_experts(self) -> None:
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):

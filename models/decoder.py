@@ -55,6 +55,7 @@ from jaxserve.models.gemma import GemmaDecoderLayer, GemmaRMSNorm
 from jaxserve.models.lora_layers import add_lora
 from jaxserve.models.moe import MoEBlock
 from jaxserve.models.params import param as _param
+from jaxserve.models.quantization import linear, linear_weight
 from jaxserve.models.sharded_attention import sharded_ragged_paged_attention
 from jaxserve.models.rope import apply_rotary, rotary_embedding
 
@@ -87,10 +88,17 @@ class Attention(nnx.Module):
         # K counts the cached kv heads: under tensor parallelism with fewer kv heads than devices
         # each is stored cfg.kv_head_replicas times (models.loader copies its k/v columns).
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.cache_kv_heads, cfg.head_dim
-        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)  # [D, N, H]
-        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
-        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)  # [D, K, H]
-        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)  # [N, H, D]
+        # cfg.quantization: each projection is int8 / e4m3 values + a float32 `*_scale` [size 1 on
+        # the contracted axes] (models.quantization.linear_weight); unquantized, the scale is None.
+        quant = cfg.quantization
+        self.q_proj, self.q_proj_scale = linear_weight(
+            rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype, "q_proj", quant)  # [D, N, H]
+        self.k_proj, self.k_proj_scale = linear_weight(
+            rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, "k_proj", quant)  # [D, K, H]
+        self.v_proj, self.v_proj_scale = linear_weight(
+            rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype, "v_proj", quant)  # [D, K, H]
+        self.o_proj, self.o_proj_scale = linear_weight(
+            rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, "o_proj", quant)  # [N, H, D]
         if cfg.attention_bias:
             self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), dtype, init="zeros")
             self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -101,6 +109,7 @@ class Attention(nnx.Module):
             self.q_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
             self.k_norm = make_norm(cfg, h, "head_dim", dtype=dtype, rngs=rngs)
         self.cfg = cfg
+        self.w8a8 = cfg.activation_quantization
         self.attention_backend = attention_backend
         # A Pallas kernel under a multi-device mesh runs through shard_map (XLA cannot split it).
         self.shard_mesh = (mesh if mesh is not None and mesh.size > 1
@@ -111,11 +120,11 @@ class Attention(nnx.Module):
         which this layer owns [first_page, first_page + P) (first_page int32 scalar, traced)
         -> (out [T, D], kv_pages')."""
         cfg = self.cfg
-        q = jnp.einsum("td,dnh->tnh", x, self.q_proj[...])
+        q = linear("td,dnh->tnh", x, self.q_proj, self.q_proj_scale, w8a8=self.w8a8)
         q = add_lora(self, "q_proj", x, q, md.lora_slots)  # + each token's adapter (models.lora_layers)
-        k = jnp.einsum("td,dkh->tkh", x, self.k_proj[...])
+        k = linear("td,dkh->tkh", x, self.k_proj, self.k_proj_scale, w8a8=self.w8a8)
         k = add_lora(self, "k_proj", x, k, md.lora_slots)
-        v = jnp.einsum("td,dkh->tkh", x, self.v_proj[...])
+        v = linear("td,dkh->tkh", x, self.v_proj, self.v_proj_scale, w8a8=self.w8a8)
         v = add_lora(self, "v_proj", x, v, md.lora_slots)
         if cfg.attention_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
@@ -130,7 +139,7 @@ class Attention(nnx.Module):
         o = attend(q, kv_pages, md.kv_lens, md.block_tables + first_page, md.cu_q_lens, md.num_seqs,
                    sm_scale=cfg.sm_scale, sliding_window=sliding_window, soft_cap=cfg.attn_logit_softcap,
                    backend=self.attention_backend)  # [T, N, H]
-        out = jnp.einsum("tnh,nhd->td", o.astype(x.dtype), self.o_proj[...])
+        out = linear("tnh,nhd->td", o.astype(x.dtype), self.o_proj, self.o_proj_scale, w8a8=self.w8a8)
         out = add_lora(self, "o_proj", o.astype(x.dtype), out, md.lora_slots)
         if cfg.o_proj_bias:
             out = out + self.o_bias[...]
@@ -140,26 +149,29 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        quant = cfg.quantization  # see Attention: values + `*_scale` when quantized
+        self.gate_proj, self.gate_proj_scale = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, "gate_proj", quant)
+        self.up_proj, self.up_proj_scale = linear_weight(rngs, (d, f), ("embed", "mlp"), dtype, "up_proj", quant)
+        self.down_proj, self.down_proj_scale = linear_weight(rngs, (f, d), ("mlp", "embed"), dtype, "down_proj", quant)
         if cfg.mlp_bias:
             self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
             self.up_bias = _param(rngs, (f,), ("mlp",), dtype, init="zeros")
             self.down_bias = _param(rngs, (d,), ("embed",), dtype, init="zeros")
         self.mlp_bias = cfg.mlp_bias
         self.hidden_act = cfg.hidden_act
+        self.w8a8 = cfg.activation_quantization
 
     def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
         """x [T, D] -> [T, D]; lora_slots int32[T]: each token's adapter slot (None: no adapters)."""
-        gate = x @ self.gate_proj[...]
+        gate = linear("td,df->tf", x, self.gate_proj, self.gate_proj_scale, w8a8=self.w8a8)
         gate = add_lora(self, "gate_proj", x, gate, lora_slots)
-        up = x @ self.up_proj[...]
+        up = linear("td,df->tf", x, self.up_proj, self.up_proj_scale, w8a8=self.w8a8)
         up = add_lora(self, "up_proj", x, up, lora_slots)
         if self.mlp_bias:
             gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = (ACTIVATIONS[self.hidden_act](gate) * up) @ self.down_proj[...]
-        out = add_lora(self, "down_proj", ACTIVATIONS[self.hidden_act](gate) * up, out, lora_slots)
+        act = ACTIVATIONS[self.hidden_act](gate) * up  # [T, F]
+        out = linear("tf,fd->td", act, self.down_proj, self.down_proj_scale, w8a8=self.w8a8)
+        out = add_lora(self, "down_proj", act, out, lora_slots)
         return out + self.down_bias[...] if self.mlp_bias else out
 
 

@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.params import param
+from jaxserve.models.quantization import dequantize, linear_weight
 
 
 def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -114,8 +115,13 @@ class MoEBlock(nnx.Module):
         # The router stays whole on every device (its second axis is deliberately unnamed):
         # every device routes every token, so routing needs no collective.
         self.router = param(rngs, (d, e), ("embed", None), dtype)  # [D, E]
-        self.gate_up_proj = param(rngs, (e, d, 2 * f), ("expert", "embed", "expert_mlp"), dtype)  # [E, D, 2F]
-        self.down_proj = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype)  # [E, F, D]
+        # cfg.quantization: int8 / e4m3 experts + float32 `*_scale` [E, 1, 2F] / [E, 1, D] (one per
+        # expert and output channel); dequantized per layer before the grouped matmuls (ragged_dot
+        # takes one dtype), so quantized experts save memory, while their matmuls run in the model dtype.
+        self.gate_up_proj, self.gate_up_proj_scale = linear_weight(
+            rngs, (e, d, 2 * f), ("expert", "embed", "expert_mlp"), dtype, "gate_up_proj", cfg.quantization)
+        self.down_proj, self.down_proj_scale = linear_weight(
+            rngs, (e, f, d), ("expert", "expert_mlp", "embed"), dtype, "down_proj", cfg.quantization)
         if (shared_expert is None) != (not cfg.shared_expert_intermediate_size):
             raise ValueError(f"shared_expert_intermediate_size={cfg.shared_expert_intermediate_size} needs a "
                              f"shared expert module exactly when it is > 0, got {shared_expert!r}")
@@ -132,7 +138,10 @@ class MoEBlock(nnx.Module):
         """x [T, D] -> [T, D]. lora_slots: unused, experts carry no LoRA slots (models.lora_layers
         adapts a mixture of experts' attention only)."""
         weights, experts = route(x, self.router[...], self.cfg)
-        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        gate_up, down = self.gate_up_proj[...], self.down_proj[...]  # [E, D, 2F], [E, F, D]
+        if self.gate_up_proj_scale is not None:
+            gate_up = dequantize(gate_up, self.gate_up_proj_scale[...], x.dtype)
+            down = dequantize(down, self.down_proj_scale[...], x.dtype)
         if self.mesh is None:
             out = grouped_experts(x, weights, experts, gate_up, down)
         else:

@@ -105,5 +105,5 @@ class DataParallelEngine:
 
     def stats(self) -> dict[str, int | float]:
         per = [r.stats() for r in self.replicas]
-        same = {"kv_bytes_per_token"}  # a layout figure, equal in every replica: not summed
+        same = {"kv_bytes_per_token", "weight_bytes_per_device"}  # equal in every replica: not summed
         return {key: per[0][key] if key in same else sum(s[key] for s in per) for key in per[0]}

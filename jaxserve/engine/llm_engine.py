@@ -44,6 +44,7 @@ import random
 
 import jax
 import numpy as np
+from flax import nnx
 from transformers import AutoTokenizer
 
 from jaxserve.config import EngineConfig
@@ -64,6 +65,7 @@ from jaxserve.worker.spec_draft import DraftRunner
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.decoder import init_kv_caches, kv_cache_sharding
 from jaxserve.models.loader import load_model, read_hf_config, resolve_dtype, resolve_model_dir
+from jaxserve.models.quantize_weights import param_bytes
 from jaxserve.kernels.backend import interpret_mode, resolve_backend
 from jaxserve.kernels.kv_quant import is_quantized_dtype, kv_cache_dtype
 
@@ -185,12 +187,18 @@ class LLMEngine:
         self.model_path = model_path
         loaded = load_model(model_path, dtype=config.dtype, attention_backend=config.attention_backend,
                             sharding_fn=placement.sharding, mesh=placement.mesh,
-                            kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel)
+                            kv_head_replicas=placement.kv_head_replicas, expert_parallel=placement.expert_parallel,
+                            quantization=config.quantization,
+                            activation_quantization=config.activation_quantization)
         if config.enable_lora:  # the adapter slots (zeros), sharded like their base layers
             from jaxserve.models.lora_layers import attach_lora
 
             attach_lora(loaded.model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
                         method=config.lora_delta_method, sharding_fn=placement.sharding)
+        self.weight_bytes, self.weight_bytes_per_device = param_bytes(nnx.state(loaded.model, nnx.Param))
+        log.info("weights (quantization=%s%s): %.1f MiB, %.1f MiB per device", loaded.config.quantization,
+                 ", w8a8 activations" if loaded.config.activation_quantization else "",
+                 self.weight_bytes / 2**20, self.weight_bytes_per_device / 2**20)
         return loaded, devices
 
     def _lora_manager(self, config: EngineConfig):
@@ -412,6 +420,8 @@ class LLMEngine:
             "num_total_pages": self.kv.num_total_pages,
             "kv_bytes_per_token": self.kv_layout.token_bytes,  # every layer, K and V (8-bit: with scales), per device
             "kv_cache_bytes": self.kv.num_total_pages * self.kv_layout.page_bytes,  # per device
+            "weight_bytes": self.weight_bytes,  # every parameter (8-bit projections: values + scales)
+            "weight_bytes_per_device": self.weight_bytes_per_device,  # the most one device holds
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.kv.prefix_cache_hit_tokens,
             "prefix_cache_query_tokens": self.kv.prefix_cache_query_tokens,

@@ -21,7 +21,7 @@ import typing
 from typing import Any, Callable
 
 from jaxserve import config as config_module
-from jaxserve.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, EngineConfig
+from jaxserve.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from jaxserve.lora_request import LORA_DELTA_METHODS
 
 # EngineConfig field -> its flags, where the name is vLLM's (or vLLM's is an alias).
@@ -31,10 +31,12 @@ VLLM_FLAGS: dict[str, tuple[str, ...]] = {
     "num_pages": ("--num-gpu-blocks-override", "--num-pages"),
     "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
     "data_parallel_size": ("--data-parallel-size", "-dp"),
+    "quantization": ("--quantization", "-q"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": DTYPES, "kv_cache_dtype": KV_CACHE_DTYPES, "attention_backend": tuple(ATTENTION_BACKENDS),
     "lora_delta_method": LORA_DELTA_METHODS,
+    "quantization": QUANTIZATIONS,
 }
 # Help for fields whose source line has no comment.
 HELP = {

@@ -20,13 +20,14 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
     backend = os.environ.get("MESH_CHECK_BACKEND", "reference")
     num = int(os.environ.get("MESH_CHECK_REQUESTS", "16"))
     kv_cache_dtype = os.environ.get("MESH_CHECK_KV_CACHE_DTYPE", "auto")
+    quantization = os.environ.get("MESH_CHECK_QUANTIZATION") or None  # weights: int8 | fp8
     rng = random.Random(0)
     work = [([rng.randrange(6, 1000) for _ in range(rng.choice([1, 5, 17, 40, 90]))], rng.randrange(2, 12))
             for _ in range(num)]
     result = {"devices": jax.device_count(), "meshes": {}}
     for mesh in meshes:
         llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[128], seq_buckets=[16],
-                  attention_backend=backend, kv_cache_dtype=kv_cache_dtype)
+                  attention_backend=backend, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         outs = llm.generate([p for p, _ in work],
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
                             use_tqdm=False)
@@ -43,6 +44,10 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
             "q_spec": str(q.sharding.spec), "q_shard": list(q.addressable_shards[0].data.shape),
             "k_spec": str(k.sharding.spec), "kv_spec": str(kv.sharding.spec), "kv_dtype": str(kv.dtype),
             "scales_spec": None if scales is None else str(scales.sharding.spec),
+            "weight_specs": {f"{group}.{name}": [str(p.get_value().dtype), str(p.get_value().sharding.spec)]
+                             for group in ("self_attn", "mlp")
+                             for name, p in engines[0].runner.params["layers"][group].items()},
+            "weight_bytes_per_device": llm.stats()["weight_bytes_per_device"],
             "free_pages": llm.stats()["num_free_pages"], "total_pages": llm.stats()["num_total_pages"],
         }
     print("RESULT " + json.dumps(result))

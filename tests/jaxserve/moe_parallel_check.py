@@ -24,7 +24,8 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
             for _ in range(12)]
     result = {"devices": jax.device_count(), "meshes": {}}
     for mesh in meshes:
-        llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[128], seq_buckets=[16])
+        llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[128], seq_buckets=[16],
+                  quantization=os.environ.get("MOE_CHECK_QUANTIZATION") or None)  # int8 | fp8 experts
         warm = llm.stats()["compile_count"]
         outs = llm.generate([p for p, _ in work],
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in work],
@@ -37,7 +38,9 @@ def main(model_dir: str, config: str, meshes: list[str]) -> None:
             "expert_parallel": engine.placement.expert_parallel,
             "model_expert_parallel": engine.model_config.expert_parallel,
             "gate_up_spec": str(gate_up.sharding.spec), "gate_up_shard": list(gate_up.addressable_shards[0].data.shape),
-            "router_spec": str(router.sharding.spec),
+            "router_spec": str(router.sharding.spec), "gate_up_dtype": str(gate_up.dtype),
+            "gate_up_scale_spec": str(mlp["gate_up_proj_scale"].get_value().sharding.spec)
+            if "gate_up_proj_scale" in mlp else None,
             "compiles_warm": warm, "compiles_after": llm.stats()["compile_count"],
             "free_pages": llm.stats()["num_free_pages"], "total_pages": llm.stats()["num_total_pages"],
         }
