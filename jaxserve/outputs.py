@@ -40,3 +40,6 @@ class RequestOutput:
     # Set on the final output of a request that failed on its own (an error in processing
     # its outputs): the request is finished (finish_reason "abort"), the engine serves on.
     error: str | None = None
+    # SamplingParams.prompt_logprobs: per prompt position (None at 0) the prompt token's and the
+    # top tokens' logprobs; on the request's first output only (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

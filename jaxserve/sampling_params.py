@@ -149,6 +149,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | None = None
     # Constrained decoding (JSON schema, regex, choice, grammar); accepts a dict of its fields.
     structured_outputs: "StructuredOutputsParams | None" = None
+    # Top logprobs per prompt position (vLLM): each prompt token's logprob and the top k at its
+    # position, in RequestOutput.prompt_logprobs (position 0 is None); [0, MAX_LOGPROBS].
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -159,7 +162,7 @@ class SamplingParams:
             set_(name, _as_float(name, getattr(self, name)))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             set_(name, _as_bool(name, getattr(self, name)))
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 set_(name, _as_int(name, getattr(self, name)))
         if self.top_k == -1:
@@ -186,6 +189,8 @@ class SamplingParams:
             ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              "in [-2**63, 2**64 - 1] (64 bits) or None"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}] or None"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
              f"in [0, {MAX_LOGPROBS}] or None"),
         ]
         for name, ok, rule in checks:

@@ -139,7 +139,10 @@ class Scheduler:
             req = self.waiting[0]
             if used_slots + self._slots(req) > self.max_num_seqs:
                 break
-            pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids, extra_key=self._prefix_key(req))
+            pages, n_hit = [], 0  # prompt logprobs need every prompt position computed (as vLLM)
+            if req.params.prompt_logprobs is None:
+                pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids,
+                                                          extra_key=self._prefix_key(req))
             n_new = min(req.num_tokens - n_hit, budget)
             req.num_computed_tokens = n_hit
             new = self._allocate(req, n_new, pages)

@@ -90,6 +90,9 @@ class InputProcessor:
         params.validate_for_model(vocab_size=self.vocab_size)
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs must be <= {self.max_logprobs} (max_logprobs), got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.max_logprobs:
+            raise ValueError(f"prompt_logprobs must be <= {self.max_logprobs} (max_logprobs), "
+                             f"got {params.prompt_logprobs}")
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         bias = len(params.logit_bias or ()) + (len(banned) if params.min_tokens else 0)
         if bias > MAX_BIAS_ENTRIES:

@@ -124,4 +124,6 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
     acc.outputs = [by_index[k] for k in sorted(by_index)]
     acc.finished = delta.finished
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     return acc

@@ -49,6 +49,7 @@ from jaxserve.core.scheduler import Scheduler, SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
+from jaxserve.engine.prompt_logprobs import PromptLogprobsCollector
 from jaxserve.engine.structured_output import StructuredOutputManager, needs_bitmask
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -140,6 +141,7 @@ class LLMEngine:
         self.structured = StructuredOutputManager(self.tokenizer, vocab_size=mc.vocab_size,
                                                   eos_token_ids=self.eos_token_ids,
                                                   compile_timeout_s=config.structured_outputs_compile_timeout_s)
+        self.prompt_logprobs = PromptLogprobsCollector()
         self._updated: list[list[Request]] = []  # steps applied early (masks), their outputs not made yet
         self._rng = random.Random(config.seed)
         # Dispatched steps whose tokens are not applied yet, oldest first (at most two).
@@ -204,6 +206,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed)
         self.outputs.add(request_id, text, ids, params)
+        self.prompt_logprobs.add(request_id, params, len(ids))
         self.scheduler.add_request(req)
         return ids
 
@@ -212,6 +215,7 @@ class LLMEngine:
         group = self.outputs.abort(request_id)
         if group is None:
             return False
+        self.prompt_logprobs.drop(request_id)
         self._abort_samples(request_id, group.params.n)
         return True
 
@@ -277,6 +281,9 @@ class LLMEngine:
     def _update(self, out: SchedulerOutput, handle: StepHandle) -> list[Request]:
         """Step N's tokens into the scheduler; returns the requests it touched."""
         tokens, logprobs = self.runner.collect(handle)
+        prompt_logprobs = self.runner.collect_prompt_logprobs(handle)
+        if prompt_logprobs is not None:
+            self.prompt_logprobs.record(out, prompt_logprobs)
         self.num_computed_tokens += out.num_tokens
         sampled = []
         rows = [(s.request, s.num_samples) for s in out.seqs if s.num_samples]
@@ -294,7 +301,9 @@ class LLMEngine:
     def _process(self, touched: list[Request]) -> list[RequestOutput]:
         # A failure in one request's output processing finishes that request with an error
         # (RequestOutput.error); the engine serves on (OutputProcessor.process).
-        return self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
+        outputs = self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
+        self.prompt_logprobs.attach(outputs)
+        return outputs
 
     def stats(self) -> dict[str, int | float]:
         return {

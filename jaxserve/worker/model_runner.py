@@ -44,6 +44,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
                                          step_positions)
 from jaxserve.worker.bitmask import allow_all
+from jaxserve.worker.prompt_logprobs import body_with_prompt_logprobs, prompt_logprob_targets, wants_prompt_logprobs
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
@@ -102,6 +103,7 @@ class StepHandle:
     result: object  # SamplerOutput (device arrays)
     num_rows: int
     want_logprobs: bool
+    prompt_logprobs: object = None  # PromptLogprobsOutput (device arrays) of a prompt-logprob step
 
 
 class ModelRunner:
@@ -144,7 +146,12 @@ class ModelRunner:
         self._reset = jax.jit(functools.partial(reset_penalty_rows), donate_argnums=(0,), **state_out)
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
-        self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
+        # The body's prompt-logprob variant (worker/prompt_logprobs.py), one per token bucket.
+        self._body_plp = jax.jit(functools.partial(body_with_prompt_logprobs, g, page_size=page_size,
+                                                   num_logprobs=self.num_logprobs), donate_argnums=(1, 2),
+                                 out_shardings=None if rep is None else (kv_out, rep, rep, rep))
+        self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy,
+                          self._body_plp)
 
     @property
     def compile_count(self) -> int:
@@ -153,6 +160,7 @@ class ModelRunner:
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
         return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
+                + [("body_prompt_logprobs", t) for t in self.shapes.token_buckets]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
 
     def warm_up(self) -> None:
@@ -163,12 +171,16 @@ class ModelRunner:
                  [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
         n, oob = self.batch.num_slots, self.batch.num_slots
         for name, k in programs:
-            if name == "body":
+            if name in ("body", "body_prompt_logprobs"):
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
                                  np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
-                self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
-                                                                _no_cells())
+                if name == "body":
+                    self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
+                                                                    _no_cells())
+                else:
+                    self.kv_caches, self.state, _, _ = self._body_plp(
+                        self.params, self.kv_caches, self.state, inp, _no_cells(), np.full(k, -1, np.int32))
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
                                    self._allow_all[k])
@@ -207,8 +219,16 @@ class ModelRunner:
             dst = np.zeros(self.shapes.max_num_seqs, np.int32)
             src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
             self.kv_caches = self._copy(self.kv_caches, src, dst)
-        self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
-                                                        plan.cells[-1])
+        plp = None
+        if wants_prompt_logprobs(out):
+            targets = prompt_logprob_targets(out, plan.body.host_ids.shape[0])
+            self.kv_caches, self.state, hidden, plp = self._body_plp(self.params, self.kv_caches, self.state,
+                                                                     plan.body, plan.cells[-1], targets)
+            for a in plp.arrays():
+                a.copy_to_host_async()
+        else:
+            self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
+                                                            plan.cells[-1])
         r = plan.sample.row_slots.shape[0]
         mask = self._allow_all[r]
         if bitmask is not None:
@@ -219,7 +239,7 @@ class ModelRunner:
         if plan.want_logprobs:
             for a in (result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs):
                 a.copy_to_host_async()
-        return StepHandle(result, plan.num_rows, plan.want_logprobs)
+        return StepHandle(result, plan.num_rows, plan.want_logprobs, plp)
 
     @staticmethod
     def collect(handle: StepHandle) -> tuple[np.ndarray, tuple | None]:
@@ -231,3 +251,11 @@ class ModelRunner:
             return tokens, None
         return tokens, (np.asarray(r.sampled_logprobs)[:n], np.asarray(r.top_logprob_ids)[:n],
                         np.asarray(r.top_logprobs)[:n])
+
+    @staticmethod
+    def collect_prompt_logprobs(handle: StepHandle) -> tuple[np.ndarray, ...] | None:
+        """(target logprobs f32[T], target ranks i32[T], top ids i32[T, K], top logprobs
+        f32[T, K]) per flat row of a prompt-logprob step; None for other steps."""
+        if handle.prompt_logprobs is None:
+            return None
+        return tuple(np.asarray(a) for a in handle.prompt_logprobs.arrays())
