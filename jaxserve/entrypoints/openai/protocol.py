@@ -79,6 +79,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
     response_format: "ResponseFormat | None" = None
+    prompt_logprobs: int | None = None  # vLLM extra: top logprobs per prompt position, in each choice
 
 
 class TextPart(BaseModel):

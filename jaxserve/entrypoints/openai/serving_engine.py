@@ -259,8 +259,10 @@ class OpenAIServing:
     def aliases_for(self, body: BaseModel) -> dict[str, str]:
         return self.aliases
 
-    def sampling_params(self, body: Any, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        kwargs: dict[str, Any] = dict(
+    def sampling_params(self, body: Any, *, max_tokens: int | None, logprobs: int | None,
+                        **extra: Any) -> SamplingParams:
+        """extra: more SamplingParams fields (an endpoint's own, e.g. prompt_logprobs)."""
+        kwargs: dict[str, Any] = dict(**extra,
             n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids,
             skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
