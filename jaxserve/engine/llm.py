@@ -80,6 +80,14 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def beam_search(self, prompts: Sequence[Any], params: "BeamSearchParams",
+                    use_tqdm: bool = False) -> "list[BeamSearchOutput]":
+        """vLLM's LLM.beam_search, scored as transformers' generate(num_beams=...) (engine/beam_search.py):
+        one BeamSearchOutput per prompt, its sequences best first."""
+        from jaxserve.engine.beam_search import beam_search
+
+        return beam_search(self, prompts, params, use_tqdm=use_tqdm)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         done: set[str] = set()
