@@ -80,6 +80,10 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     response_format: "ResponseFormat | None" = None
     prompt_logprobs: int | None = None  # vLLM extra: top logprobs per prompt position, in each choice
+    # vLLM extras: beam search (openai/beam.py), best_of as the beam width
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class TextPart(BaseModel):

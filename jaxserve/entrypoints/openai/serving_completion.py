@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from jaxserve.engine.llm import merge_delta
+from jaxserve.entrypoints.openai.beam import beam_search_response
 from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.protocol import CompletionRequest
 from jaxserve.entrypoints.openai.serving_engine import (SSE_DONE, EngineRequests, OpenAIServing, sse, stream_response,
@@ -38,6 +39,8 @@ class OpenAIServingCompletion(OpenAIServing):
         texts = [p if isinstance(p, str) else None for p in prompts]  # for echo: the text as sent
         prompts = await self.tokenize_prompts(prompts)  # the engine gets token ids
         response_id = self.new_id("cmpl")
+        if body.use_beam_search:
+            return await beam_search_response(self, body, prompts, texts, response_id)
         requests = await self.start(body, prompts, params, response_id)
         if body.stream:
             return stream_response(requests, lambda: self._events(body, requests, response_id, texts))
@@ -48,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
     def _check_supported(body: CompletionRequest) -> None:
         if body.suffix is not None:
             raise bad_request("suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
+        if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
             raise bad_request(f"best_of must equal n ({body.n}) or be omitted: best_of sampling is not "
                               f"supported, got {body.best_of}", param="best_of")
 

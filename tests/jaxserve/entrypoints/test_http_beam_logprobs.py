@@ -1,5 +1,6 @@
-"""The OpenAI completions API through the official `openai` client: echo with logprobs and
-vLLM's prompt_logprobs (against transformers), on a real server on 127.0.0.1."""
+"""The OpenAI completions API through the official `openai` client, on a real server on
+127.0.0.1: echo with logprobs and vLLM's prompt_logprobs (against transformers), beam search
+(against LLM.beam_search, itself checked against transformers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from engine_fixtures import write_engine_test_model
 from http_helpers import CPU, MODEL, ServerThread, base_url
-from jaxserve import AsyncLLM, LLM, SamplingParams
+from jaxserve import AsyncLLM, BeamSearchParams, LLM, SamplingParams
 
 PROMPT = "The capital of France is a city of many rivers and bridges"
 
@@ -36,6 +37,8 @@ def want(llm, model) -> dict:
     w = {"ids": ids, "hf": torch.log_softmax(logits, dim=-1).numpy(),
          "greedy": llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2),
                                 use_tqdm=False)[0]}
+    w["beams"] = llm.beam_search([PROMPT, "Hello world"], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5,
+                                                                     early_stopping=True))
     return w
 
 
@@ -103,3 +106,31 @@ def test_prompt_logprobs_bad_values_are_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"prompt_logprobs": "2"})
     assert "prompt_logprobs" in str(e.value.body)
+
+
+def test_beam_search_fields(client, want):
+    kw = dict(model=MODEL, prompt=[PROMPT, "Hello world"], max_tokens=6, n=2, best_of=3, logprobs=1,
+              extra_body={"use_beam_search": True, "length_penalty": 0.5, "early_stopping": True})
+    got = client.completions.create(**kw)
+    expected = [s for out in want["beams"] for s in out.sequences[:2]]
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert [c.text for c in got.choices] == [s.text for s in expected]
+    assert [c.finish_reason for c in got.choices] == [s.finish_reason for s in expected]
+    for c, s in zip(got.choices, expected):
+        gen = s.tokens[len(s.tokens) - len(s.logprobs):]
+        assert c.logprobs.token_logprobs == pytest.approx([e[t].logprob for t, e in zip(gen, s.logprobs)])
+        assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-5)
+    assert got.usage.completion_tokens == sum(len(s.logprobs) for s in expected)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks) == [
+        (c.index, c.text) for c in got.choices]
+
+
+@pytest.mark.parametrize("fields,param", [({"best_of": 11}, "best_of"), ({"n": 3, "best_of": 2}, "n"),
+                                          ({"temperature": 0.7}, "temperature"),
+                                          ({"early_stopping": "sometimes"}, "early_stopping")])
+def test_beam_search_bad_fields_are_400(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3,
+                                  extra_body={"use_beam_search": True, **fields})
+    assert e.value.body["param"] == param or param in e.value.body["message"]
