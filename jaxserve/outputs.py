@@ -23,6 +23,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None  # per token: sampled + top-k
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    cumulative_logprob: float | None = None  # sum of its tokens' logprobs (set for best_of > n)
 
     @property
     def finished(self) -> bool:

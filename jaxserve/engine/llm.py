@@ -129,6 +129,8 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
         if c.logprobs is not None:
             cur.logprobs = (cur.logprobs or []) + c.logprobs
         cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+        if c.cumulative_logprob is not None:
+            cur.cumulative_logprob = c.cumulative_logprob
     acc.outputs = [by_index[k] for k in sorted(by_index)]
     acc.finished = delta.finished
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)

@@ -47,6 +47,7 @@ from jaxserve.core.kv_cache_manager import KVCacheManager, uniform_sliding_windo
 from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler, SchedulerOutput
 from jaxserve.core.step_shapes import StepShapes
+from jaxserve.engine.best_of import BestOf, engine_params
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
 from jaxserve.engine.prompt_logprobs import PromptLogprobsCollector
@@ -142,6 +143,7 @@ class LLMEngine:
                                                   eos_token_ids=self.eos_token_ids,
                                                   compile_timeout_s=config.structured_outputs_compile_timeout_s)
         self.prompt_logprobs = PromptLogprobsCollector()
+        self.best_of = BestOf()
         self._updated: list[list[Request]] = []  # steps applied early (masks), their outputs not made yet
         self._rng = random.Random(config.seed)
         # Dispatched steps whose tokens are not applied yet, oldest first (at most two).
@@ -199,6 +201,7 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if request_id in self.outputs.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        user_params, params = params, engine_params(params)  # best_of > n: n = best_of samples
         text, ids, max_tokens = self.inputs.process(prompt, params)
         self.structured.check(params)  # compiled (cached) or refused: ValueError naming the field
         # One seed for the group: sample k folds k into its key, so samples are independent
@@ -207,6 +210,8 @@ class LLMEngine:
         req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed)
         self.outputs.add(request_id, text, ids, params)
         self.prompt_logprobs.add(request_id, params, len(ids))
+        if params is not user_params:
+            self.best_of.add(request_id, user_params)
         self.scheduler.add_request(req)
         return ids
 
@@ -216,6 +221,7 @@ class LLMEngine:
         if group is None:
             return False
         self.prompt_logprobs.drop(request_id)
+        self.best_of.drop(request_id)
         self._abort_samples(request_id, group.params.n)
         return True
 
@@ -303,7 +309,7 @@ class LLMEngine:
         # (RequestOutput.error); the engine serves on (OutputProcessor.process).
         outputs = self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
         self.prompt_logprobs.attach(outputs)
-        return outputs
+        return self.best_of.filter(outputs)
 
     def stats(self) -> dict[str, int | float]:
         return {

@@ -35,7 +35,8 @@ class OpenAIServingCompletion(OpenAIServing):
         self._check_supported(body)
         prompts = self._prompts(body)
         params = self.sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
-                                      prompt_logprobs=self._prompt_logprobs(body))
+                                      prompt_logprobs=self._prompt_logprobs(body),
+                                      best_of=None if body.use_beam_search else body.best_of)
         texts = [p if isinstance(p, str) else None for p in prompts]  # for echo: the text as sent
         prompts = await self.tokenize_prompts(prompts)  # the engine gets token ids
         response_id = self.new_id("cmpl")
@@ -51,9 +52,6 @@ class OpenAIServingCompletion(OpenAIServing):
     def _check_supported(body: CompletionRequest) -> None:
         if body.suffix is not None:
             raise bad_request("suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n and not body.use_beam_search:
-            raise bad_request(f"best_of must equal n ({body.n}) or be omitted: best_of sampling is not "
-                              f"supported, got {body.best_of}", param="best_of")
 
     @staticmethod
     def _prompt_logprobs(body: CompletionRequest) -> int | None:

@@ -105,7 +105,7 @@ class EngineRequests:
 
     def _admit(self) -> None:
         """Counts this request's sequences against max_concurrent (see the module doc)."""
-        state, n = self.state, self.params.n
+        state, n = self.state, max(self.params.n, self.params.best_of or 0)  # best_of: the sequences run
         cap, need = state.max_concurrent, len(self.prompts) * n
         if cap is None:
             return
@@ -192,7 +192,7 @@ class EngineRequests:
             if not finished:  # also covers a cancel while the add was still in flight
                 self.engine.abort(rid)
             self.state.request_ids.discard(rid)
-            self._release(self.params.n)
+            self._release(max(self.params.n, self.params.best_of or 0))
             self._queue.put_nowait((i, _DONE))
 
 

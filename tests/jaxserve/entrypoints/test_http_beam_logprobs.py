@@ -1,6 +1,6 @@
 """The OpenAI completions API through the official `openai` client, on a real server on
 127.0.0.1: echo with logprobs and vLLM's prompt_logprobs (against transformers), beam search
-(against LLM.beam_search, itself checked against transformers)."""
+(against LLM.beam_search, itself checked against transformers), best_of > n."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def want(llm, model) -> dict:
                                 use_tqdm=False)[0]}
     w["beams"] = llm.beam_search([PROMPT, "Hello world"], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5,
                                                                      early_stopping=True))
+    w["best_of"] = llm.generate([PROMPT], SamplingParams(n=2, best_of=4, seed=5, temperature=1.0, max_tokens=6,
+                                                         ignore_eos=True), use_tqdm=False)[0]
     return w
 
 
@@ -134,3 +136,17 @@ def test_beam_search_bad_fields_are_400(client, fields, param):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3,
                                   extra_body={"use_beam_search": True, **fields})
     assert e.value.body["param"] == param or param in e.value.body["message"]
+
+
+def test_best_of_sampling(client, want):
+    kw = dict(model=MODEL, prompt=PROMPT, n=2, best_of=4, seed=5, temperature=1.0, max_tokens=6,
+              extra_body={"ignore_eos": True})
+    got = client.completions.create(**kw)
+    assert [c.text for c in got.choices] == [c.text for c in want["best_of"].outputs]
+    assert got.usage.completion_tokens == 12
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert sorted((ch.choices[0].index, ch.choices[0].text) for ch in chunks if ch.choices[0].text) == [
+        (c.index, c.text) for c in got.choices]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, n=3, best_of=2, max_tokens=2)
+    assert e.value.body["param"] == "best_of"
