@@ -27,6 +27,7 @@ from jaxserve.kernels.kv_quant import SCALE_BYTES, is_quantized_dtype
 from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleInputs, init_slot_state
 from jaxserve.worker.model_runner import _body, _sample
+from jaxserve.worker.prompt_logprobs import body_with_prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,14 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
                                                     allow_all(r, -(-model.cfg.vocab_size // 32))))
     sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
     sample_c = sampler.lower(params, state, hidden, sample_in).compile()
-    temps = [_temp_bytes(c) for c in (body_c, sample_c)]
-    log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s of temporaries, slot state %.1f MiB",
-             t, _mib(temps[0]), r, _mib(temps[1]), state_bytes / 2**20)
+    # the body's prompt-logprob variant: LM-head blocks over every row (worker/prompt_logprobs.py)
+    plp = jax.jit(functools.partial(body_with_prompt_logprobs, graphdef, page_size=page_size,
+                                    num_logprobs=num_logprobs), donate_argnums=(1, 2))
+    plp_c = plp.lower(params, kv_spec, state, body_in, cells, jax.ShapeDtypeStruct((t,), np.int32, sharding=rep)
+                      ).compile()
+    temps = [_temp_bytes(c) for c in (body_c, sample_c, plp_c)]
+    log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s, prompt-logprob body %s of temporaries, "
+             "slot state %.1f MiB", t, _mib(temps[0]), r, _mib(temps[1]), _mib(temps[2]), state_bytes / 2**20)
     return StepMemory(max(temps), state_bytes)
 
 
