@@ -65,6 +65,9 @@ class EngineConfig:
     # than this to compile is refused (a 400 / INVALID_ARGUMENT); compiles run in their own
     # threads, so a slow one never holds up other requests.
     structured_outputs_compile_timeout_s: float = 10.0
+    # Prompt logprobs (SamplingParams.prompt_logprobs, completions echo with logprobs): warm-up
+    # compiles a prompt-logprob body per token bucket; off, it does not and such requests are refused.
+    enable_prompt_logprobs: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -84,6 +87,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if not isinstance(self.enable_prompt_logprobs, bool):
+            raise ValueError(f"enable_prompt_logprobs must be a bool, got {self.enable_prompt_logprobs!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.num_pages is not None and self.num_pages < 2:

@@ -131,13 +131,15 @@ class LLMEngine:
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
-            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement)
+            block_table_fn=self.kv.block_table_view, max_logprobs=config.max_logprobs, placement=placement,
+            prompt_logprobs=config.enable_prompt_logprobs)
         self.runner.warm_up()
         self.inputs = InputProcessor(self.tokenizer, vocab_size=mc.vocab_size, max_model_len=self.max_model_len,
                                      max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
                                      page_size=config.page_size, num_total_pages=self.kv.num_total_pages,
                                      eos_token_ids=self.eos_token_ids, sliding_window=self.kv.sliding_window,
-                                     max_num_batched_tokens=config.max_num_batched_tokens)
+                                     max_num_batched_tokens=config.max_num_batched_tokens,
+                                     prompt_logprobs=config.enable_prompt_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(self.tokenizer, vocab_size=mc.vocab_size,
                                                   eos_token_ids=self.eos_token_ids,
@@ -184,7 +186,7 @@ class LLMEngine:
                                 shape, kv_cache_sharding(self.placement.kv_sharding, shape))
             step = profile_step_memory(model, spec, shapes=self.shapes, page_size=cfg.page_size,
                                        max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
-                                       placement=self.placement)
+                                       placement=self.placement, prompt_logprobs=cfg.enable_prompt_logprobs)
             budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             num_pages = kv_pages_for(budget, memory_fraction=cfg.memory_fraction, step=step, page_bytes=page_bytes,
                                      useful_pages=useful)

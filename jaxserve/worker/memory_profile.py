@@ -43,7 +43,7 @@ class StepMemory:
 
 
 def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, max_pages_per_seq: int,
-                        num_logprobs: int, placement=None) -> StepMemory:
+                        num_logprobs: int, placement=None, prompt_logprobs: bool = True) -> StepMemory:
     """kv_spec: a pytree of jax.ShapeDtypeStruct like the KV cache (any page count)."""
     graphdef, params = nnx.split(model)
     state = init_slot_state(shapes.max_num_seqs + 1, max_pages_per_seq, model.cfg.vocab_size)
@@ -68,11 +68,13 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
     # the body's prompt-logprob variant: LM-head blocks over every row (worker/prompt_logprobs.py)
     plp = jax.jit(functools.partial(body_with_prompt_logprobs, graphdef, page_size=page_size,
                                     num_logprobs=num_logprobs), donate_argnums=(1, 2))
-    plp_c = plp.lower(params, kv_spec, state, body_in, cells, jax.ShapeDtypeStruct((t,), np.int32, sharding=rep)
-                      ).compile()
-    temps = [_temp_bytes(c) for c in (body_c, sample_c, plp_c)]
+    temps = [_temp_bytes(c) for c in (body_c, sample_c)]
+    if prompt_logprobs:
+        targets = jax.ShapeDtypeStruct((t,), np.int32, sharding=rep)
+        temps.append(_temp_bytes(plp.lower(params, kv_spec, state, body_in, cells, targets).compile()))
     log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s, prompt-logprob body %s of temporaries, "
-             "slot state %.1f MiB", t, _mib(temps[0]), r, _mib(temps[1]), _mib(temps[2]), state_bytes / 2**20)
+             "slot state %.1f MiB", t, _mib(temps[0]), r, _mib(temps[1]), _mib(temps[-1] if prompt_logprobs else 0),
+             state_bytes / 2**20)
     return StepMemory(max(temps), state_bytes)
 
 

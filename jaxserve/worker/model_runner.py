@@ -108,7 +108,8 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
-                 block_table_fn, max_logprobs: int, placement=None):
+                 block_table_fn, max_logprobs: int, placement=None, prompt_logprobs: bool = True):
+        """prompt_logprobs: compile the body's prompt-logprob variant (worker/prompt_logprobs.py)."""
         self.graphdef, self.params = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
@@ -147,6 +148,7 @@ class ModelRunner:
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
         # The body's prompt-logprob variant (worker/prompt_logprobs.py), one per token bucket.
+        self.prompt_logprobs = prompt_logprobs
         self._body_plp = jax.jit(functools.partial(body_with_prompt_logprobs, g, page_size=page_size,
                                                    num_logprobs=self.num_logprobs), donate_argnums=(1, 2),
                                  out_shardings=None if rep is None else (kv_out, rep, rep, rep))
@@ -160,7 +162,7 @@ class ModelRunner:
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
         return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
-                + [("body_prompt_logprobs", t) for t in self.shapes.token_buckets]
+                + [("body_prompt_logprobs", t) for t in self.shapes.token_buckets if self.prompt_logprobs]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
 
     def warm_up(self) -> None:

@@ -106,3 +106,14 @@ def test_prompt_logprobs_above_max_logprobs_is_refused(llm):
             llm.generate([[5, 6, 7]], SamplingParams(prompt_logprobs=5), use_tqdm=False)
     finally:
         llm.engine.inputs.max_logprobs = small
+
+
+def test_engine_without_prompt_logprobs_compiles_fewer_programs(llm, model_dir):
+    off = LLM(str(model_dir[0]), config=CPU, max_num_batched_tokens=32, token_buckets=(16, 32),
+              enable_prompt_logprobs=False)
+    assert off.stats()["compile_count"] == llm.stats()["compile_count"] - 2
+    with pytest.raises(ValueError, match="enable_prompt_logprobs"):
+        off.generate([[5, 6, 7]], SamplingParams(prompt_logprobs=1), use_tqdm=False)
+    out = off.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0),
+                                                    use_tqdm=False)[0].outputs[0].token_ids
