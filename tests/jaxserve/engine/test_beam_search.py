@@ -4,6 +4,7 @@ k = 2 and 4 under length penalties and each early_stopping mode."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from engine_fixtures import write_engine_test_model
-from jaxserve import LLM, BeamSearchParams
+from jaxserve import AsyncLLM, LLM, BeamSearchParams
 from jaxserve.engine.beam_search import BeamSearch
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
@@ -126,3 +127,30 @@ def test_search_stops_when_k_beams_finished_with_early_stopping():
     # candidates [5, 9] -0.3 and [6, 9] -0.35 lead and both end: the slots keep the best two scores
     assert s.done and [f[1].tokens for f in s.finished] == [[9], [5, 9]]
     assert s.finished[1][0] == pytest.approx(-0.3 / 2)
+
+
+def test_async_beam_search_equals_sync_and_a_cancel_frees_its_pages(llm):
+    prompt = [9, 8, 7, 6, 5, 4, 3]
+    params = BeamSearchParams(beam_width=2, max_tokens=8, length_penalty=0.7)
+    want = llm.beam_search([prompt], params)[0]
+
+    async def run():
+        engine = AsyncLLM(engine=llm.engine)
+        try:
+            got = await engine.beam_search(prompt, params, "async-beam")
+            long = asyncio.create_task(engine.beam_search(prompt, BeamSearchParams(beam_width=4, max_tokens=300,
+                                                                                   ignore_eos=True), "cancelled"))
+            await asyncio.sleep(0.3)  # some rounds in (300 tokens take far longer)
+            long.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await long
+            assert await asyncio.to_thread(engine.wait_idle, 60)
+            return got
+        finally:
+            engine.shutdown()
+
+    got = asyncio.run(run())
+    assert [s.tokens for s in got.sequences] == [s.tokens for s in want.sequences]
+    assert [s.score for s in got.sequences] == pytest.approx([s.score for s in want.sequences], abs=1e-6)
+    stats = llm.stats()
+    assert stats["num_free_pages"] == stats["num_total_pages"]
