@@ -1,8 +1,11 @@
-"""Beam search in POST /v1/completions (vLLM's request fields): `use_beam_search: true` with
-`best_of` as the beam width (n when omitted), `length_penalty` and `early_stopping`
-(true | false | "never", transformers' meaning). The n best beams of each prompt are choices
-i * n + k, best first; `logprobs` and `echo` work as for sampling. Streamed, each choice is
-one chunk once its prompt's search is done (a beam's text is not final before that).
+"""Beam search over HTTP (vLLM's request fields): `use_beam_search: true`, `length_penalty` and
+`early_stopping` (true | false | "never", transformers' meaning).
+
+/v1/completions: `best_of` is the beam width (n when omitted); the n best beams of each prompt
+are choices i * n + k, best first; `logprobs` and `echo` (its text; echo's prompt logprobs are
+not computed for beams) work as for sampling. /v1/chat/completions: n is the beam width and
+every beam is a choice (vLLM's rule); tools and structured outputs are refused with it.
+Streamed, each choice is one chunk once the search is done (a beam's text is not final before).
 """
 
 from __future__ import annotations
@@ -86,3 +89,59 @@ async def _events(serving, body: CompletionRequest, search, texts: list[str | No
     finally:
         search.cancel()
     yield SSE_DONE
+
+
+# -- chat completions ---------------------------------------------------------------------
+
+
+def chat_beam_params(serving, body) -> BeamSearchParams:
+    """Chat has no best_of: n is the beam width and every beam is a choice (vLLM's rule)."""
+    if body.tools and body.tool_choice not in (None, "none"):
+        raise bad_request("use_beam_search does not combine with tools", param="use_beam_search")
+    if body.response_format is not None and body.response_format.type != "text" or body.structured_outputs:
+        raise bad_request("use_beam_search does not combine with structured outputs", param="use_beam_search")
+    if body.temperature not in (None, 0, 0.0):
+        raise bad_request(f"temperature must be 0 or omitted with use_beam_search, got {body.temperature}",
+                          param="temperature")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    try:
+        return BeamSearchParams(beam_width=body.n, max_tokens=max_tokens or serving.engine.max_model_len,
+                                ignore_eos=body.ignore_eos, length_penalty=body.length_penalty,
+                                early_stopping=body.early_stopping,
+                                include_stop_str_in_output=body.include_stop_str_in_output)
+    except ValueError as e:
+        param = "n" if str(e).startswith("beam_width") else None
+        raise (bad_request(str(e).replace("beam_width", "n (the beam width)"), param=param) if param
+               else serving.value_error(e, body)) from None
+
+
+async def chat_beam_search_response(serving, body, prompt_ids: list[int], response_id: str) -> Any:
+    params = chat_beam_params(serving, body)
+    try:
+        out = await serving.engine.beam_search(prompt_ids, params, response_id)
+    except ValueError as e:
+        raise serving.value_error(e, body) from None
+    choices = []
+    for k, seq in enumerate(out.sequences):
+        generated = seq.tokens[len(prompt_ids):]
+        c = CompletionOutput(k, seq.text or "", generated, seq.logprobs, seq.finish_reason, seq.stop_reason)
+        choices.append({"index": k, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": serving._logprobs(body, c), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason})
+    completion_tokens = sum(len(s.tokens) - len(prompt_ids) for s in out.sequences)
+    base = {"id": response_id, "created": serving.created(), "model": serving.model_name}
+    usage = serving.usage(len(prompt_ids), completion_tokens)
+    if not body.stream:
+        return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+
+    async def events() -> AsyncIterator[str]:  # the search is done: one chunk per beam
+        for ch in choices:
+            delta = {"role": "assistant", "content": ch["message"]["content"]}
+            yield sse({**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": ch["index"], "delta": delta, "logprobs": ch["logprobs"],
+                                    "finish_reason": ch["finish_reason"]}]})
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -172,6 +172,10 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     # Extras (vLLM names).
     add_generation_prompt: bool = True
+    # beam search (openai/beam.py): n is the beam width, every beam a choice
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")

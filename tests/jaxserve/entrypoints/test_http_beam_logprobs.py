@@ -14,6 +14,7 @@ from http_helpers import CPU, MODEL, ServerThread, base_url
 from jaxserve import AsyncLLM, BeamSearchParams, LLM, SamplingParams
 
 PROMPT = "The capital of France is a city of many rivers and bridges"
+MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,10 @@ def want(llm, model) -> dict:
                                 use_tqdm=False)[0]}
     w["beams"] = llm.beam_search([PROMPT, "Hello world"], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5,
                                                                      early_stopping=True))
+    ids = llm.get_tokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]
+    w["chat_beams"] = llm.beam_search([list(ids)], BeamSearchParams(beam_width=3, max_tokens=5,
+                                                                    early_stopping="never"))[0]
     w["best_of"] = llm.generate([PROMPT], SamplingParams(n=2, best_of=4, seed=5, temperature=1.0, max_tokens=6,
                                                          ignore_eos=True), use_tqdm=False)[0]
     return w
@@ -150,3 +155,24 @@ def test_best_of_sampling(client, want):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, n=3, best_of=2, max_tokens=2)
     assert e.value.body["param"] == "best_of"
+
+
+def test_chat_beam_search(client, want):
+    kw = dict(model=MODEL, messages=MESSAGES, n=3, max_tokens=5, logprobs=True,
+              extra_body={"use_beam_search": True, "early_stopping": "never"})
+    got = client.chat.completions.create(**kw)
+    expected = want["chat_beams"].sequences
+    assert [c.message.content for c in got.choices] == [s.text for s in expected]
+    for c, s in zip(got.choices, expected):
+        assert sum(t.logprob for t in c.logprobs.content) == pytest.approx(s.cum_logprob, abs=1e-5)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert [(ch.choices[0].index, ch.choices[0].delta.content) for ch in chunks] == [
+        (c.index, c.message.content) for c in got.choices]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3,
+                                       response_format={"type": "json_object"}, extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "use_beam_search"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, n=11,
+                                       extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "n"
