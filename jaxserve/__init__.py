@@ -36,8 +36,8 @@ _here = Path(__file__).resolve().parent
 if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py").is_file():
     sys.meta_path.insert(0, _SourceCheckoutFinder(_here.parent))
 
-__all__ = ["AsyncClient", "AsyncLLM", "BeamSearchParams", "Client", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput",
-           "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["AsyncClient", "AsyncLLM", "BeamSearchParams", "Client", "CompletionOutput", "EngineConfig", "LLM",
+           "LLMEngine", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 
 _EXPORTS = {
     "AsyncClient": "jaxserve.entrypoints.client",

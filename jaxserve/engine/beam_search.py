@@ -209,6 +209,8 @@ def beam_search(llm, prompts: Sequence[Any], params: BeamSearchParams,
                 use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """LLM.beam_search: every prompt's search advances one token per round; a round is one
     LLM.generate over all running beams of all prompts."""
+    if isinstance(prompts, (str, dict)) or (prompts and all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]  # one prompt
     searches = _searches(llm.engine, prompts, params)
     while any(not s.done for s in searches):
         live = [s for s in searches if not s.done]

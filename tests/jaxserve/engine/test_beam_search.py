@@ -94,6 +94,8 @@ def test_beam_search_text_ignore_eos_and_prefix_cache(llm, model):
     out = llm.beam_search([prompt, {"prompt_token_ids": ids}], BeamSearchParams(beam_width=3, max_tokens=20,
                                                                                  ignore_eos=True))
     assert out[0].sequences[0].tokens == out[1].sequences[0].tokens
+    single = llm.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=20, ignore_eos=True))
+    assert len(single) == 1 and single[0].sequences[0].tokens == out[0].sequences[0].tokens
     best = out[0].sequences[0]
     assert len(best.tokens) == len(ids) + 20 and best.finish_reason == "length"
     assert best.text == llm.get_tokenizer().decode(best.tokens[len(ids):], skip_special_tokens=True)

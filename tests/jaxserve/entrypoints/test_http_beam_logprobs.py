@@ -38,8 +38,8 @@ def want(llm, model) -> dict:
     w = {"ids": ids, "hf": torch.log_softmax(logits, dim=-1).numpy(),
          "greedy": llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2),
                                 use_tqdm=False)[0]}
-    w["beams"] = llm.beam_search([PROMPT, "Hello world"], BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5,
-                                                                     early_stopping=True))
+    w["beams"] = llm.beam_search([PROMPT, "Hello world"],
+                                 BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5, early_stopping=True))
     ids = llm.get_tokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"]
     w["chat_beams"] = llm.beam_search([list(ids)], BeamSearchParams(beam_width=3, max_tokens=5,
