@@ -14,6 +14,9 @@ from engine_fixtures import write_engine_test_model
 from jaxserve import LLM, SamplingParams
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
+# 32 tokens a step: a 100-token prompt takes four prefill chunks; 40 pages of 16: six long
+# requests at once preempt
+SHAPES = dict(max_num_batched_tokens=32, token_buckets=(16, 32), num_pages=40)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    # 32 tokens a step: a 100-token prompt takes four prefill chunks
-    return LLM(str(model_dir[0]), config=CPU, max_num_batched_tokens=32, token_buckets=(16, 32))
+    return LLM(str(model_dir[0]), config=CPU, **SHAPES)
 
 
 def hf_logprobs(hf, prompt: list[int]) -> np.ndarray:
@@ -109,11 +111,24 @@ def test_prompt_logprobs_above_max_logprobs_is_refused(llm):
 
 
 def test_engine_without_prompt_logprobs_compiles_fewer_programs(llm, model_dir):
-    off = LLM(str(model_dir[0]), config=CPU, max_num_batched_tokens=32, token_buckets=(16, 32),
-              enable_prompt_logprobs=False)
+    off = LLM(str(model_dir[0]), config=CPU, **SHAPES, enable_prompt_logprobs=False)
     assert off.stats()["compile_count"] == llm.stats()["compile_count"] - 2
     with pytest.raises(ValueError, match="enable_prompt_logprobs"):
         off.generate([[5, 6, 7]], SamplingParams(prompt_logprobs=1), use_tqdm=False)
     out = off.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0),
                                                     use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_preemption_changes_no_prompt_logprob(llm, model_dir):
+    _, hf = model_dir
+    rng = random.Random(7)
+    prompts = [[rng.randrange(6, 1000) for _ in range(90)] for _ in range(6)]
+    before = llm.stats()["num_preemptions"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=2),
+                        use_tqdm=False)
+    assert llm.stats()["num_preemptions"] > before
+    for prompt, out in zip(prompts, outs):
+        check(out.prompt_logprobs, prompt, hf_logprobs(hf, prompt), 2)
+    stats = llm.stats()
+    assert stats["num_free_pages"] == stats["num_total_pages"]
