@@ -1,6 +1,7 @@
 """The OpenAI completions API through the official `openai` client, on a real server on
 127.0.0.1: echo with logprobs and vLLM's prompt_logprobs (against transformers), beam search
-(against LLM.beam_search, itself checked against transformers), best_of > n."""
+(against LLM.beam_search, itself checked against transformers), best_of > n; the gRPC
+prompt_logprobs and best_of fields."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from engine_fixtures import write_engine_test_model
+from grpc_fixtures import LoopThread
 from http_helpers import CPU, MODEL, ServerThread, base_url
-from jaxserve import AsyncLLM, BeamSearchParams, LLM, SamplingParams
+from jaxserve import AsyncLLM, BeamSearchParams, Client, LLM, SamplingParams
+from jaxserve.engine.llm import merge_delta
 
 PROMPT = "The capital of France is a city of many rivers and bridges"
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
@@ -50,13 +53,28 @@ def want(llm, model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def client(llm, want):
+def engine(llm, want):
     engine = AsyncLLM(engine=llm.engine, model_name=MODEL)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
     st = ServerThread()
     frontend = st.serve(engine)
     yield openai.OpenAI(base_url=base_url(frontend) + "/v1", api_key="unused", max_retries=0)
     st.close()
-    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def grpc_client(engine):
+    loop = LoopThread()
+    frontend = loop.start_frontend(engine)
+    with Client(frontend.address, timeout=60) as c:
+        yield c
+    loop.run(frontend.stop(0))
+    loop.close()
 
 
 def check_echo(lp, want, k: int, num_completion: int) -> None:
@@ -176,3 +194,20 @@ def test_chat_beam_search(client, want):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, n=11,
                                        extra_body={"use_beam_search": True})
     assert e.value.body["param"] == "n"
+
+
+def test_grpc_prompt_logprobs_and_best_of(grpc_client, want):
+    ids, hf = want["ids"], want["hf"]
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    streamed = None
+    for delta in grpc_client.generate_stream(PROMPT, params):
+        streamed = merge_delta(streamed, delta)
+    for out in (grpc_client.generate(PROMPT, params), streamed):
+        plp = out.prompt_logprobs
+        assert len(plp) == len(ids) and plp[0] is None
+        for p in range(1, len(ids)):
+            assert plp[p][ids[p]].logprob == pytest.approx(hf[p - 1, ids[p]], abs=1e-4)
+            assert sorted(lp.rank for lp in plp[p].values())[:2] == [1, 2]
+    got = grpc_client.generate(PROMPT, SamplingParams(n=2, best_of=4, seed=5, temperature=1.0, max_tokens=6,
+                                                      ignore_eos=True))
+    assert [c.text for c in got.outputs] == [c.text for c in want["best_of"].outputs]
