@@ -12,6 +12,9 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
                         then the decoder over T flat tokens: positions, input ids (placeholders
                         read from the slot's last token), slot mapping and block tables are
                         derived on the device from the slot state; KV pages donated
+    body_prompt_logprobs(T)  instead of body in steps with a prompt-logprob request's prefill chunk:
+                        the same pass plus the LM head over all T rows, returning each row's
+                        target-token logprob, rank and top K (worker/prompt_logprobs.py)
     sample(R)           LM head on the R sample rows, sampling, and the slot updates
                         (last token, output count, penalty counts) that the next step reads;
                         its token bitmask input (structured outputs) is a device-resident
@@ -21,9 +24,9 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
 starts the device-to-host copy of the tokens; `collect` waits for them. The engine
 schedules and dispatches step N+1 between the two, so the device runs N+1 right after N.
 
-Compile set: one body per token bucket, one sampler per row bucket, plus the small state
-programs (`shapes()` lists them); `warm_up` compiles them all, `compile_count` proves that
-nothing compiles afterwards.
+Compile set: one body (and one prompt-logprob body, unless enable_prompt_logprobs is off) per
+token bucket, one sampler per row bucket, plus the small state programs (`shapes()` lists
+them); `warm_up` compiles them all, `compile_count` proves that nothing compiles afterwards.
 """
 
 from __future__ import annotations
