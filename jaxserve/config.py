@@ -66,7 +66,8 @@ class EngineConfig:
     # threads, so a slow one never holds up other requests.
     structured_outputs_compile_timeout_s: float = 10.0
     # Prompt logprobs (SamplingParams.prompt_logprobs, completions echo with logprobs): warm-up
-    # compiles a prompt-logprob body per token bucket; off, it does not and such requests are refused.
+    # compiles a prompt-logprob program (LM head over a step's rows) per token bucket; off, it does
+    # not and such requests are refused.
     enable_prompt_logprobs: bool = True
 
     def __post_init__(self) -> None:

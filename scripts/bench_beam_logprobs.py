@@ -5,7 +5,7 @@ its plain baseline, in the same run. Prints a markdown table for BENCHMARKS.md.
 
 rows
   prefill            the prompts, max_tokens=1, greedy                 (baseline)
-  prefill + plp=5    the same with prompt_logprobs=5 (the prompt-logprob body)
+  prefill + plp=5    the same with prompt_logprobs=5 (the prompt-logprob program)
   greedy decode      one prompt, max_tokens=N                          (baseline)
   beam search k      LLM.beam_search(beam_width=k, max_tokens=N), ignore_eos
   sample n           n samples, max_tokens=N                           (baseline)

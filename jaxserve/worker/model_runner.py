@@ -12,9 +12,11 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
                         then the decoder over T flat tokens: positions, input ids (placeholders
                         read from the slot's last token), slot mapping and block tables are
                         derived on the device from the slot state; KV pages donated
-    body_prompt_logprobs(T)  instead of body in steps with a prompt-logprob request's prefill chunk:
-                        the same pass plus the LM head over all T rows, returning each row's
-                        target-token logprob, rank and top K (worker/prompt_logprobs.py)
+                        (the body returns the final-normed hidden states of the sample rows
+                        and of all T rows)
+    prompt_logprobs(T)  (steps with a prompt-logprob request's prefill chunk) the LM head over
+                        the body's T rows, each row's target-token logprob, rank and top K
+                        (worker/prompt_logprobs.py); no decoder layers, cheap to compile
     sample(R)           LM head on the R sample rows, sampling, and the slot updates
                         (last token, output count, penalty counts) that the next step reads;
                         its token bitmask input (structured outputs) is a device-resident
@@ -24,8 +26,8 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
 starts the device-to-host copy of the tokens; `collect` waits for them. The engine
 schedules and dispatches step N+1 between the two, so the device runs N+1 right after N.
 
-Compile set: one body (and one prompt-logprob body, unless enable_prompt_logprobs is off) per
-token bucket, one sampler per row bucket, plus the small state programs (`shapes()` lists
+Compile set: one body (and one prompt-logprob program, unless enable_prompt_logprobs is off)
+per token bucket, one sampler per row bucket, plus the small state programs (`shapes()` lists
 them); `warm_up` compiles them all, `compile_count` proves that nothing compiles afterwards.
 """
 
@@ -47,7 +49,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          apply_cells, init_slot_state, reset_penalty_rows, rope_lengths,
                                          step_positions)
 from jaxserve.worker.bitmask import allow_all
-from jaxserve.worker.prompt_logprobs import body_with_prompt_logprobs, prompt_logprob_targets, wants_prompt_logprobs
+from jaxserve.worker.prompt_logprobs import prompt_logprob_targets, prompt_logprobs_program, wants_prompt_logprobs
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.models.attention_metadata import AttentionMetadata
 from jaxserve.models.decoder import CausalLM, copy_pages, kv_cache_sharding
@@ -63,10 +65,11 @@ def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells:
     input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
                            cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
-    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows,
-                                      rope_lengths(state, inp, positions))  # [max_num_seqs, D]
+    kv_caches, hidden_all = model.forward(kv_caches, input_ids, positions, md, None,
+                                          rope_lengths(state, inp, positions))  # [T, D], final-normed
     state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
-    return kv_caches, state, hidden
+    # the sample rows [max_num_seqs, D]; every row for the prompt-logprob program (worker/prompt_logprobs.py)
+    return kv_caches, state, jax.numpy.take(hidden_all, inp.logits_rows, axis=0), hidden_all
 
 
 def _sample(graphdef, params, state: SlotState, hidden: jax.Array, inp: SampleInputs, *, num_logprobs: int):
@@ -112,7 +115,7 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
                  block_table_fn, max_logprobs: int, placement=None, prompt_logprobs: bool = True):
-        """prompt_logprobs: compile the body's prompt-logprob variant (worker/prompt_logprobs.py)."""
+        """prompt_logprobs: compile the prompt-logprob program (worker/prompt_logprobs.py)."""
         self.graphdef, self.params = nnx.split(model)
         self.kv_caches = kv_caches
         self.page_size = page_size
@@ -140,7 +143,7 @@ class ModelRunner:
         # KV pages and the slot state are donated (updated in place) and keep their shardings.
         g = self.graphdef
         self._body = jax.jit(functools.partial(_body, g, page_size=page_size), donate_argnums=(1, 2),
-                             out_shardings=None if rep is None else (kv_out, rep, rep))
+                             out_shardings=None if rep is None else (kv_out, rep, rep, rep))
         self._sample = jax.jit(functools.partial(_sample, g, num_logprobs=self.num_logprobs), donate_argnums=(1,),
                                out_shardings=None if rep is None else (rep, rep))
         # (jit caches are per function object: a fresh partial keeps each runner's count its own)
@@ -150,13 +153,12 @@ class ModelRunner:
         self._reset = jax.jit(functools.partial(reset_penalty_rows), donate_argnums=(0,), **state_out)
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
-        # The body's prompt-logprob variant (worker/prompt_logprobs.py), one per token bucket.
+        # The prompt-logprob program over the body's T rows (worker/prompt_logprobs.py), one per token bucket.
         self.prompt_logprobs = prompt_logprobs
-        self._body_plp = jax.jit(functools.partial(body_with_prompt_logprobs, g, page_size=page_size,
-                                                   num_logprobs=self.num_logprobs), donate_argnums=(1, 2),
-                                 out_shardings=None if rep is None else (kv_out, rep, rep, rep))
+        self._plp = jax.jit(functools.partial(prompt_logprobs_program, g, num_logprobs=self.num_logprobs),
+                            out_shardings=None if rep is None else rep)
         self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy,
-                          self._body_plp)
+                          self._plp)
 
     @property
     def compile_count(self) -> int:
@@ -165,7 +167,7 @@ class ModelRunner:
     def shapes_to_compile(self) -> list[tuple[str, int]]:
         """Every program warm-up compiles; nothing else is ever compiled."""
         return (self.shapes.programs() + [("assign", k) for k in self.batch.assignment_buckets]
-                + [("body_prompt_logprobs", t) for t in self.shapes.token_buckets if self.prompt_logprobs]
+                + [("prompt_logprobs", t) for t in self.shapes.token_buckets if self.prompt_logprobs]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)])
 
     def warm_up(self) -> None:
@@ -175,17 +177,16 @@ class ModelRunner:
                  "state updates %s", len(programs), list(self.shapes.token_buckets), list(self.shapes.row_buckets),
                  [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
         n, oob = self.batch.num_slots, self.batch.num_slots
+        hidden_all = {}  # token bucket -> a body's [T, D] rows, the prompt-logprob program's input
         for name, k in programs:
-            if name in ("body", "body_prompt_logprobs"):
+            if name == "body":
                 s = self.shapes.seqs(k)
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
                                  np.zeros(1, np.int32), np.zeros(self.shapes.max_num_seqs, np.int32))
-                if name == "body":
-                    self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
-                                                                    _no_cells())
-                else:
-                    self.kv_caches, self.state, _, _ = self._body_plp(
-                        self.params, self.kv_caches, self.state, inp, _no_cells(), np.full(k, -1, np.int32))
+                self.kv_caches, self.state, hidden, hidden_all[k] = self._body(self.params, self.kv_caches,
+                                                                               self.state, inp, _no_cells())
+            elif name == "prompt_logprobs":
+                self._plp(self.params, hidden_all.pop(k), np.full(k, -1, np.int32))
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
                                    self._allow_all[k])
@@ -224,16 +225,14 @@ class ModelRunner:
             dst = np.zeros(self.shapes.max_num_seqs, np.int32)
             src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
             self.kv_caches = self._copy(self.kv_caches, src, dst)
+        self.kv_caches, self.state, hidden, hidden_all = self._body(self.params, self.kv_caches, self.state,
+                                                                    plan.body, plan.cells[-1])
         plp = None
         if wants_prompt_logprobs(out):
-            targets = prompt_logprob_targets(out, plan.body.host_ids.shape[0])
-            self.kv_caches, self.state, hidden, plp = self._body_plp(self.params, self.kv_caches, self.state,
-                                                                     plan.body, plan.cells[-1], targets)
+            plp = self._plp(self.params, hidden_all, prompt_logprob_targets(out, plan.body.host_ids.shape[0]))
             for a in plp.arrays():
                 a.copy_to_host_async()
-        else:
-            self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
-                                                            plan.cells[-1])
+        del hidden_all  # plain steps: dropped at once, freed when the body ends
         r = plan.sample.row_slots.shape[0]
         mask = self._allow_all[r]
         if bitmask is not None:

@@ -2,14 +2,16 @@
 the tokens before it, and the top K at its position, computed in the prefill steps that run
 anyway.
 
-A step that holds a prefill chunk of such a request runs a variant of the body program,
-`body_with_prompt_logprobs(T)`: the same decoder pass, but the LM head runs over every one
-of its T flat rows (not only the sample rows), in blocks of PROMPT_LOGPROB_BLOCK rows so the
-[rows, V] logits stay small, followed by log_softmax, top-K (K = the engine's max_logprobs,
-static) and the logprob and rank of each row's *target*: the prompt token that follows the
-row's position, which the host knows (it sends them, -1 where no target is wanted). Only
-[T, K] + [T] + [T] values come back to the host. The variant is compiled for every token
-bucket at warm-up; steps without such a request run the plain body.
+The model runner's one body program returns the final-normed hidden states of all its T flat
+rows beside the sample rows (the decoder computes them anyway). A step that holds a prefill
+chunk of such a request then runs one more, small program, `prompt_logprobs_program(T)`:
+the LM head over every one of the T rows (not only the sample rows), in blocks of
+PROMPT_LOGPROB_BLOCK rows so the [rows, V] logits stay small, followed by log_softmax, top-K
+(K = the engine's max_logprobs, static) and the logprob and rank of each row's *target*: the
+prompt token that follows the row's position, which the host knows (it sends them, -1 where
+no target is wanted). Only [T, K] + [T] + [T] values come back to the host. It is compiled
+for every token bucket at warm-up (no decoder layers in it: cheap to compile); steps without
+such a request do not run it.
 
 Chunked prefill needs nothing special: the target of a chunk's last row is the first prompt
 token of the next chunk, known to the host. Prefix-cache hits would skip positions, so a
@@ -26,12 +28,10 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.core.scheduler import SchedulerOutput
-from jaxserve.models.attention_metadata import AttentionMetadata
-from jaxserve.worker.input_batch import BodyInputs, Cells, SlotState, apply_cells, rope_lengths, step_positions
 
 PROMPT_LOGPROB_BLOCK = 256  # LM-head rows per block: logits are [block, V] at a time
 
-__all__ = ["PromptLogprobsOutput", "body_with_prompt_logprobs", "prompt_logprob_targets", "prompt_logprobs",
+__all__ = ["PromptLogprobsOutput", "prompt_logprob_targets", "prompt_logprobs", "prompt_logprobs_program",
            "wants_prompt_logprobs"]
 
 
@@ -66,20 +66,11 @@ def prompt_logprobs(model, hidden: jax.Array, targets: jax.Array, k: int) -> Pro
     return PromptLogprobsOutput(target, rank, top_ids, top_lp)
 
 
-def body_with_prompt_logprobs(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells: Cells,
-                              targets: jax.Array, *, page_size: int, num_logprobs: int):
-    """The model runner's body program (same inputs, same first three outputs) plus the prompt
-    logprobs of the step's rows; targets i32[T]."""
-    model = nnx.merge(graphdef, params)
-    state = apply_cells(state, cells)
-    input_ids, positions, slot_mapping, kv_lens, tables = step_positions(state, inp, page_size)
-    md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
-                           cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs)
-    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, None,
-                                      rope_lengths(state, inp, positions))  # [T, D]
-    state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
-    plp = prompt_logprobs(model, hidden, targets, num_logprobs)
-    return kv_caches, state, jnp.take(hidden, inp.logits_rows, axis=0), plp  # hidden [max_num_seqs, D]
+def prompt_logprobs_program(graphdef, params, hidden: jax.Array, targets: jax.Array, *,
+                            num_logprobs: int) -> PromptLogprobsOutput:
+    """The model runner's prompt-logprob program: hidden [T, D], the final-normed hidden states
+    of every flat row that the step's body returns beside the sample rows; targets i32[T]."""
+    return prompt_logprobs(nnx.merge(graphdef, params), hidden, targets, num_logprobs)
 
 
 def wants_prompt_logprobs(out: SchedulerOutput) -> bool:
