@@ -232,7 +232,7 @@ class ModelRunner:
             plp = self._plp(self.params, hidden_all, prompt_logprob_targets(out, plan.body.host_ids.shape[0]))
             for a in plp.arrays():
                 a.copy_to_host_async()
-        del hidden_all  # plain steps: dropped at once, freed when the body ends
+        del hidden_all  # freed once the programs that read it end (in plain steps: the body)
         r = plan.sample.row_slots.shape[0]
         mask = self._allow_all[r]
         if bitmask is not None:
