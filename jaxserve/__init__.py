@@ -36,12 +36,13 @@ _here = Path(__file__).resolve().parent
 if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py").is_file():
     sys.meta_path.insert(0, _SourceCheckoutFinder(_here.parent))
 
-__all__ = ["AsyncClient", "AsyncLLM", "Client", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "LoRARequest",
-           "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["AsyncClient", "AsyncLLM", "BeamSearchParams", "Client", "CompletionOutput", "EngineConfig", "LLM",
+           "LLMEngine", "LoRARequest", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 
 _EXPORTS = {
     "AsyncClient": "jaxserve.entrypoints.client",
     "AsyncLLM": "jaxserve.engine.async_llm",
+    "BeamSearchParams": "jaxserve.engine.beam_search",
     "Client": "jaxserve.entrypoints.client",
     "CompletionOutput": "jaxserve.outputs",
     "EngineConfig": "jaxserve.config",

@@ -84,6 +84,10 @@ class EngineConfig:
     # w8a8, off by default: with 8-bit weights, also quantize each projection's input per token
     # (dynamic absmax scales) and contract the 8-bit operands (int8 x int8 -> int32 on TPU, e4m3 on GPU).
     activation_quantization: bool = False
+    # Prompt logprobs (SamplingParams.prompt_logprobs, completions echo with logprobs): warm-up
+    # compiles a prompt-logprob program (LM head over a step's rows) per token bucket; off, it does
+    # not and such requests are refused.
+    enable_prompt_logprobs: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -103,6 +107,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
+        if not isinstance(self.enable_prompt_logprobs, bool):
+            raise ValueError(f"enable_prompt_logprobs must be a bool, got {self.enable_prompt_logprobs!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.num_pages is not None and self.num_pages < 2:

@@ -23,6 +23,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None  # per token: sampled + top-k
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    cumulative_logprob: float | None = None  # sum of its tokens' logprobs (set for best_of > n)
 
     @property
     def finished(self) -> bool:
@@ -43,3 +44,6 @@ class RequestOutput:
     # The request's metrics so far (speculative decoding counts over all its samples, see
     # engine.output_processor.spec_metrics); None when there are none.
     metrics: dict[str, float] | None = None
+    # SamplingParams.prompt_logprobs: per prompt position (None at 0) the prompt token's and the
+    # top tokens' logprobs; on the request's first output only (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

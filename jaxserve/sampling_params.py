@@ -149,6 +149,12 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | None = None
     # Constrained decoding (JSON schema, regex, choice, grammar); accepts a dict of its fields.
     structured_outputs: "StructuredOutputsParams | None" = None
+    # Top logprobs per prompt position (vLLM): each prompt token's logprob and the top k at its
+    # position, in RequestOutput.prompt_logprobs (position 0 is None); [0, MAX_LOGPROBS].
+    prompt_logprobs: int | None = None
+    # Samples to generate, of which the n with the highest cumulative logprob are returned
+    # (vLLM); None = n. Needs best_of >= n and sampling (temperature > 0) when best_of > n.
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -159,7 +165,7 @@ class SamplingParams:
             set_(name, _as_float(name, getattr(self, name)))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             set_(name, _as_bool(name, getattr(self, name)))
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs", "best_of"):
             if getattr(self, name) is not None:
                 set_(name, _as_int(name, getattr(self, name)))
         if self.top_k == -1:
@@ -187,10 +193,17 @@ class SamplingParams:
              "in [-2**63, 2**64 - 1] (64 bits) or None"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"in [0, {MAX_LOGPROBS}] or None"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}] or None"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise _fail(name, rule, getattr(self, name))
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= INT32_MAX:
+                raise _fail("best_of", f"in [n ({self.n}), {INT32_MAX}] or None", self.best_of)
+            if self.best_of > self.n and self.is_greedy:
+                raise _fail("best_of", f"n ({self.n}) with greedy sampling (every sample is the same)", self.best_of)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
 

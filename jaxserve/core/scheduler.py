@@ -159,7 +159,10 @@ class Scheduler:
             if self.lora is not None and not self.lora.acquire(req):
                 skipped.append(self.waiting.popleft())
                 continue
-            pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids, extra_key=self._prefix_key(req))
+            pages, n_hit = [], 0  # prompt logprobs need every prompt position computed (as vLLM)
+            if req.params.prompt_logprobs is None:
+                pages, n_hit = self.kv.get_computed_pages(req.request_id, req.token_ids,
+                                                          extra_key=self._prefix_key(req))
             n_new = min(req.num_tokens - n_hit, budget)
             req.num_computed_tokens = n_hit
             new = self._allocate(req, n_new, pages)

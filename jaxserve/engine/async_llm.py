@@ -201,6 +201,13 @@ class AsyncLLM:
                 # thread decides when the add does (the callback runs then, or now if done).
                 added.add_done_callback(functools.partial(self._abort_if_added, request_id))
 
+    async def beam_search(self, prompt: str | list[int], params: "BeamSearchParams",
+                          request_id: str | None = None) -> "BeamSearchOutput":
+        """Beam search for one prompt (engine/beam_search.py); its beams run as concurrent requests."""
+        from jaxserve.engine.beam_search import beam_search_async
+
+        return await beam_search_async(self, prompt, params, request_id or uuid.uuid4().hex)
+
     async def _compile_grammar(self, params: SamplingParams) -> None:
         """Waits, off the event loop and off the engine thread, for the request's grammar to
         compile (a cache hit is immediate), so the engine's add finds it compiled. Raises

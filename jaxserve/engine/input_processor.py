@@ -31,7 +31,8 @@ def max_chars_per_token(tokenizer) -> int:
 class InputProcessor:
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_logprobs: int, max_num_seqs: int,
                  page_size: int, num_total_pages: int, eos_token_ids: frozenset[int],
-                 sliding_window: int | None = None, max_num_batched_tokens: int | None = None):
+                 sliding_window: int | None = None, max_num_batched_tokens: int | None = None,
+                 prompt_logprobs: bool = True):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -46,6 +47,7 @@ class InputProcessor:
             chunk = max_num_batched_tokens or max_model_len
             self.window_pages = -(-sliding_window // page_size) + -(-chunk // page_size) + 2
         self.eos_token_ids = eos_token_ids
+        self.prompt_logprobs = prompt_logprobs  # EngineConfig.enable_prompt_logprobs
         self.max_prompt_chars = max_model_len * max_chars_per_token(tokenizer)
 
     def process(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int], int]:
@@ -90,6 +92,13 @@ class InputProcessor:
         params.validate_for_model(vocab_size=self.vocab_size)
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs must be <= {self.max_logprobs} (max_logprobs), got {params.logprobs}")
+        if params.prompt_logprobs is not None and not self.prompt_logprobs:
+            raise ValueError("prompt_logprobs needs an engine started with enable_prompt_logprobs "
+                             "(--enable-prompt-logprobs) and without speculative_config; this one compiled no "
+                             "prompt-logprob programs")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.max_logprobs:
+            raise ValueError(f"prompt_logprobs must be <= {self.max_logprobs} (max_logprobs), "
+                             f"got {params.prompt_logprobs}")
         banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         bias = len(params.logit_bias or ()) + (len(banned) if params.min_tokens else 0)
         if bias > MAX_BIAS_ENTRIES:

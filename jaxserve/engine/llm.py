@@ -84,6 +84,14 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def beam_search(self, prompts: Sequence[Any], params: "BeamSearchParams",
+                    use_tqdm: bool = False) -> "list[BeamSearchOutput]":
+        """vLLM's LLM.beam_search, scored as transformers' generate(num_beams=...) (engine/beam_search.py):
+        one BeamSearchOutput per prompt, its sequences best first."""
+        from jaxserve.engine.beam_search import beam_search
+
+        return beam_search(self, prompts, params, use_tqdm=use_tqdm)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         done: set[str] = set()
@@ -141,9 +149,13 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
         if c.logprobs is not None:
             cur.logprobs = (cur.logprobs or []) + c.logprobs
         cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+        if c.cumulative_logprob is not None:
+            cur.cumulative_logprob = c.cumulative_logprob
     acc.outputs = [by_index[k] for k in sorted(by_index)]
     acc.finished = delta.finished
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     if delta.metrics is not None:
         acc.metrics = delta.metrics
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     return acc

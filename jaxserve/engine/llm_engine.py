@@ -53,8 +53,10 @@ from jaxserve.core.request import Request
 from jaxserve.core.scheduler import Scheduler, SchedulerOutput
 from jaxserve.core.spec_decode import Speculator
 from jaxserve.core.step_shapes import StepShapes
+from jaxserve.engine.best_of import BestOf, engine_params
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.output_processor import OutputProcessor, child_request_id
+from jaxserve.engine.prompt_logprobs import PromptLogprobsCollector
 from jaxserve.engine.structured_output import StructuredOutputManager, needs_bitmask
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -146,6 +148,8 @@ class LLMEngine:
                                    speculator=self.speculator)
         self.kv_layout = KVLayout.of(mc, placement, config.page_size, kv_dtype)
         log.info("KV cache (%s): %s", np.dtype(kv_dtype).name, self.kv_layout.describe(num_pages))
+        # Prompt logprobs are computed in plain steps only: speculating engines refuse them.
+        prompt_logprobs = config.enable_prompt_logprobs and spec is None
         self.runner = ModelRunner(
             loaded.model, init_kv_caches(mc, num_pages, config.page_size, kv_dtype, placement.kv_sharding),
             page_size=config.page_size, max_model_len=self.max_model_len, shapes=self.shapes,
@@ -155,17 +159,21 @@ class LLMEngine:
                 draft.model, init_kv_caches(draft.config, num_pages, config.page_size, draft.dtype,
                                             self.draft_placement.kv_sharding),
                 num_speculative_tokens=spec.num_speculative_tokens, page_size=config.page_size,
-                placement=self.draft_placement))
+                placement=self.draft_placement),
+            prompt_logprobs=prompt_logprobs)
         self.runner.warm_up()
         self.inputs = InputProcessor(self.tokenizer, vocab_size=mc.vocab_size, max_model_len=self.max_model_len,
                                      max_logprobs=config.max_logprobs, max_num_seqs=config.max_num_seqs,
                                      page_size=config.page_size, num_total_pages=self.kv.num_total_pages,
                                      eos_token_ids=self.eos_token_ids, sliding_window=self.kv.sliding_window,
-                                     max_num_batched_tokens=config.max_num_batched_tokens)
+                                     max_num_batched_tokens=config.max_num_batched_tokens,
+                                     prompt_logprobs=prompt_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(self.tokenizer, vocab_size=mc.vocab_size,
                                                   eos_token_ids=self.eos_token_ids,
                                                   compile_timeout_s=config.structured_outputs_compile_timeout_s)
+        self.prompt_logprobs = PromptLogprobsCollector()
+        self.best_of = BestOf()
         self._updated: list[list[Request]] = []  # steps applied early (masks), their outputs not made yet
         self._rng = random.Random(config.seed)
         # Dispatched steps whose tokens are not applied yet, oldest first (at most two).
@@ -276,7 +284,8 @@ class LLMEngine:
                                        max_pages_per_seq=max_pages_per_seq, num_logprobs=max(1, cfg.max_logprobs),
                                        placement=self.placement,
                                        num_speculative_tokens=(cfg.speculative_config.num_speculative_tokens
-                                                               if cfg.speculative_config is not None else 0))
+                                                               if cfg.speculative_config is not None else 0),
+                                       prompt_logprobs=cfg.enable_prompt_logprobs and cfg.speculative_config is None)
             budget = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             num_pages = kv_pages_for(budget, memory_fraction=cfg.memory_fraction, step=step, page_bytes=page_bytes,
                                      useful_pages=useful)
@@ -295,6 +304,7 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if request_id in self.outputs.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        user_params, params = params, engine_params(params)  # best_of > n: n = best_of samples
         text, ids, max_tokens = self.inputs.process(prompt, params)
         self.structured.check(params)  # compiled (cached) or refused: ValueError naming the field
         if lora_request is not None:
@@ -305,6 +315,9 @@ class LLMEngine:
         req = Request(request_id, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, seed=seed,
                       lora_request=lora_request)
         self.outputs.add(request_id, text, ids, params)
+        self.prompt_logprobs.add(request_id, params, len(ids))
+        if params is not user_params:
+            self.best_of.add(request_id, user_params)
         self.scheduler.add_request(req)
         return ids
 
@@ -313,6 +326,8 @@ class LLMEngine:
         group = self.outputs.abort(request_id)
         if group is None:
             return False
+        self.prompt_logprobs.drop(request_id)
+        self.best_of.drop(request_id)
         self._abort_samples(request_id, group.params.n)
         return True
 
@@ -377,6 +392,10 @@ class LLMEngine:
 
     def _update(self, out: SchedulerOutput, handle: StepHandle) -> list[Request]:
         """Step N's tokens into the scheduler; returns the requests it touched."""
+        if self.runner.spec is None:  # (prompt logprobs are refused while speculating)
+            prompt_logprobs = self.runner.collect_prompt_logprobs(handle)
+            if prompt_logprobs is not None:
+                self.prompt_logprobs.record(out, prompt_logprobs)
         self.num_computed_tokens += out.num_tokens
         if self.runner.spec is not None:
             return self.scheduler.update(out, self._verified_rows(out, handle), self.outputs.make_child)
@@ -411,7 +430,9 @@ class LLMEngine:
     def _process(self, touched: list[Request]) -> list[RequestOutput]:
         # A failure in one request's output processing finishes that request with an error
         # (RequestOutput.error); the engine serves on (OutputProcessor.process).
-        return self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
+        outputs = self.outputs.process(touched, self.scheduler.finish, self._abort_samples)
+        self.prompt_logprobs.attach(outputs)
+        return self.best_of.filter(outputs)
 
     def stats(self) -> dict[str, int | float]:
         return {

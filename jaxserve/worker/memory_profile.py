@@ -8,8 +8,11 @@ logits, sampler scratch), which do not depend on the number of pages. The KV bud
 
     (device limit - bytes in use) * memory_fraction - max(temporaries) - slot state
 
-so a large bucket cannot run out of memory in the middle of serving. The profile compiles
-two programs once at start; they are not part of the engine's compile count.
+so a large bucket cannot run out of memory in the middle of serving. The body's output of
+every row's hidden state [T, D] (the prompt-logprob program's input) counts with the body's
+temporaries and with those of the prompt-logprob program (LM head over all T rows), which is
+compiled too unless enable_prompt_logprobs is off. The profile compiles these programs once
+at start; they are not part of the engine's compile count.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from jaxserve.worker.input_batch import CELL_BUCKET, BodyInputs, Cells, SampleIn
 from jaxserve.worker.model_runner import _body, _sample
 from jaxserve.models.lora_layers import lora_paths
 from jaxserve.worker.spec_decode import SpecVerifier
+from jaxserve.worker.prompt_logprobs import prompt_logprobs_program
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,8 @@ class StepMemory:
 
 
 def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, max_pages_per_seq: int,
-                        num_logprobs: int, placement=None, num_speculative_tokens: int = 0) -> StepMemory:
+                        num_logprobs: int, placement=None, num_speculative_tokens: int = 0,
+                        prompt_logprobs: bool = True) -> StepMemory:
     """kv_spec: a pytree of jax.ShapeDtypeStruct like the KV cache (any page count).
     num_speculative_tokens K > 0: the verify program (K + 1 logits rows per row) replaces the sampler."""
     graphdef, params = nnx.split(model)
@@ -76,9 +81,18 @@ def profile_step_memory(model, kv_spec, *, shapes: StepShapes, page_size: int, m
     else:
         sampler = jax.jit(functools.partial(_sample, graphdef, num_logprobs=num_logprobs), donate_argnums=(1,))
         sample_c = sampler.lower(params, state, hidden, sample_in).compile()
-    temps = [_temp_bytes(c) for c in (body_c, sample_c)]
-    log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s of temporaries, slot state %.1f MiB",
-             t, _mib(temps[0]), r, _mib(temps[1]), state_bytes / 2**20)
+    # The body's output of every row's hidden state [T, D] is live through the prompt-logprob
+    # program (its input): counted beside the temporaries of both.
+    hidden_all = jax.ShapeDtypeStruct((t, model.cfg.hidden_size), model.dtype, sharding=rep)
+    all_bytes = t * model.cfg.hidden_size * np.dtype(model.dtype).itemsize
+    temps = [_temp_bytes(body_c) + all_bytes, _temp_bytes(sample_c)]
+    if prompt_logprobs:  # LM-head blocks over every row (worker/prompt_logprobs.py)
+        plp = jax.jit(functools.partial(prompt_logprobs_program, graphdef, num_logprobs=num_logprobs))
+        targets = jax.ShapeDtypeStruct((t,), np.int32, sharding=rep)
+        temps.append(_temp_bytes(plp.lower(params, hidden_all, targets).compile()) + all_bytes)
+    log.info("step memory profile: body(%d tokens) %s, sampler(%d rows) %s, prompt-logprob program %s of temporaries, "
+             "slot state %.1f MiB", t, _mib(temps[0]), r, _mib(temps[1]), _mib(temps[-1] if prompt_logprobs else 0),
+             state_bytes / 2**20)
     return StepMemory(max(temps), state_bytes)
 
 

@@ -12,6 +12,11 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
                         then the decoder over T flat tokens: positions, input ids (placeholders
                         read from the slot's last token), slot mapping and block tables are
                         derived on the device from the slot state; KV pages donated
+                        (the body returns the final-normed hidden states of the sample rows
+                        and of all T rows)
+    prompt_logprobs(T)  (steps with a prompt-logprob request's prefill chunk) the LM head over
+                        the body's T rows, each row's target-token logprob, rank and top K
+                        (worker/prompt_logprobs.py); no decoder layers, cheap to compile
     sample(R)           LM head on the R sample rows, sampling, and the slot updates
                         (last token, output count, penalty counts) that the next step reads;
                         its token bitmask input (structured outputs) is a device-resident
@@ -21,9 +26,9 @@ Programs of one step, in dispatch order (each jitted once per bucket, state dona
 starts the device-to-host copy of the tokens; `collect` waits for them. The engine
 schedules and dispatches step N+1 between the two, so the device runs N+1 right after N.
 
-Compile set: one body per token bucket, one sampler per row bucket, plus the small state
-programs (`shapes()` lists them); `warm_up` compiles them all, `compile_count` proves that
-nothing compiles afterwards.
+Compile set: one body (and one prompt-logprob program, unless enable_prompt_logprobs is off)
+per token bucket, one sampler per row bucket, plus the small state programs (`shapes()` lists
+them); `warm_up` compiles them all, `compile_count` proves that nothing compiles afterwards.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from jaxserve.worker.input_batch import (CELL_BUCKET, MAX_BIAS_ENTRIES, RESET_RO
                                          step_positions)
 from jaxserve.worker.bitmask import allow_all
 from jaxserve.worker.lora_slots import LoRAWriter, token_lora_slots
+from jaxserve.worker.prompt_logprobs import prompt_logprob_targets, prompt_logprobs_program, wants_prompt_logprobs
 from jaxserve.worker.sampler import SamplingMetadata, sample
 from jaxserve.worker.spec_decode import SpecVerifier
 from jaxserve.models.attention_metadata import AttentionMetadata
@@ -63,10 +69,11 @@ def _body(graphdef, params, kv_caches, state: SlotState, inp: BodyInputs, cells:
     lora_slots = token_lora_slots(state.lora_slot, inp.seq_slots, inp.cu_q_lens, input_ids.shape[0]) if lora else None
     md = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, kv_lens=kv_lens,
                            cu_q_lens=inp.cu_q_lens, num_seqs=inp.num_seqs, lora_slots=lora_slots)
-    kv_caches, hidden = model.forward(kv_caches, input_ids, positions, md, inp.logits_rows,
-                                      rope_lengths(state, inp, positions))  # [max_num_seqs, D]
+    kv_caches, hidden_all = model.forward(kv_caches, input_ids, positions, md, None,
+                                          rope_lengths(state, inp, positions))  # [T, D], final-normed
     state = dataclasses.replace(state, seq_lens=state.seq_lens.at[inp.seq_slots].set(kv_lens))
-    return kv_caches, state, hidden
+    # the sample rows [max_num_seqs, D]; every row for the prompt-logprob program (worker/prompt_logprobs.py)
+    return kv_caches, state, jax.numpy.take(hidden_all, inp.logits_rows, axis=0), hidden_all
 
 
 def _sample(graphdef, params, state: SlotState, hidden: jax.Array, inp: SampleInputs, *, num_logprobs: int):
@@ -106,14 +113,17 @@ class StepHandle:
     result: object  # SamplerOutput (device arrays)
     num_rows: int
     want_logprobs: bool
+    prompt_logprobs: object = None  # PromptLogprobsOutput (device arrays) of a prompt-logprob step
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, *, page_size: int, max_model_len: int, shapes: StepShapes,
-                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0, draft=None):
+                 block_table_fn, max_logprobs: int, placement=None, num_speculative_tokens: int = 0, draft=None,
+                 prompt_logprobs: bool = True):
         """num_speculative_tokens K > 0: every step samples through worker.spec_decode's verify
         program (K + 1 logits rows per sample row) instead of sample(R); draft: a
-        worker.spec_draft.DraftRunner that proposes on the device (method draft_model)."""
+        worker.spec_draft.DraftRunner that proposes on the device (method draft_model);
+        prompt_logprobs: compile the prompt-logprob program (worker/prompt_logprobs.py)."""
         self.graphdef, self.params = nnx.split(model)
         self.lora = LoRAWriter.for_params(self.params)  # None unless the model has LoRA slots
         self.kv_caches = kv_caches
@@ -143,7 +153,7 @@ class ModelRunner:
         g = self.graphdef
         self._body = jax.jit(functools.partial(_body, g, page_size=page_size, lora=self.lora is not None),
                              donate_argnums=(1, 2),
-                             out_shardings=None if rep is None else (kv_out, rep, rep))
+                             out_shardings=None if rep is None else (kv_out, rep, rep, rep))
         self._sample = jax.jit(functools.partial(_sample, g, num_logprobs=self.num_logprobs), donate_argnums=(1,),
                                out_shardings=None if rep is None else (rep, rep))
         # (jit caches are per function object: a fresh partial keeps each runner's count its own)
@@ -153,7 +163,12 @@ class ModelRunner:
         self._reset = jax.jit(functools.partial(reset_penalty_rows), donate_argnums=(0,), **state_out)
         self._copy = jax.jit(functools.partial(copy_pages), donate_argnums=(0,),
                              **(dict(out_shardings=kv_out) if kv_out else {}))
-        self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy)
+        # The prompt-logprob program over the body's T rows (worker/prompt_logprobs.py), one per token bucket.
+        self.prompt_logprobs = prompt_logprobs
+        self._plp = jax.jit(functools.partial(prompt_logprobs_program, g, num_logprobs=self.num_logprobs),
+                            out_shardings=None if rep is None else rep)
+        self._programs = (self._body, self._sample, self._assign, self._cells, self._reset, self._copy,
+                          self._plp)
         self._programs += (self.lora.program,) if self.lora is not None else ()
         self.spec = None
         if num_speculative_tokens:
@@ -175,6 +190,7 @@ class ModelRunner:
         if self.spec is not None:  # verify(R) replaces sample(R)
             programs = [("verify" if name == "sample" else name, k) for name, k in programs]
         return (programs + [("assign", k) for k in self.batch.assignment_buckets]
+                + [("prompt_logprobs", t) for t in self.shapes.token_buckets if self.prompt_logprobs]
                 + [("cells", CELL_BUCKET), ("reset", RESET_ROWS), ("copy", self.shapes.max_num_seqs)]
                 + ([("lora_write", 1)] if self.lora is not None else [])
                 + (self.draft.shapes_to_compile(self) if self.draft is not None else []))
@@ -186,6 +202,7 @@ class ModelRunner:
                  "state updates %s", len(programs), list(self.shapes.token_buckets), list(self.shapes.row_buckets),
                  [f"{n}({k})" for n, k in programs if n not in ("body", "sample")])
         n, oob = self.batch.num_slots, self.batch.num_slots
+        hidden_all = {}  # token bucket -> a body's [T, D] rows, the prompt-logprob program's input
         for name, k in programs:
             if name.startswith("draft_") or (self.draft is not None and name in ("body", "verify")):
                 continue  # the draft's warm-up, below, compiles these on its device inputs
@@ -194,8 +211,10 @@ class ModelRunner:
                 inp = BodyInputs(np.zeros(k, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
                                  np.zeros(1, np.int32),
                                  np.zeros(self.shapes.max_num_seqs * self.batch.group_size, np.int32))
-                self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, inp,
-                                                                _no_cells())
+                self.kv_caches, self.state, hidden, hidden_all[k] = self._body(self.params, self.kv_caches,
+                                                                               self.state, inp, _no_cells())
+            elif name == "prompt_logprobs":
+                self._plp(self.params, hidden_all.pop(k), np.full(k, -1, np.int32))
             elif name == "sample":
                 inp = SampleInputs(np.full(k, n - 1, np.int32), np.zeros(k, np.int32), np.zeros(k, np.bool_),
                                    self._allow_all[k])
@@ -245,8 +264,14 @@ class ModelRunner:
             dst = np.zeros(self.shapes.max_num_seqs, np.int32)
             src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
             self.kv_caches = self._copy(self.kv_caches, src, dst)
-        self.kv_caches, self.state, hidden = self._body(self.params, self.kv_caches, self.state, plan.body,
-                                                        plan.cells[-1])
+        self.kv_caches, self.state, hidden, hidden_all = self._body(self.params, self.kv_caches, self.state,
+                                                                    plan.body, plan.cells[-1])
+        plp = None
+        if wants_prompt_logprobs(out):
+            plp = self._plp(self.params, hidden_all, prompt_logprob_targets(out, plan.body.host_ids.shape[0]))
+            for a in plp.arrays():
+                a.copy_to_host_async()
+        del hidden_all  # freed once the programs that read it end (in plain steps: the body)
         r = plan.sample.row_slots.shape[0]
         mask = self._allow_all[r]
         if bitmask is not None:
@@ -264,7 +289,7 @@ class ModelRunner:
         if plan.want_logprobs:
             for a in (result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs):
                 a.copy_to_host_async()
-        return StepHandle(result, plan.num_rows, plan.want_logprobs)
+        return StepHandle(result, plan.num_rows, plan.want_logprobs, plp)
 
     @staticmethod
     def collect(handle: StepHandle) -> tuple[np.ndarray, tuple | None]:
@@ -276,3 +301,11 @@ class ModelRunner:
             return tokens, None
         return tokens, (np.asarray(r.sampled_logprobs)[:n], np.asarray(r.top_logprob_ids)[:n],
                         np.asarray(r.top_logprobs)[:n])
+
+    @staticmethod
+    def collect_prompt_logprobs(handle: StepHandle) -> tuple[np.ndarray, ...] | None:
+        """(target logprobs f32[T], target ranks i32[T], top ids i32[T, K], top logprobs
+        f32[T, K]) per flat row of a prompt-logprob step; None for other steps."""
+        if handle.prompt_logprobs is None:
+            return None
+        return tuple(np.asarray(a) for a in handle.prompt_logprobs.arrays())

@@ -134,7 +134,7 @@ class DraftRunner:
             inp = BodyInputs(np.zeros(t, np.int32), np.zeros(s + 1, np.int32), np.full(s, n - 1, np.int32),
                              np.zeros(1, np.int32), np.zeros(shapes.max_num_seqs * runner.batch.group_size, np.int32))
             self.kv_caches, ids = self._body(self.params, self.kv_caches, runner.state, inp, by_slot)
-            runner.kv_caches, runner.state, hidden = runner._body(runner.params, runner.kv_caches, runner.state,
+            runner.kv_caches, runner.state, hidden, _ = runner._body(runner.params, runner.kv_caches, runner.state,
                                                                   dataclasses.replace(inp, host_ids=ids), _no_cells())
         for r in shapes.row_buckets:
             pad = np.full(r, n - 1, np.int32)
@@ -170,7 +170,7 @@ class DraftRunner:
         self.kv_caches, drafts, by_slot = self._propose(self.params, self.kv_caches, runner.state, sample.row_slots,
                                                         first, num)
         self.kv_caches, ids = self._body(self.params, self.kv_caches, runner.state, plan.body, by_slot)
-        runner.kv_caches, runner.state, hidden = runner._body(runner.params, runner.kv_caches, runner.state,
+        runner.kv_caches, runner.state, hidden, _ = runner._body(runner.params, runner.kv_caches, runner.state,
                                                               dataclasses.replace(plan.body, host_ids=ids), _no_cells())
         mask = runner._allow_all[r]
         if bitmask is not None:

@@ -17,7 +17,7 @@ from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 # SamplingParams fields that are proto3 `optional` scalars: unset means the Python default.
 SCALAR_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-                 "skip_special_tokens", "include_stop_str_in_output")
+                 "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs", "best_of")
 
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
                   "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -89,6 +89,25 @@ def token_logprobs_to_proto(token_ids: list[int], logprobs: list[dict[int, Logpr
     return out
 
 
+def prompt_logprobs_to_proto(out: RequestOutput) -> list[pb.TokenLogprobs]:
+    """RequestOutput.prompt_logprobs (None first) -> one TokenLogprobs per later prompt token."""
+    if out.prompt_logprobs is None:
+        return []
+    return token_logprobs_to_proto(out.prompt_token_ids[1:], out.prompt_logprobs[1:])
+
+
+def prompt_logprobs_from_proto(msgs, prompt_token_ids: list[int]) -> list | None:
+    if not msgs:
+        return None
+    return [None] + [_entry(t) for t in msgs]
+
+
+def _entry(t: pb.TokenLogprobs) -> dict[int, Logprob]:
+    entry = {top.token_id: Logprob(top.logprob, rank=top.rank) for top in t.top_logprobs}
+    entry.setdefault(t.token_id, Logprob(t.logprob, rank=t.rank if t.HasField("rank") else None))
+    return entry
+
+
 def completion_to_proto(c: CompletionOutput) -> pb.Completion:
     msg = pb.Completion(index=c.index, text=c.text, token_ids=c.token_ids,
                         finish_reason=FINISH_REASONS.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
@@ -150,13 +169,7 @@ def request_to_proto(prompt: str | list[int], params: SamplingParams | None,
 
 
 def completion_from_proto(msg: pb.Completion) -> CompletionOutput:
-    logprobs = None
-    if msg.logprobs:
-        logprobs = []
-        for t in msg.logprobs:
-            entry = {top.token_id: Logprob(top.logprob, rank=top.rank) for top in t.top_logprobs}
-            entry.setdefault(t.token_id, Logprob(t.logprob, rank=t.rank if t.HasField("rank") else None))
-            logprobs.append(entry)
+    logprobs = [_entry(t) for t in msg.logprobs] if msg.logprobs else None
     which = msg.WhichOneof("stop_reason")
     return CompletionOutput(msg.index, msg.text, list(msg.token_ids), logprobs,
                             _FINISH_NAMES.get(msg.finish_reason), getattr(msg, which) if which else None)
@@ -164,9 +177,11 @@ def completion_from_proto(msg: pb.Completion) -> CompletionOutput:
 
 def stream_delta_from_proto(msg: pb.GenerateStreamResponse, prompt_token_ids: list[int]) -> RequestOutput:
     return RequestOutput(msg.request_id, None, prompt_token_ids, [completion_from_proto(msg.delta)], msg.finished,
-                         msg.usage.cached_prompt_tokens if msg.HasField("usage") else 0)
+                         msg.usage.cached_prompt_tokens if msg.HasField("usage") else 0,
+                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs, prompt_token_ids))
 
 
 def response_from_proto(msg: pb.GenerateResponse, prompt: str | None = None) -> RequestOutput:
     return RequestOutput(msg.request_id, prompt, list(msg.prompt_token_ids),
-                         [completion_from_proto(c) for c in msg.completions], True, msg.usage.cached_prompt_tokens)
+                         [completion_from_proto(c) for c in msg.completions], True, msg.usage.cached_prompt_tokens,
+                         prompt_logprobs=prompt_logprobs_from_proto(msg.prompt_logprobs, list(msg.prompt_token_ids)))

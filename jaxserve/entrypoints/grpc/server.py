@@ -34,7 +34,8 @@ from jaxserve.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxserve.entrypoints.grpc.access_log import AccessInterceptor
 from jaxserve.entrypoints.grpc.common import (STARTING_MESSAGE, Admission, ApiKeyInterceptor, EngineCaller,
                                               add_guarded_servicer, parse_or_abort)
-from jaxserve.entrypoints.grpc.convert import UsageCounter, completion_to_proto, request_from_proto
+from jaxserve.entrypoints.grpc.convert import (UsageCounter, completion_to_proto, prompt_logprobs_to_proto,
+                                              request_from_proto)
 from jaxserve.entrypoints.grpc.jetstream_service import SERVICE_NAME as JETSTREAM_SERVICE
 from jaxserve.entrypoints.grpc.jetstream_service import OrchestratorServicer
 from jaxserve.engine.llm import merge_delta
@@ -63,7 +64,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             usage.add(delta)
             acc = merge_delta(acc, delta)
         return pb.GenerateResponse(request_id=acc.request_id, prompt_token_ids=acc.prompt_token_ids,
-                                   completions=[completion_to_proto(c) for c in acc.outputs], usage=usage.to_proto())
+                                   completions=[completion_to_proto(c) for c in acc.outputs], usage=usage.to_proto(),
+                                   prompt_logprobs=prompt_logprobs_to_proto(acc))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         prompt, params = await parse_or_abort(context, request_from_proto, request)
@@ -77,6 +79,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                                 finished=last)
                 if first:
                     msg.prompt_token_ids.extend(delta.prompt_token_ids)
+                    msg.prompt_logprobs.extend(prompt_logprobs_to_proto(delta))
                     first = False
                 if last:
                     msg.usage.CopyFrom(usage.to_proto())

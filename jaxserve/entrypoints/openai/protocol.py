@@ -79,6 +79,11 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
     response_format: "ResponseFormat | None" = None
+    prompt_logprobs: int | None = None  # vLLM extra: top logprobs per prompt position, in each choice
+    # vLLM extras: beam search (openai/beam.py), best_of as the beam width
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class TextPart(BaseModel):
@@ -167,6 +172,10 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     # Extras (vLLM names).
     add_generation_prompt: bool = True
+    # beam search (openai/beam.py): n is the beam width, every beam a choice
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from fastapi.responses import Response
 
 from jaxserve.engine.chat import ChatTemplateError, render_chat
 from jaxserve.engine.llm import merge_delta
+from jaxserve.entrypoints.openai.beam import chat_beam_params, chat_beam_search_response
 from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from jaxserve.entrypoints.openai.serving_engine import (SSE_DONE, EngineRequests, OpenAIServing, ServingState, sse,
@@ -79,6 +80,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, request: Request) -> Response:
         body = self.parse(await request.body(), ChatCompletionRequest)
+        if body.use_beam_search:
+            chat_beam_params(self, body)  # refused before the template renders
         enforced = tool_constraint(body)  # (grammar, parser) for "required" / a named function
         template_tools, parser = self._tool_mode(body, enforced)
         prompt_ids = await self.render_async(body.messages, template_tools, body.add_generation_prompt,
@@ -91,6 +94,8 @@ class OpenAIServingChat(OpenAIServing):
         if enforced is not None:
             params = dataclasses.replace(params, structured_outputs=enforced[0])
         response_id = self.new_id("chatcmpl")
+        if body.use_beam_search:
+            return await chat_beam_search_response(self, body, prompt_ids, response_id)
         requests = await self.start(body, [prompt_ids], params, response_id)
         if body.stream:
             return stream_response(requests, lambda: self._events(body, requests, response_id, parser))

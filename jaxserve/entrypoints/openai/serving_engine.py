@@ -107,7 +107,7 @@ class EngineRequests:
 
     def _admit(self) -> None:
         """Counts this request's sequences against max_concurrent (see the module doc)."""
-        state, n = self.state, self.params.n
+        state, n = self.state, max(self.params.n, self.params.best_of or 0)  # best_of: the sequences run
         cap, need = state.max_concurrent, len(self.prompts) * n
         if cap is None:
             return
@@ -194,7 +194,7 @@ class EngineRequests:
             if not finished:  # also covers a cancel while the add was still in flight
                 self.engine.abort(rid)
             self.state.request_ids.discard(rid)
-            self._release(self.params.n)
+            self._release(max(self.params.n, self.params.best_of or 0))
             self._queue.put_nowait((i, _DONE))
 
 
@@ -262,8 +262,10 @@ class OpenAIServing:
     def aliases_for(self, body: BaseModel) -> dict[str, str]:
         return self.aliases
 
-    def sampling_params(self, body: Any, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        kwargs: dict[str, Any] = dict(
+    def sampling_params(self, body: Any, *, max_tokens: int | None, logprobs: int | None,
+                        **extra: Any) -> SamplingParams:
+        """extra: more SamplingParams fields (an endpoint's own, e.g. prompt_logprobs)."""
+        kwargs: dict[str, Any] = dict(**extra,
             n=body.n, max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids,
             skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!jaxserve/protos/v1/generate.proto\x12\x0bjaxserve.v1\"\xda\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.jaxserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x12structured_outputs\x18\x1e \x01(\x0b\x32\x1e.jaxserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xd1\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x17.jaxserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12#\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\x19\n\x17_disable_any_whitespace\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x8f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x11\n\tlora_name\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"}\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprobB\x07\n\x05_rank\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xdb\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"\x91\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.Completion\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"\xa3\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.jaxserve.v1.Completion\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xb9\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x05 \x01(\t\x12.\n\x04mesh\x18\x06 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x13\n\x0bnum_devices\x18\x08 \x01(\x05\x12\x15\n\rtoken_buckets\x18\t \x03(\x05\x12\x13\n\x0bseq_buckets\x18\n \x03(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x11\n\tpage_size\x18\r \x01(\x05\x12\x11\n\tnum_pages\x18\x0e \x01(\x05\x12\x12\n\nvocab_size\x18\x0f \x01(\x05\x12\x15\n\reos_token_ids\x18\x10 \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\x11 \x01(\x05\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\">\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"&\n\x13LoRAAdapterResponse\x12\x0f\n\x07message\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfe\x03\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.jaxserve.v1.GenerateRequest\x1a#.jaxserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfo\x12X\n\x0fLoadLoRAAdapter\x12#.jaxserve.v1.LoadLoRAAdapterRequest\x1a .jaxserve.v1.LoRAAdapterResponse\x12\\\n\x11UnloadLoRAAdapter\x12%.jaxserve.v1.UnloadLoRAAdapterRequest\x1a .jaxserve.v1.LoRAAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!jaxserve/protos/v1/generate.proto\x12\x0bjaxserve.v1\"\xae\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.jaxserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x12structured_outputs\x18\x1e \x01(\x0b\x32\x1e.jaxserve.v1.StructuredOutputs\x12\x1c\n\x0fprompt_logprobs\x18( \x01(\x05H\x0f\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18) \x01(\x05H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x12\n\x10_prompt_logprobsB\n\n\x08_best_of\"\xd1\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x17.jaxserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12#\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\x19\n\x17_disable_any_whitespace\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x8f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x11\n\tlora_name\x18\x05 \x01(\t\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"}\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprobB\x07\n\x05_rank\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xdb\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x05H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.Completion\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\"\xd8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x17.jaxserve.v1.Completion\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.jaxserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.jaxserve.v1.TokenLogprobs\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xb9\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x05 \x01(\t\x12.\n\x04mesh\x18\x06 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x13\n\x0bnum_devices\x18\x08 \x01(\x05\x12\x15\n\rtoken_buckets\x18\t \x03(\x05\x12\x13\n\x0bseq_buckets\x18\n \x03(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\x05\x12\x11\n\tpage_size\x18\r \x01(\x05\x12\x11\n\tnum_pages\x18\x0e \x01(\x05\x12\x12\n\nvocab_size\x18\x0f \x01(\x05\x12\x15\n\reos_token_ids\x18\x10 \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\x11 \x01(\x05\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\">\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"&\n\x13LoRAAdapterResponse\x12\x0f\n\x07message\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xfe\x03\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.jaxserve.v1.GenerateRequest\x1a#.jaxserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfo\x12X\n\x0fLoadLoRAAdapter\x12#.jaxserve.v1.LoadLoRAAdapterRequest\x1a .jaxserve.v1.LoRAAdapterResponse\x12\\\n\x11UnloadLoRAAdapter\x12%.jaxserve.v1.UnloadLoRAAdapterRequest\x1a .jaxserve.v1.LoRAAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_MESHENTRY']._loaded_options = None
   _globals['_MODELINFO_MESHENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2900
-  _globals['_FINISHREASON']._serialized_end=3020
+  _globals['_FINISHREASON']._serialized_start=3090
+  _globals['_FINISHREASON']._serialized_end=3210
   _globals['_SAMPLINGPARAMS']._serialized_start=51
-  _globals['_SAMPLINGPARAMS']._serialized_end=909
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=621
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=669
-  _globals['_STRUCTUREDOUTPUTS']._serialized_start=912
-  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1121
-  _globals['_CHOICELIST']._serialized_start=1123
-  _globals['_CHOICELIST']._serialized_end=1152
-  _globals['_GENERATEREQUEST']._serialized_start=1155
-  _globals['_GENERATEREQUEST']._serialized_end=1298
-  _globals['_TOPLOGPROB']._serialized_start=1300
-  _globals['_TOPLOGPROB']._serialized_end=1361
-  _globals['_TOKENLOGPROBS']._serialized_start=1363
-  _globals['_TOKENLOGPROBS']._serialized_end=1488
-  _globals['_USAGE']._serialized_start=1490
-  _globals['_USAGE']._serialized_end=1577
-  _globals['_COMPLETION']._serialized_start=1580
-  _globals['_COMPLETION']._serialized_end=1799
-  _globals['_GENERATERESPONSE']._serialized_start=1802
-  _globals['_GENERATERESPONSE']._serialized_end=1947
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1950
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2113
-  _globals['_TOKENIZEREQUEST']._serialized_start=2115
-  _globals['_TOKENIZEREQUEST']._serialized_end=2202
-  _globals['_TOKENIZERESPONSE']._serialized_start=2204
-  _globals['_TOKENIZERESPONSE']._serialized_end=2280
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2282
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2303
-  _globals['_MODELINFO']._serialized_start=2306
-  _globals['_MODELINFO']._serialized_end=2747
-  _globals['_MODELINFO_MESHENTRY']._serialized_start=2704
-  _globals['_MODELINFO_MESHENTRY']._serialized_end=2747
-  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=2749
-  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=2811
-  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=2813
-  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=2858
-  _globals['_LORAADAPTERRESPONSE']._serialized_start=2860
-  _globals['_LORAADAPTERRESPONSE']._serialized_end=2898
-  _globals['_GENERATIONSERVICE']._serialized_start=3023
-  _globals['_GENERATIONSERVICE']._serialized_end=3533
+  _globals['_SAMPLINGPARAMS']._serialized_end=993
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=673
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=721
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=996
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1205
+  _globals['_CHOICELIST']._serialized_start=1207
+  _globals['_CHOICELIST']._serialized_end=1236
+  _globals['_GENERATEREQUEST']._serialized_start=1239
+  _globals['_GENERATEREQUEST']._serialized_end=1382
+  _globals['_TOPLOGPROB']._serialized_start=1384
+  _globals['_TOPLOGPROB']._serialized_end=1445
+  _globals['_TOKENLOGPROBS']._serialized_start=1447
+  _globals['_TOKENLOGPROBS']._serialized_end=1572
+  _globals['_USAGE']._serialized_start=1574
+  _globals['_USAGE']._serialized_end=1661
+  _globals['_COMPLETION']._serialized_start=1664
+  _globals['_COMPLETION']._serialized_end=1883
+  _globals['_GENERATERESPONSE']._serialized_start=1886
+  _globals['_GENERATERESPONSE']._serialized_end=2084
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2087
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2303
+  _globals['_TOKENIZEREQUEST']._serialized_start=2305
+  _globals['_TOKENIZEREQUEST']._serialized_end=2392
+  _globals['_TOKENIZERESPONSE']._serialized_start=2394
+  _globals['_TOKENIZERESPONSE']._serialized_end=2470
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2472
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2493
+  _globals['_MODELINFO']._serialized_start=2496
+  _globals['_MODELINFO']._serialized_end=2937
+  _globals['_MODELINFO_MESHENTRY']._serialized_start=2894
+  _globals['_MODELINFO_MESHENTRY']._serialized_end=2937
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=2939
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=3001
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=3003
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=3048
+  _globals['_LORAADAPTERRESPONSE']._serialized_start=3050
+  _globals['_LORAADAPTERRESPONSE']._serialized_end=3088
+  _globals['_GENERATIONSERVICE']._serialized_start=3213
+  _globals['_GENERATIONSERVICE']._serialized_end=3723
 # @@protoc_insertion_point(module_scope)

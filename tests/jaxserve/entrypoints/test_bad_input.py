@@ -58,6 +58,7 @@ COMPLETION_ONLY: dict[str, tuple] = {
     "prompt": (direct("prompt"), {"'abc'"}),
     "prompt[i]": (lambda v: {"prompt": [v]}, {"'abc'"}),
     "best_of": (direct("best_of"), {"null"}),
+    "prompt_logprobs": (direct("prompt_logprobs"), {"null"}),
     "echo": (direct("echo"), {"true"}),
     "suffix": (direct("suffix"), {"null"}),
 }

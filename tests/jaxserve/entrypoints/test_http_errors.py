@@ -87,7 +87,7 @@ COMPLETION_ONLY = {
     "max_tokens": st.one_of(st.integers(max_value=0), st.integers(min_value=600, max_value=10**9), not_int),
     "logprobs": st.one_of(st.integers(min_value=21, max_value=10**6), st.integers(max_value=-1), not_int),
     "echo": not_bool,
-    "best_of": st.integers(min_value=2, max_value=10),
+    "best_of": st.one_of(st.integers(max_value=0), not_int),  # below n (1); best_of > n is served
     "suffix": st.just("tail"),
 }
 CHAT_ONLY = {
