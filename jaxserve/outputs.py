@@ -47,3 +47,30 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: per prompt position (None at 0) the prompt token's and the
     # top tokens' logprobs; on the request's first output only (vLLM's shape).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Accumulates streaming deltas into a cumulative RequestOutput (samples ordered by index)."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False,
+                            delta.num_cached_tokens)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        cur = by_index.get(c.index)
+        if cur is None:
+            cur = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
+        cur.text += c.text
+        cur.token_ids.extend(c.token_ids)
+        if c.logprobs is not None:
+            cur.logprobs = (cur.logprobs or []) + c.logprobs
+        cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
+        if c.cumulative_logprob is not None:
+            cur.cumulative_logprob = c.cumulative_logprob
+    acc.outputs = [by_index[k] for k in sorted(by_index)]
+    acc.finished = delta.finished
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    if delta.metrics is not None:
+        acc.metrics = delta.metrics
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    return acc

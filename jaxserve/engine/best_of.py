@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import CompletionOutput, RequestOutput, merge_delta
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -40,8 +40,6 @@ class BestOf:
 
     def filter(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Passes other requests' deltas through; holds best_of ones until they finish."""
-        from jaxserve.engine.llm import merge_delta
-
         kept = []
         for out in outputs:
             held = self._held.get(out.request_id)

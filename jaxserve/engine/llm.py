@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from jaxserve.engine.chat import render_chat
 from jaxserve.config import EngineConfig
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import RequestOutput, merge_delta  # noqa: F401 (merge_delta: public here too)
 from jaxserve.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -132,30 +132,3 @@ def _per_prompt_lora(lora_request, n: int) -> list:
         if r is not None and not isinstance(r, LoRARequest):
             raise ValueError(f"lora_request entries must be LoRARequest or None, got {type(r).__name__}")
     return list(lora_request)
-
-
-def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Accumulates streaming deltas into a cumulative RequestOutput (samples ordered by index)."""
-    if acc is None:
-        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False,
-                            delta.num_cached_tokens)
-    by_index = {c.index: c for c in acc.outputs}
-    for c in delta.outputs:
-        cur = by_index.get(c.index)
-        if cur is None:
-            cur = by_index[c.index] = CompletionOutput(c.index, "", [], [] if c.logprobs is not None else None)
-        cur.text += c.text
-        cur.token_ids.extend(c.token_ids)
-        if c.logprobs is not None:
-            cur.logprobs = (cur.logprobs or []) + c.logprobs
-        cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
-        if c.cumulative_logprob is not None:
-            cur.cumulative_logprob = c.cumulative_logprob
-    acc.outputs = [by_index[k] for k in sorted(by_index)]
-    acc.finished = delta.finished
-    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
-    if delta.metrics is not None:
-        acc.metrics = delta.metrics
-    if delta.prompt_logprobs is not None:
-        acc.prompt_logprobs = delta.prompt_logprobs
-    return acc

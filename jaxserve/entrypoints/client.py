@@ -88,7 +88,7 @@ class Client(_Base):
 
     def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str = "",
                         timeout: float | None = None, lora_name: str = "") -> Iterator[RequestOutput]:
-        """RequestOutput deltas as they come (accumulate with jaxserve.engine.llm.merge_delta)."""
+        """RequestOutput deltas as they come (accumulate with jaxserve.outputs.merge_delta)."""
         call = self.stub.GenerateStream(request_to_proto(prompt, params, request_id, lora_name),
                                         timeout=self._timeout(timeout), metadata=self._metadata)
         prompt_ids: list[int] = []

@@ -46,7 +46,7 @@ def serve(llm, work, params):
 
     from jaxserve import AsyncLLM
     from jaxserve.engine import async_llm
-    from jaxserve.engine.llm import merge_delta
+    from jaxserve.outputs import merge_delta
 
     # Count collectives (header-sized or larger) and engine steps: between two syncs no
     # process calls a collective, so they are fewer than the steps. Only the leader's

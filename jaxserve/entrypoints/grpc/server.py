@@ -38,7 +38,7 @@ from jaxserve.entrypoints.grpc.convert import (UsageCounter, completion_to_proto
                                               request_from_proto)
 from jaxserve.entrypoints.grpc.jetstream_service import SERVICE_NAME as JETSTREAM_SERVICE
 from jaxserve.entrypoints.grpc.jetstream_service import OrchestratorServicer
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.entrypoints.lora_modules import lora_modules
 from jaxserve.protos import jetstream_pb2_grpc
 from jaxserve.protos.v1 import generate_pb2 as pb

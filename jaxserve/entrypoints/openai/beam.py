@@ -56,7 +56,7 @@ async def beam_search_response(serving, body: CompletionRequest, prompts: list[l
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(out.sequences[k].tokens) - len(p) for p, out in zip(prompts, outs)
                             for k in range(min(body.n, len(out.sequences))))
-    return {"id": response_id, "object": "text_completion", "created": serving.created(), "model": serving.model_name,
+    return {"id": response_id, "object": "text_completion", "created": serving.created(), "model": serving.response_model(body),
             "choices": choices, "usage": serving.usage(prompt_tokens, completion_tokens)}
 
 
@@ -81,7 +81,7 @@ async def _events(serving, body: CompletionRequest, search, texts: list[str | No
         for i, out in enumerate(outs):
             for choice in _choices(serving, body, i, out, texts[i]):
                 yield sse({"id": response_id, "object": "text_completion", "created": serving.created(),
-                           "model": serving.model_name, "choices": [choice]})
+                           "model": serving.response_model(body), "choices": [choice]})
     except Exception as e:  # noqa: BLE001 - the client gets an error event, then [DONE]
         if isinstance(e, ValueError):
             e = serving.value_error(e, body)
@@ -129,7 +129,7 @@ async def chat_beam_search_response(serving, body, prompt_ids: list[int], respon
                         "logprobs": serving._logprobs(body, c), "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason})
     completion_tokens = sum(len(s.tokens) - len(prompt_ids) for s in out.sequences)
-    base = {"id": response_id, "created": serving.created(), "model": serving.model_name}
+    base = {"id": response_id, "created": serving.created(), "model": serving.response_model(body)}
     usage = serving.usage(len(prompt_ids), completion_tokens)
     if not body.stream:
         return {**base, "object": "chat.completion", "choices": choices, "usage": usage}

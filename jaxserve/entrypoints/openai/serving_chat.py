@@ -29,7 +29,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from jaxserve.engine.chat import ChatTemplateError, render_chat
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.entrypoints.openai.beam import chat_beam_params, chat_beam_search_response
 from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
@@ -192,7 +192,7 @@ class OpenAIServingChat(OpenAIServing):
             choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(body, c),
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return {"id": response_id, "object": "chat.completion", "created": self.created(), "model": self.model_name,
+        return {"id": response_id, "object": "chat.completion", "created": self.created(), "model": self.response_model(body),
                 "choices": choices, "usage": self.usage(len(out.prompt_token_ids), completion_tokens)}
 
     # -- streaming --------------------------------------------------------------------
@@ -209,7 +209,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(index: int, delta: dict, logprobs: Any = None, finish_reason: str | None = None) -> str:
             obj: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": self.model_name,
+                                   "model": self.response_model(body),
                                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                 "finish_reason": finish_reason}]}
             if include_usage:
@@ -238,7 +238,7 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk(c.index, delta, logprobs if j == 0 else None, finish_reason if last else None)
         if include_usage:
             yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                       "model": self.model_name, "choices": [],
+                       "model": self.response_model(body), "choices": [],
                        "usage": self.usage(prompt_tokens, completion_tokens)})
         yield SSE_DONE
 

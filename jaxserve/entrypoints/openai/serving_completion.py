@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.entrypoints.openai.beam import beam_search_response
 from jaxserve.entrypoints.openai.errors import bad_request
 from jaxserve.entrypoints.openai.protocol import CompletionRequest
@@ -93,7 +93,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(self._choice(i * body.n + c.index, prefix + c.text, logprobs, c,
                                             self._vllm_prompt_logprobs(body, out)))
         prompt_tokens = sum(len(acc[i].prompt_token_ids) for i in acc)
-        return {"id": response_id, "object": "text_completion", "created": self.created(), "model": self.model_name,
+        return {"id": response_id, "object": "text_completion", "created": self.created(), "model": self.response_model(body),
                 "choices": choices, "usage": self.usage(prompt_tokens, completion_tokens)}
 
     # -- streaming --------------------------------------------------------------------
@@ -130,13 +130,13 @@ class OpenAIServingCompletion(OpenAIServing):
                     continue  # a token the detokenizer holds back (partial character, stop prefix)
                 choice = self._choice(index, text, logprobs, c, self._vllm_prompt_logprobs(body, with_prompt))
                 chunk: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
-                                         "model": self.model_name, "choices": [choice]}
+                                         "model": self.response_model(body), "choices": [choice]}
                 if include_usage:
                     chunk["usage"] = (self.usage(sum(prompt_tokens.values()), completion_tokens)
                                       if continuous else None)
                 yield sse(chunk)
         if include_usage:
-            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
+            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": self.response_model(body),
                        "choices": [], "usage": self.usage(sum(prompt_tokens.values()), completion_tokens)})
         yield SSE_DONE
 

@@ -213,6 +213,11 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.state.served_model_name
 
+    def response_model(self, body: Any) -> str:
+        """The `model` a response reports: the one the request named (the base model or a LoRA
+        adapter, as vLLM answers), else the served model's name."""
+        return getattr(body, "model", None) or self.model_name
+
     # -- input ------------------------------------------------------------------------
 
     def parse(self, raw: bytes, model: type[M]) -> M:

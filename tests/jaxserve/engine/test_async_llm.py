@@ -11,7 +11,7 @@ from engine_fixtures import write_engine_test_model
 from jaxserve import AsyncLLM, LLM, SamplingParams
 from jaxserve.engine.async_llm import EngineDeadError
 from jaxserve.config import EngineConfig
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
 

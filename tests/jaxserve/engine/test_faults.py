@@ -22,7 +22,7 @@ from engine_fixtures import write_engine_test_model
 from jaxserve import AsyncLLM, LLM, SamplingParams
 from jaxserve.engine import faults
 from jaxserve.engine.async_llm import EngineDeadError, RequestError
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 
 ROOT = Path(__file__).parents[3]
 CPU = str(ROOT / "configs" / "cpu.yaml")

@@ -13,7 +13,7 @@ import pytest
 
 from engine_fixtures import write_engine_test_model
 from jaxserve import AsyncLLM, BeamSearchParams, LLM, SamplingParams, StructuredOutputsParams
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.worker.prompt_logprobs import wants_prompt_logprobs
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")

@@ -19,7 +19,7 @@ import transformers
 from engine_fixtures import write_engine_test_model
 from jaxserve import AsyncLLM, LLM, SamplingParams
 from jaxserve.demo_model import train_tokenizer
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.engine.metrics import EngineMetrics
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")
@@ -129,6 +129,13 @@ def test_greedy_is_token_identical_with_speculation(model_dir, reference, method
     assert stats["num_free_pages"] == stats["num_total_pages"]
     assert stats["num_preemptions"] > 0
     assert stats["compile_count"] == len(llm.engine.runner.shapes_to_compile())
+    # the verification step carries no prompt-logprob output: a speculating engine compiles none of
+    # those programs (enable_prompt_logprobs is on in the preset) and refuses the field, naming why
+    assert llm.config.enable_prompt_logprobs
+    assert not [s for s in llm.engine.runner.shapes_to_compile() if s[0] == "prompt_logprobs"]
+    with pytest.raises(ValueError, match="prompt_logprobs.*speculative_config"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+    assert llm.stats()["num_free_pages"] == stats["num_total_pages"]
     if method == "draft_model":  # the target as its own draft: (nearly) every proposal of a plain request is
         # accepted (the draft knows nothing of penalties and min_tokens bans, so there it may miss)
         plain = [g.metrics for i, g in enumerate(got) if g is not None and g.metrics and i not in abort

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 
 from jaxserve import LLM, AsyncLLM, SamplingParams, StructuredOutputsParams
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from random_schemas import random_schemas
 
 CPU = str(Path(__file__).parents[3] / "configs" / "cpu.yaml")

@@ -21,7 +21,7 @@ from engine_fixtures import write_engine_test_model
 from jaxserve import SamplingParams
 from jaxserve.entrypoints.cli import main as cli_main
 from jaxserve.entrypoints.client import Client
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 
 ROOT = Path(__file__).parents[3]
 STARTUP_TIMEOUT_S = 240

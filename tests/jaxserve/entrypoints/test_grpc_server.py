@@ -26,7 +26,7 @@ from grpc_fixtures import BearerInterceptor, FailingEngine, LoopThread, wait_eng
 from jaxserve import LLM, AsyncLLM, SamplingParams
 from jaxserve.entrypoints.client import AsyncClient, Client
 from jaxserve.engine import faults
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 from jaxserve.protos import jetstream_pb2 as js
 from jaxserve.protos import jetstream_pb2_grpc as js_grpc
 from jaxserve.protos.v1 import generate_pb2 as pb

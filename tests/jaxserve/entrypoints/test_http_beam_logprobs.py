@@ -14,7 +14,7 @@ from engine_fixtures import write_engine_test_model
 from grpc_fixtures import LoopThread
 from http_helpers import CPU, MODEL, ServerThread, base_url
 from jaxserve import AsyncLLM, BeamSearchParams, Client, LLM, SamplingParams
-from jaxserve.engine.llm import merge_delta
+from jaxserve.outputs import merge_delta
 
 PROMPT = "The capital of France is a city of many rivers and bridges"
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]

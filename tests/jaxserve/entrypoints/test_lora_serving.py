@@ -58,12 +58,13 @@ def test_openai_client_names_adapters(setup):
     extra = {"extra_body": {"ignore_eos": True}}
     for model, expect in ((MODEL, want[None]), ("alpha", want["alpha"])):
         got = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0.0, **extra)
-        assert got.choices[0].text == expect, model
-        stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0.0, stream=True,
-                                           **extra)
+        assert got.choices[0].text == expect and got.model == model, model  # the response names what was asked
+        stream = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0.0,
+                                                stream=True, **extra))
         assert "".join(c.choices[0].text for c in stream) == expect, model
+        assert {c.model for c in stream} == {model}
     chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-    assert chat.choices[0].message.content is not None
+    assert chat.choices[0].message.content is not None and chat.model == "alpha"
     with pytest.raises(openai.NotFoundError, match="no-such-adapter"):
         client.completions.create(model="no-such-adapter", prompt=PROMPT, max_tokens=2)
     cards = {m.id: m for m in client.models.list().data}
