@@ -244,6 +244,24 @@ class ModelRunner:
             jax.block_until_ready((self.state, out.token_ids))
         log.info("warm-up done: %d compilations in %.1f s", self.compile_count, time.perf_counter() - start)
 
+    def update_before_body(self, plan, out, cells) -> tuple[np.ndarray, np.ndarray] | None:
+        """A step's device updates before its body: row resets, the slot assignment, the given
+        cell writes and the copy-on-write page copies. Returns the copies' (src, dst) page ids
+        (int32[max_num_seqs] each, padded with page 0) for a second cache (a draft's), or None."""
+        for rows in plan.resets:
+            self.state = self._reset(self.state, rows)
+        if plan.assignment is not None:
+            self.state = self._assign(self.state, plan.assignment)
+        for c in cells:
+            self.state = self._cells(self.state, c)
+        if not out.copies:
+            return None
+        src = np.zeros(self.shapes.max_num_seqs, np.int32)
+        dst = np.zeros(self.shapes.max_num_seqs, np.int32)
+        src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
+        self.kv_caches = self._copy(self.kv_caches, src, dst)
+        return src, dst
+
     def dispatch(self, out: SchedulerOutput, bitmask=None) -> StepHandle:
         """Queues one step on the device and returns at once; `collect` waits for its tokens.
         The host can schedule and dispatch the next step in between.
@@ -253,17 +271,7 @@ class ModelRunner:
         plan = self.batch.prepare(out)
         if self.draft is not None:  # the draft proposes on the device first (worker.spec_draft)
             return self.draft.dispatch(self, plan, out, bitmask)
-        for rows in plan.resets:
-            self.state = self._reset(self.state, rows)
-        if plan.assignment is not None:
-            self.state = self._assign(self.state, plan.assignment)
-        for cells in plan.cells[:-1]:
-            self.state = self._cells(self.state, cells)
-        if out.copies:
-            src = np.zeros(self.shapes.max_num_seqs, np.int32)
-            dst = np.zeros(self.shapes.max_num_seqs, np.int32)
-            src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
-            self.kv_caches = self._copy(self.kv_caches, src, dst)
+        self.update_before_body(plan, out, plan.cells[:-1])  # the last cell write goes into the body
         self.kv_caches, self.state, hidden, hidden_all = self._body(self.params, self.kv_caches, self.state,
                                                                     plan.body, plan.cells[-1])
         plp = None

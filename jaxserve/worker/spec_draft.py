@@ -145,18 +145,9 @@ class DraftRunner:
 
     def dispatch(self, runner, plan, out, bitmask):
         """ModelRunner.dispatch's sequence with the draft's programs in it (module docstring)."""
-        for rows in plan.resets:
-            runner.state = runner._reset(runner.state, rows)
-        if plan.assignment is not None:
-            runner.state = runner._assign(runner.state, plan.assignment)
-        for cells in plan.cells:
-            runner.state = runner._cells(runner.state, cells)
-        if out.copies:
-            src = np.zeros(runner.shapes.max_num_seqs, np.int32)
-            dst = np.zeros(runner.shapes.max_num_seqs, np.int32)
-            src[:len(out.copies)], dst[:len(out.copies)] = zip(*out.copies)
-            runner.kv_caches = runner._copy(runner.kv_caches, src, dst)
-            self.kv_caches = self._copy(self.kv_caches, src, dst)
+        copies = runner.update_before_body(plan, out, plan.cells)  # every cell: the body below takes none
+        if copies is not None:  # the draft's cache shares the target's block tables: the same copies
+            self.kv_caches = self._copy(self.kv_caches, *copies)
         sample = plan.sample
         r = sample.row_slots.shape[0]
         first = np.zeros(r, np.int32)

@@ -23,22 +23,28 @@ from jaxserve.entrypoints.openai.serving_engine import SSE_DONE, error_event, ss
 from jaxserve.outputs import CompletionOutput
 
 
-def beam_params(serving, body: CompletionRequest) -> BeamSearchParams:
-    width = body.best_of if body.best_of is not None else body.n
-    if body.n > width:
-        raise bad_request(f"n ({body.n}) must be <= best_of ({width}), the beam width", param="n")
+def _beam_search_params(serving, body, width: int, width_field: str, max_tokens: int | None) -> BeamSearchParams:
+    """BeamSearchParams from a request's beam fields; an invalid width is a 400 naming
+    `width_field` (the request field that carries the beam width)."""
     if body.temperature not in (None, 0, 0.0):
         raise bad_request(f"temperature must be 0 or omitted with use_beam_search, got {body.temperature}",
                           param="temperature")
     try:
-        return BeamSearchParams(beam_width=width, max_tokens=body.max_tokens or serving.engine.max_model_len,
+        return BeamSearchParams(beam_width=width, max_tokens=max_tokens or serving.engine.max_model_len,
                                 ignore_eos=body.ignore_eos, length_penalty=body.length_penalty,
                                 early_stopping=body.early_stopping,
                                 include_stop_str_in_output=body.include_stop_str_in_output)
     except ValueError as e:
-        param = "best_of" if str(e).startswith("beam_width") else None
-        raise (bad_request(str(e).replace("beam_width", "best_of (the beam width)"), param=param) if param
+        param = width_field if str(e).startswith("beam_width") else None
+        raise (bad_request(str(e).replace("beam_width", f"{width_field} (the beam width)"), param=param) if param
                else serving.value_error(e, body)) from None
+
+
+def beam_params(serving, body: CompletionRequest) -> BeamSearchParams:
+    width = body.best_of if body.best_of is not None else body.n
+    if body.n > width:
+        raise bad_request(f"n ({body.n}) must be <= best_of ({width}), the beam width", param="n")
+    return _beam_search_params(serving, body, width, "best_of", body.max_tokens)
 
 
 async def beam_search_response(serving, body: CompletionRequest, prompts: list[list[int]], texts: list[str | None],
@@ -56,8 +62,9 @@ async def beam_search_response(serving, body: CompletionRequest, prompts: list[l
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(out.sequences[k].tokens) - len(p) for p, out in zip(prompts, outs)
                             for k in range(min(body.n, len(out.sequences))))
-    return {"id": response_id, "object": "text_completion", "created": serving.created(), "model": serving.response_model(body),
-            "choices": choices, "usage": serving.usage(prompt_tokens, completion_tokens)}
+    return {"id": response_id, "object": "text_completion", "created": serving.created(),
+            "model": serving.response_model(body), "choices": choices,
+            "usage": serving.usage(prompt_tokens, completion_tokens)}
 
 
 def _choices(serving, body: CompletionRequest, i: int, out: BeamSearchOutput, text: str | None) -> list[dict]:
@@ -100,19 +107,8 @@ def chat_beam_params(serving, body) -> BeamSearchParams:
         raise bad_request("use_beam_search does not combine with tools", param="use_beam_search")
     if body.response_format is not None and body.response_format.type != "text" or body.structured_outputs:
         raise bad_request("use_beam_search does not combine with structured outputs", param="use_beam_search")
-    if body.temperature not in (None, 0, 0.0):
-        raise bad_request(f"temperature must be 0 or omitted with use_beam_search, got {body.temperature}",
-                          param="temperature")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    try:
-        return BeamSearchParams(beam_width=body.n, max_tokens=max_tokens or serving.engine.max_model_len,
-                                ignore_eos=body.ignore_eos, length_penalty=body.length_penalty,
-                                early_stopping=body.early_stopping,
-                                include_stop_str_in_output=body.include_stop_str_in_output)
-    except ValueError as e:
-        param = "n" if str(e).startswith("beam_width") else None
-        raise (bad_request(str(e).replace("beam_width", "n (the beam width)"), param=param) if param
-               else serving.value_error(e, body)) from None
+    return _beam_search_params(serving, body, body.n, "n", max_tokens)
 
 
 async def chat_beam_search_response(serving, body, prompt_ids: list[int], response_id: str) -> Any:

@@ -192,8 +192,9 @@ class OpenAIServingChat(OpenAIServing):
             choices.append({"index": c.index, "message": message, "logprobs": self._logprobs(body, c),
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return {"id": response_id, "object": "chat.completion", "created": self.created(), "model": self.response_model(body),
-                "choices": choices, "usage": self.usage(len(out.prompt_token_ids), completion_tokens)}
+        return {"id": response_id, "object": "chat.completion", "created": self.created(),
+                "model": self.response_model(body), "choices": choices,
+                "usage": self.usage(len(out.prompt_token_ids), completion_tokens)}
 
     # -- streaming --------------------------------------------------------------------
 

@@ -93,8 +93,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(self._choice(i * body.n + c.index, prefix + c.text, logprobs, c,
                                             self._vllm_prompt_logprobs(body, out)))
         prompt_tokens = sum(len(acc[i].prompt_token_ids) for i in acc)
-        return {"id": response_id, "object": "text_completion", "created": self.created(), "model": self.response_model(body),
-                "choices": choices, "usage": self.usage(prompt_tokens, completion_tokens)}
+        return {"id": response_id, "object": "text_completion", "created": self.created(),
+                "model": self.response_model(body), "choices": choices,
+                "usage": self.usage(prompt_tokens, completion_tokens)}
 
     # -- streaming --------------------------------------------------------------------
 
@@ -136,8 +137,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                       if continuous else None)
                 yield sse(chunk)
         if include_usage:
-            yield sse({"id": response_id, "object": "text_completion", "created": created, "model": self.response_model(body),
-                       "choices": [], "usage": self.usage(sum(prompt_tokens.values()), completion_tokens)})
+            yield sse({"id": response_id, "object": "text_completion", "created": created,
+                       "model": self.response_model(body), "choices": [],
+                       "usage": self.usage(sum(prompt_tokens.values()), completion_tokens)})
         yield SSE_DONE
 
     # -- pieces -----------------------------------------------------------------------
