@@ -430,10 +430,11 @@ class AsyncLLM:
                 if last is not None:
                     self.metrics.tpot.observe(now - last)
                 stream.last_token[c.index] = now
-            stream.put(out)
-            if out.finished:
+            if out.finished:  # counted before the consumer can see the end (the server's warm-up
+                # swaps its scratch metrics back as soon as its request ends)
                 del self._streams[out.request_id]
                 self.metrics.request_finished(out.outputs[0].finish_reason or "stop", stream.arrival)
+            stream.put(out)
 
     def _fail_pending(self, error: BaseException) -> None:
         while True:

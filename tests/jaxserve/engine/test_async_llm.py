@@ -219,3 +219,27 @@ def test_bounds_checked_against_the_model(engine):
         assert len(out.outputs[0].token_ids) == 3
 
     asyncio.run(main())
+
+
+def test_a_request_is_counted_before_its_caller_sees_it_end(engine, monkeypatch):
+    """The server's warm-up swaps scratch metrics in and back around its request: a request must
+    be counted when its last output is handed to the caller, not after (a race once seen as the
+    warm-up counted in /metrics)."""
+    from jaxserve.engine import async_llm
+
+    def finished(labels: str) -> float:
+        return sum(s.value for m in engine.metrics.registry.collect() if m.name == "jaxserve_requests"
+                   for s in m.samples if s.name.endswith("_total") and s.labels.get("status") == labels)
+
+    seen = []
+    put = async_llm._Stream.put
+
+    def recording_put(self, item):
+        if getattr(item, "finished", False):
+            seen.append(finished("length"))
+        put(self, item)
+
+    before = finished("length")
+    monkeypatch.setattr(async_llm._Stream, "put", recording_put)
+    asyncio.run(collect(engine, "Hello world", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)))
+    assert seen == [before + 1]
