@@ -20,7 +20,9 @@ into one token stream; each step takes --batch windows of --seq-len tokens at ra
 Deterministic given the corpus, the seed and the step count. --steps fixes the count;
 otherwise --minutes picks it from the time of the first steps (the learning rate is flat
 during the warm-up, so it does not depend on the count until then), and training.json records
-it, so `--steps N` repeats a timed run exactly (on the same torch build and thread count).
+it, so `--steps N` repeats a timed run exactly (on the same torch build and thread count). A
+timed run on a machine that slows down stops at 1.5 x --minutes (training.json: stopped_early;
+its learning rate had not finished its decay, and --steps does not repeat it).
 
     python scripts/train_tiny_lm.py --out /tmp/tiny-lm                  # about 8 minutes
     python scripts/bench_kv_quant.py --model /tmp/tiny-lm --prompts-from /tmp/tiny-lm/heldout.txt
@@ -181,7 +183,12 @@ def train(args, model, train_ids: np.ndarray, heldout_ids: np.ndarray) -> dict:
     recent, log = [], []
     start = time.perf_counter()
     step = 0
+    stopped_early = False
     while step < total:
+        if args.steps is None and time.perf_counter() - start > 1.5 * args.minutes * 60:
+            stopped_early = True                                  # a loaded machine: the wall time stays bounded
+            print(f"[train] stopping at step {step} of {total}: 1.5 x --minutes has passed", flush=True)
+            break
         if args.steps is None and step == TIMING_STEPS + 1:
             per_step = (time.perf_counter() - t_first) / TIMING_STEPS
             total = max(TIMING_STEPS + 1, int(args.minutes * 60 / per_step))   # the evals cost ~1%
@@ -204,7 +211,7 @@ def train(args, model, train_ids: np.ndarray, heldout_ids: np.ndarray) -> dict:
             log.append(dict(step=step, train_loss=round(float(np.mean(recent)), 4), heldout_loss=round(held, 4)))
             print(f"[train] step {step}/{total} lr {lr_at(step - 1, total, args):.2e} train {np.mean(recent):.3f} "
                   f"held-out {held:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return dict(steps=step, tokens_seen=step * args.batch * args.seq_len, train_seconds=round(time.perf_counter()
+    return dict(steps=step, planned_steps=total, stopped_early=stopped_early, tokens_seen=step * args.batch * args.seq_len, train_seconds=round(time.perf_counter()
                 - start, 1), train_loss_last=round(float(np.mean(recent)), 4), log=log)
 
 
