@@ -211,8 +211,9 @@ def train(args, model, train_ids: np.ndarray, heldout_ids: np.ndarray) -> dict:
             log.append(dict(step=step, train_loss=round(float(np.mean(recent)), 4), heldout_loss=round(held, 4)))
             print(f"[train] step {step}/{total} lr {lr_at(step - 1, total, args):.2e} train {np.mean(recent):.3f} "
                   f"held-out {held:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return dict(steps=step, planned_steps=total, stopped_early=stopped_early, tokens_seen=step * args.batch * args.seq_len, train_seconds=round(time.perf_counter()
-                - start, 1), train_loss_last=round(float(np.mean(recent)), 4), log=log)
+    return dict(steps=step, planned_steps=total, stopped_early=stopped_early,
+                tokens_seen=step * args.batch * args.seq_len, train_seconds=round(time.perf_counter() - start, 1),
+                train_loss_last=round(float(np.mean(recent)), 4), log=log)
 
 
 def main(argv=None) -> int:
