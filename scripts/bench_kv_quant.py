@@ -123,6 +123,19 @@ def positional_agreement(base: list[list[int]], other: list[list[int]]) -> tuple
     return same, sum(len(x) for x in base), sum(x == y for x, y in zip(base, other))
 
 
+def divergence_margins(base: list[list[int]], other: list[list[int]], margin: np.ndarray) -> list[float]:
+    """For each of the first len(base) requests whose free-running output parts from the baseline's:
+    the baseline's top-1 lead (`margin`, over the requests' output positions concatenated) where it
+    parts. Up to there both ran the same tokens, so that is the choice the cache's rounding flipped."""
+    out, offset = [], 0
+    for x, y in zip(base, other):
+        k = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+        if k is not None:
+            out.append(float(margin[offset + k]))
+        offset += len(x)
+    return out
+
+
 def teacher_forced_logits(args, seqs: list[tuple[list[int], int]], kv_dtype_name: str):
     """For each (ids, prompt_len): log-softmax of the next-token logits at the output positions
     [prompt_len - 1, len(ids) - 1), float64 [n_out, V], with a cache of kv_dtype_name; and the
@@ -252,14 +265,17 @@ def main(argv=None) -> int:
                   f"top-1 minus top-2 log-prob median {np.median(margin):.2e}, {100 * np.mean(~wide):.1f}% of the "
                   f"positions below {MARGIN:g}:", "",
                   "| kv_cache_dtype | next-token top-1 = baseline | where the baseline's margin >= "
-                  f"{MARGIN:g} | largest margin flipped | mean KL(baseline \\|\\| run) nats |", "|---|---|---|---|---|"]
-        for name, lp in logps.items():
+                  f"{MARGIN:g} | largest margin flipped | mean KL(baseline \\|\\| run) nats | free-running: requests "
+                  "parting from the baseline, its margin where they part (median, max) |", "|---|---|---|---|---|---|"]
+        for (name, lp), run in zip(logps.items(), runs):
+            parts = divergence_margins(base["token_ids"][:n], run["token_ids"][:n], margin)
+            parted = f"{len(parts)}/{n}" + (f": {np.median(parts):.2e}, {max(parts):.2e}" if parts else "")
             lp = np.concatenate(lp)
             same = ref.argmax(-1) == lp.argmax(-1)
             kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
             flipped = f"{margin[~same].max():.2e}" if (~same).any() else "-"
             lines.append(f"| {name} | {same.sum()}/{len(same)} = {100 * same.mean():.2f}% | {same[wide].sum()}/"
-                         f"{wide.sum()} = {100 * same[wide].mean():.2f}% | {flipped} | {kl:.2e} |")
+                         f"{wide.sum()} = {100 * same[wide].mean():.2f}% | {flipped} | {kl:.2e} | {parted} |")
         lines.append("")
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
         lines += [f"Scale granularity (int8), on the float32 K/V the model wrote for the last teacher-forced "
