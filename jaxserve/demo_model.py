@@ -233,24 +233,36 @@ def _check_target(path: Path, force: bool) -> None:
                              f"--force to move the existing one aside to {path.name}.bak-N (nothing is deleted)")
 
 
-def _write_files(tmp: Path, seed: int) -> None:
-    from safetensors.numpy import save_file
-
-    tokenizer = train_tokenizer()
-    tokenizer.save_pretrained(tmp)
-    vocab = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints do
+def llama_config(tokenizer, arch: dict, **extra) -> dict:
+    """config.json of a float32 Llama with `arch`'s shapes (ARCH's keys) for `tokenizer`: its
+    vocabulary padded to a multiple of 64, as real checkpoints do, and its special tokens."""
+    vocab = -(-len(tokenizer) // 64) * 64
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **ARCH, "vocab_size": vocab,
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **arch, "vocab_size": vocab,
         "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos,
-        "pad_token_id": tokenizer.pad_token_id, "dtype": "float32", "hidden_act": "silu",
-        "jaxserve_demo": {"version": DEMO_VERSION, "random_weights": True, "seed": seed},
+        "pad_token_id": tokenizer.pad_token_id, "dtype": "float32", "hidden_act": "silu", **extra,
     }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "do_sample": False}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_hf_files(path: Path, tokenizer, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """The tokenizer files, config.json, generation_config.json (greedy) and model.safetensors
+    (HF-named float32 `tensors`) into the existing directory `path`."""
+    from safetensors.numpy import save_file
+
+    tokenizer.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_files(tmp: Path, seed: int) -> None:
+    tokenizer = train_tokenizer()
+    config = llama_config(tokenizer, ARCH,
+                          jaxserve_demo={"version": DEMO_VERSION, "random_weights": True, "seed": seed})
+    write_hf_files(tmp, tokenizer, config, random_weights(config, seed))
     files = sorted(e.name for e in os.scandir(tmp))
     marker = {"jaxserve_demo_model": True, "version": DEMO_VERSION, "seed": seed, "files": files,
               "note": "written by `jaxserve demo-model`; jaxserve may replace this directory (only these files)"}

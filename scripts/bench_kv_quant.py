@@ -1,7 +1,9 @@
 """8-bit KV cache against a 16-bit one: greedy agreement, throughput, pages, scale granularity.
 
 One run, one model, one workload (scripts/benchmark_throughput.py's: random prompts, greedy,
-EOS ignored), the first --kv-cache-dtypes entry (default bfloat16) the baseline:
+EOS ignored; with --prompts-from, the same prompt and output lengths but each prompt a window
+of real text, e.g. the held-out text scripts/train_tiny_lm.py writes beside its model), the
+first --kv-cache-dtypes entry (default bfloat16) the baseline:
 
   1. Engine runs, one fresh engine per kv_cache_dtype (warm-up excluded): output tokens/s,
      KV bytes per token, pages for the preset's KV budget, and how many of the baseline's
@@ -25,12 +27,16 @@ Appends the tables, with the load average, to --out (BENCHMARKS.md).
 
     python scripts/bench_kv_quant.py                               # demo model, CPU preset
     python scripts/bench_kv_quant.py --model DIR --kv-cache-dtypes bfloat16,int8,fp8_e4m3,auto
+    python scripts/bench_kv_quant.py --model /tmp/tiny-lm --prompts-from /tmp/tiny-lm/heldout.txt \
+        --kv-cache-dtypes bfloat16,int8,fp8_e4m3              # a trained model (train_tiny_lm.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -65,16 +71,69 @@ def parse_args(argv=None):
     p.add_argument("--min-output", type=int, default=32)
     p.add_argument("--max-output", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts-from", default=None,
+                   help="a text file, or a directory of .py/.md/.txt/.rst files: each prompt is a window of its "
+                        "tokens (the model's tokenizer) at a random offset, same lengths as the random workload")
     p.add_argument("--teacher-forced", type=int, default=32, help="requests for part 2 (0: skip parts 2 and 3)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file the tables are appended to "
                    "('' : print only)")
     return p.parse_args(argv)
 
 
+def text_workload(work: list, path: str, model_dir: Path, seed: int) -> tuple[list, int]:
+    """`work` with each prompt replaced by a window of as many tokens of the text at `path` (a
+    file, or a directory's text files in name order), starting at a random offset (seed + 1);
+    and the text's token count."""
+    from transformers import AutoTokenizer
+
+    src = Path(path)
+    files = [src] if src.is_file() else sorted(f for f in src.rglob("*")
+                                               if f.suffix in (".py", ".md", ".txt", ".rst") and f.is_file())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = [t for f in files for t in tokenizer.encode(f.read_text(encoding="utf-8"), add_special_tokens=False,
+                                                          verbose=False)]
+    longest = max(len(p) for p, _ in work)
+    if len(ids) <= longest:
+        raise SystemExit(f"--prompts-from {path}: {len(ids)} tokens, fewer than the longest prompt ({longest})")
+    rng = random.Random(seed + 1)
+    out = []
+    for prompt, n in work:
+        start = rng.randrange(len(ids) - len(prompt))
+        out.append((ids[start:start + len(prompt)], n))
+    return out, len(ids)
+
+
+def model_note(model_dir: Path) -> str:
+    """What training.json (scripts/train_tiny_lm.py) says about a trained model; '' without one."""
+    try:
+        t = json.loads((model_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    c = t["corpus"]
+    return (f" Trained by `{t['script']}`: {t['params'] / 1e6:.2f}M parameters, {t['steps']} steps of "
+            f"{t['args']['batch']} x {t['args']['seq_len']} tokens ({t['tokens_seen'] / 1e6:.2f}M tokens seen) on "
+            f"{c['train_tokens'] / 1e6:.2f}M tokens of {c['train_files']} files under {', '.join(c['roots'])}; "
+            f"held-out loss {t['heldout_loss']:.3f} nats/token ({c['heldout_files']} held-out files, "
+            f"{c['split']}).")
+
+
 def positional_agreement(base: list[list[int]], other: list[list[int]]) -> tuple[int, int, int]:
     """(positions with the same token, positions, requests with identical outputs)."""
     same = sum(int(a == b) for x, y in zip(base, other) for a, b in zip(x, y))
     return same, sum(len(x) for x in base), sum(x == y for x, y in zip(base, other))
+
+
+def divergence_margins(base: list[list[int]], other: list[list[int]], margin: np.ndarray) -> list[float]:
+    """For each of the first len(base) requests whose free-running output parts from the baseline's:
+    the baseline's top-1 lead (`margin`, over the requests' output positions concatenated) where it
+    parts. Up to there both ran the same tokens, so that is the choice the cache's rounding flipped."""
+    out, offset = [], 0
+    for x, y in zip(base, other):
+        k = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+        if k is not None:
+            out.append(float(margin[offset + k]))
+        offset += len(x)
+    return out
 
 
 def teacher_forced_logits(args, seqs: list[tuple[list[int], int]], kv_dtype_name: str):
@@ -140,7 +199,8 @@ def main(argv=None) -> int:
         args.model = str(ensure_demo_model())
     from jaxserve.models.loader import read_hf_config, resolve_model_dir
 
-    hf = read_hf_config(resolve_model_dir(args.model))
+    model_dir = resolve_model_dir(args.model)
+    hf = read_hf_config(model_dir)
     config_name = args.config
     if args.kv_cache_memory_bytes:
         from jaxserve.config import read_yaml
@@ -150,6 +210,17 @@ def main(argv=None) -> int:
         args.config = {**preset, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
         config_name = f"{config_name} without num_pages, kv_cache_memory_bytes {args.kv_cache_memory_bytes}"
     work = bt.workload(args, int(hf["vocab_size"]))
+    prompts = f"random token ids, seed {args.seed}"
+    title = "8-bit KV cache"
+    note = model_note(model_dir)
+    if note:
+        loss = json.loads((model_dir / "training.json").read_text())["heldout_loss"]
+        title += f", trained tiny model (held-out loss {loss:.2f} nats/token)"
+    if args.prompts_from:
+        work, n_text = text_workload(work, args.prompts_from, model_dir, args.seed)
+        prompts = (f"each prompt a window of `{args.prompts_from}` ({n_text} tokens) at a random offset, lengths "
+                   f"seed {args.seed}, offsets seed {args.seed + 1}")
+        title += ", prompts from held-out text" if "heldout" in Path(args.prompts_from).name else ", prompts from text"
     names = [n.strip() for n in args.kv_cache_dtypes.split(",") if n.strip()]
     runs = []
     for name in names:
@@ -157,10 +228,10 @@ def main(argv=None) -> int:
         print(f"[bench_kv_quant] engine, kv_cache_dtype {name}", file=sys.stderr, flush=True)
         runs.append(bt.run_jaxserve(args, work, None))
     base = runs[0]
-    lines = [f"### 8-bit KV cache ({datetime.date.today().isoformat()}, {bt.machine()}, commit {bt.git_commit()})", "",
+    lines = [f"### {title} ({datetime.date.today().isoformat()}, {bt.machine()}, commit {bt.git_commit()})", "",
              f"Model: `{base['model_dir']}` (weights {base['dtype']}), config `{config_name}`, attention "
-             f"`{base['backend']}`. Workload: {len(work)} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, "
-             f"outputs {args.min_output}-{args.max_output} (random token ids, seed {args.seed}, greedy, EOS ignored). "
+             f"`{base['backend']}`.{note} Workload: {len(work)} requests, prompts {args.min_prompt}-{args.max_prompt} "
+             f"tokens, outputs {args.min_output}-{args.max_output} ({prompts}, greedy, EOS ignored). "
              f"Baseline: kv_cache_dtype {names[0]}. Positions: free-running greedy tokens equal to the baseline's at "
              "the same position (strict: after a first difference the continuations differ). Load average 1/5/15 "
              "min, before the engine was built -> after its timed run.", "",
@@ -194,14 +265,17 @@ def main(argv=None) -> int:
                   f"top-1 minus top-2 log-prob median {np.median(margin):.2e}, {100 * np.mean(~wide):.1f}% of the "
                   f"positions below {MARGIN:g}:", "",
                   "| kv_cache_dtype | next-token top-1 = baseline | where the baseline's margin >= "
-                  f"{MARGIN:g} | largest margin flipped | mean KL(baseline \\|\\| run) nats |", "|---|---|---|---|---|"]
-        for name, lp in logps.items():
+                  f"{MARGIN:g} | largest margin flipped | mean KL(baseline \\|\\| run) nats | free-running: requests "
+                  "parting from the baseline, its margin where they part (median, max) |", "|---|---|---|---|---|---|"]
+        for (name, lp), run in zip(logps.items(), runs):
+            parts = divergence_margins(base["token_ids"][:n], run["token_ids"][:n], margin)
+            parted = f"{len(parts)}/{n}" + (f": {np.median(parts):.2e}, {max(parts):.2e}" if parts else "")
             lp = np.concatenate(lp)
             same = ref.argmax(-1) == lp.argmax(-1)
             kl = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
             flipped = f"{margin[~same].max():.2e}" if (~same).any() else "-"
             lines.append(f"| {name} | {same.sum()}/{len(same)} = {100 * same.mean():.2f}% | {same[wide].sum()}/"
-                         f"{wide.sum()} = {100 * same[wide].mean():.2f}% | {flipped} | {kl:.2e} |")
+                         f"{wide.sum()} = {100 * same[wide].mean():.2f}% | {flipped} | {kl:.2e} | {parted} |")
         lines.append("")
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
         lines += [f"Scale granularity (int8), on the float32 K/V the model wrote for the last teacher-forced "
