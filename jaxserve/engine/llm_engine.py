@@ -27,9 +27,24 @@ Length limits are known ahead, so a request is never scheduled past them. With
 `async_scheduling=False` each step is scheduled only after the previous one was applied;
 outputs are token-identical either way.
 
-Speculative decoding (`speculative_config`, core.spec_decode / worker.spec_decode) runs the
-synchronous loop whatever `async_scheduling` says: a step's proposals are looked up in the
-tokens of the step before, and its length depends on how many of them were accepted.
+Speculative decoding (`speculative_config`, core.spec_decode / worker.spec_decode): a step's
+proposals are looked up in the tokens of the step before, and its length depends on how many
+of them were accepted, so step N+1 is scheduled only after step N's tokens are in the
+scheduler (update). With `async_scheduling` the rest of step N's host work, its output
+processing (detokenization, stop strings, n/best_of aborts, the deltas), runs after step N+1
+was dispatched, while the device computes it:
+
+    host                                         device
+    ----                                         ------
+    schedule step N+1 (proposals from N's tokens)
+    dispatch N+1: verify rows + rejection sampler
+    output processing(N)                         running step N+1
+    collect N+1, Scheduler.update(N+1)
+    return the deltas of step N
+
+A request that a stop string ends in output processing(N) may be in step N+1: its tokens there
+are dropped (update skips finished requests), as in the overlapped loop. Without
+`async_scheduling` each step is processed before the next is scheduled.
 
 Not thread-safe: AsyncLLM drives it from one background thread.
 """
@@ -95,7 +110,7 @@ class LLMEngine:
         a data-parallel engine hands each replica its own slice)."""
         self.config = config
         spec = config.speculative_config
-        # Speculation runs with the synchronous loop: a step's proposals need the tokens of the step before.
+        # A speculating step is scheduled after the step before is in the scheduler (module docstring).
         self.speculator = Speculator(spec) if spec is not None else None
         enable_compilation_cache(config.compilation_cache_dir)
         loaded, devices = self._load(config, devices)
@@ -378,13 +393,17 @@ class LLMEngine:
         """Applies the dispatched steps but the one `begin_step` just queued (overlapped), or
         all of them (synchronous, or when nothing new was scheduled: then every request is
         waiting for tokens still in flight)."""
-        keep = 1 if self.config.async_scheduling and self._dispatched and self.speculator is None else 0
+        overlap = self.config.async_scheduling and self._dispatched
+        keep = 1 if overlap and self.speculator is None else 0
         outputs: list[RequestOutput] = []
         for touched in self._updated:
             outputs += self._process(touched)
         self._updated.clear()
         while len(self._in_flight) > keep:
-            outputs += self._apply(*self._in_flight.popleft())
+            if overlap and self.speculator is not None:  # updated now, processed while the next step runs
+                self._updated.append(self._update(*self._in_flight.popleft()))
+            else:
+                outputs += self._apply(*self._in_flight.popleft())
         return outputs
 
     def _apply(self, out: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
