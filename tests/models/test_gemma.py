@@ -56,7 +56,7 @@ def test_chunked_prefill_then_decode_equals_full_forward(name, gemma):
     np.testing.assert_allclose(np.concatenate(rows), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma2_irregular", "gemma3_text"])
+@pytest.mark.parametrize("name", [pytest.param("gemma2", marks=pytest.mark.slow), "gemma2_irregular", "gemma3_text"])
 def test_each_layer_attends_through_its_own_window(name, gemma):
     """The parity above holds with the per-layer windows (the 45-token prompt is 6 to 15 windows
     long) and fails by far when the local and global layers swap windows (each keeping its RoPE:

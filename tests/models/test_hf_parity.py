@@ -47,7 +47,7 @@ def test_greedy_tokens_match_transformers(arch, hf_model_dir):
         assert runner.greedy(ids, 32) == ref[0, length:].tolist(), (arch, length)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", pytest.param("mistral", marks=pytest.mark.slow), "qwen3"])
 def test_prefill_then_decode_equals_full_forward(arch, hf_model_dir):
     path, _ = hf_model_dir(arch)
     model = load_model(path).model

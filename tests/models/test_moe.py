@@ -107,7 +107,8 @@ def routings(t: int, e: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
             "spread": ((np.arange(t)[:, None] + np.arange(k)[None]) % e).astype(np.int32)}
 
 
-@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (13, 16, 8), (40, 12, 3), (64, 8, 1)])
+@pytest.mark.parametrize("t,e,k", [pytest.param(1, 4, 2, marks=pytest.mark.slow), (13, 16, 8), (40, 12, 3),
+                                   pytest.param(64, 8, 1, marks=pytest.mark.slow)])
 def test_grouped_matmul_equals_dense_per_expert_reference(t, e, k):
     gate_up, down, router = expert_weights(e, seed=t)
     x = jnp.asarray(np.random.default_rng(t + 1).standard_normal((t, 24)), jnp.float32)

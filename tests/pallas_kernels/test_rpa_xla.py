@@ -43,14 +43,28 @@ def _check(batch, dtype, **opts):
         np.testing.assert_allclose(got[:n], dense_oracle(batch, **base), rtol=5e-5, atol=5e-5)
 
 
-@pytest.mark.parametrize("mix", sorted(MIXES))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("page_size,heads,window,cap", [
+SHAPES = [  # page_size, (q heads, kv heads), window, soft cap
     (4, (4, 4), None, None),
     (8, (8, 2), 5, None),
     (16, (6, 2), None, 3.0),
     (4, (8, 1), 20, 2.0),
-])
+]
+DTYPES = [(jnp.float32, "f32"), (jnp.bfloat16, "bf16")]
+
+
+def _sweep():
+    """The full product mix x dtype x shape; `make test` runs the half where the indices' sum is
+    even (every mix with both dtypes and two shapes each, every shape with both dtypes and every
+    mix), the other half is `slow`."""
+    for i, mix in enumerate(sorted(MIXES)):
+        for j, (dtype, name) in enumerate(DTYPES):
+            for k, (page_size, heads, window, cap) in enumerate(SHAPES):
+                marks = [pytest.mark.slow] if (i + j + k) % 2 else []
+                yield pytest.param(mix, dtype, page_size, heads, window, cap, marks=marks,
+                                   id=f"{page_size}-heads{k}-{window}-{cap}-{name}-{mix}")
+
+
+@pytest.mark.parametrize("mix,dtype,page_size,heads,window,cap", list(_sweep()))
 def test_xla_matches_reference(mix, dtype, page_size, heads, window, cap):
     seqs = MIXES[mix]
     hq, hkv = heads
