@@ -18,6 +18,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Scripts and the server keep XLA's defaults; set JAXSERVE_TESTS_XLA_OPT=default to test with them.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
                   "--xla_cpu_parallel_codegen_split_count=1", "--xla_llvm_disable_expensive_passes=true")
+# Under pytest-xdist (make test: one worker per core) every process computes on one thread: XLA:CPU's
+# Eigen pool and torch's OpenMP pool (the oracles) otherwise each start a thread per core and the
+# workers' threads contend for the same two cores. The test models are tiny, so a second thread buys
+# little even alone: sliding window's 1024-step generation took 12.8 s single-threaded against 20.7 s.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    TEST_XLA_FLAGS += ("--xla_cpu_multi_thread_eigen=false",)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ.get("JAXSERVE_TESTS_XLA_OPT", "0") != "default":
     given = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in given]  # a flag set outside wins
