@@ -186,7 +186,9 @@ def test_jaxserve_serve_with_the_cpu_preset_answers(wheel_venv):
             proc.wait(10)
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+# The CUDA image's dry run resolves jax's CUDA plugin and the NVIDIA wheels (20 s here) and is marked
+# slow; the TPU image's runs the same check in make test.
+@pytest.mark.parametrize("platform", [pytest.param("cuda", marks=pytest.mark.slow), "tpu"])
 def test_accelerator_images_install_step_resolves(wheel_venv, platform):
     """The GPU / TPU images' Python layer, dry-run on CPU: pip resolves the wheel with the image's
     extra (jax's CUDA plugin / libtpu) without installing it."""
