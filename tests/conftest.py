@@ -21,7 +21,7 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_em
 # Under pytest-xdist (make test: one worker per core) every process computes on one thread: XLA:CPU's
 # Eigen pool and torch's OpenMP pool (the oracles) otherwise each start a thread per core and the
 # workers' threads contend for the same two cores. The test models are tiny, so a second thread buys
-# little even alone: sliding window's 1024-step generation took 12.8 s single-threaded against 20.7 s.
+# little even alone: sliding window's admission test (1024 steps then) took 12.8 s single-threaded, not 20.7.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     TEST_XLA_FLAGS += ("--xla_cpu_multi_thread_eigen=false",)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
