@@ -22,13 +22,13 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_em
 # Eigen pool and torch's OpenMP pool (the oracles) otherwise each start a thread per core and the
 # workers' threads contend for the same two cores. The test models are tiny, so a second thread buys
 # little even alone: sliding window's admission test (1024 steps then) took 12.8 s single-threaded, not 20.7.
+# (Threads are about contention, not optimization: JAXSERVE_TESTS_XLA_OPT=default keeps this.)
+flags = TEST_XLA_FLAGS if os.environ.get("JAXSERVE_TESTS_XLA_OPT", "0") != "default" else ()
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    TEST_XLA_FLAGS += ("--xla_cpu_multi_thread_eigen=false",)
+    flags += ("--xla_cpu_multi_thread_eigen=false",)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-if os.environ.get("JAXSERVE_TESTS_XLA_OPT", "0") != "default":
-    given = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in given]  # a flag set outside wins
-    os.environ["XLA_FLAGS"] = " ".join([given, *extra]).strip()
+given = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([given, *(f for f in flags if f.split("=")[0] not in given)]).strip()  # outside wins
 
 import jax  # noqa: E402
 
