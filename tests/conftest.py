@@ -42,6 +42,22 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _subprocesses_without_torch():
+    """The processes the tests start run without torch (tests/no_torch/sitecustomize.py), unless
+    they set PYTHONPATH themselves (the *_check.py scripts hide it in their first lines). Set in
+    the process that runs the tests, so the pytest-xdist workers themselves, started earlier, keep
+    torch for their oracles."""
+    here = os.path.join(os.path.dirname(__file__), "no_torch")
+    given = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = here if not given else os.pathsep.join([here, given])
+    yield
+    if given is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = given
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops jax's in-memory caches of compiled programs after each test module (the disk cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -326,10 +327,15 @@ QUIET_LOGGERS = ("jax", "absl", "orbax", "orbax.checkpoint", "etils")
 
 
 def quiet_library_logs(level: str) -> None:
-    """At any level above DEBUG, the QUIET_LOGGERS say only warnings and errors."""
+    """At any level above DEBUG, the QUIET_LOGGERS say only warnings and errors, and transformers
+    gives no advice: without torch (a plain install has none, and jaxserve never uses it) its
+    import warned "PyTorch was not found. Models won't be available" on every command. Runs
+    before anything imports transformers."""
     numeric = logging.getLevelName(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else max(logging.WARNING, numeric))
+    if numeric > logging.DEBUG:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

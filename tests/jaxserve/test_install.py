@@ -184,6 +184,9 @@ def test_jaxserve_serve_with_the_cpu_preset_answers(wheel_venv):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+    # This venv has no torch, as after a plain install: transformers' advice about it is not shown
+    logged = proc.stdout.read()
+    assert "INFO jaxserve" in logged and "PyTorch was not found" not in logged, logged[-3000:]
 
 
 # The CUDA image's dry run resolves jax's CUDA plugin and the NVIDIA wheels (20 s here) and is marked
