@@ -37,8 +37,13 @@ from jaxserve.kernels.attention_reference import MASK_VALUE
 
 # A decode iteration gathers R sequences x Bk keys x 2*Hkv x D values; on a 2-core x86 CPU
 # ~2 MiB per iteration was fastest (64 decodes x 400 keys: blocks of 16-32 keys beat blocks
-# of 128 by 2-4x; smaller blocks only add loop trips).
+# of 128 by 2-4x; smaller blocks only add loop trips). At most 64 keys even where 2 MiB would
+# hold more (few or small kv heads): every row pays for the whole block, so a big block is
+# work wasted on short contexts. 16 decodes of 20 tokens, 2 kv heads of 16: 0.44 -> 0.21 ms a
+# step (blocks of 512 keys -> 64); at 8B shapes the blocks and times stay as they were
+# (BENCHMARKS.md, "decode block cap").
 DECODE_BLOCK_BYTES = 2 << 20
+DECODE_BLOCK_MAX_KEYS = 64
 PREFILL_BLOCK_KEYS = 128
 PREFILL_TILE_ROWS = 32
 
@@ -51,7 +56,7 @@ def default_block_sizes(num_tokens: int, max_seqs: int, page_size: int, max_page
     num_groups: decode groups (each gathers its own rows' blocks per iteration).
     """
     rows = max(1, -(-min(num_tokens, max_seqs) // num_groups))
-    decode_keys = DECODE_BLOCK_BYTES // (rows * kv_row_bytes)
+    decode_keys = min(DECODE_BLOCK_MAX_KEYS, DECODE_BLOCK_BYTES // (rows * kv_row_bytes))
     decode_pages = max(1, min(max_pages, decode_keys // page_size))
     prefill_pages = max(1, min(max_pages, PREFILL_BLOCK_KEYS // page_size))
     tile = max(1, min(num_tokens, PREFILL_TILE_ROWS))

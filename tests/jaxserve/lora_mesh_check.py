@@ -32,7 +32,7 @@ def main(model_dir: str, config: str, adapters: list[str], meshes: list[str]) ->
     result = {"devices": jax.device_count(), "meshes": {}}
     for mesh in meshes:
         llm = LLM(model_dir, config=config, mesh=mesh, token_buckets=[128], seq_buckets=[16],
-                  attention_backend="reference", enable_lora=True, max_loras=3, max_lora_rank=16)
+                  enable_lora=True, max_loras=3, max_lora_rank=16)
         outs = llm.generate([p for p, _, _ in work],
                             [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m, _ in work],
                             use_tqdm=False, lora_request=[lora for _, _, lora in work])
