@@ -39,9 +39,9 @@ from jaxserve.kernels.attention_reference import MASK_VALUE
 # ~2 MiB per iteration was fastest (64 decodes x 400 keys: blocks of 16-32 keys beat blocks
 # of 128 by 2-4x; smaller blocks only add loop trips). At most 64 keys even where 2 MiB would
 # hold more (few or small kv heads): every row pays for the whole block, so a big block is
-# work wasted on short contexts. 16 decodes of 20 tokens, 2 kv heads of 16: 0.44 -> 0.21 ms a
-# step (blocks of 512 keys -> 64); at 8B shapes the blocks and times stay as they were
-# (BENCHMARKS.md, "decode block cap").
+# work wasted on short contexts. 16 decodes of 20 tokens, 2 kv heads of 16: 0.47 -> 0.23 ms a
+# call (blocks of 512 keys -> 64). At 8B heads only steps of fewer than 16 decode rows get other
+# blocks, and their times stayed within noise (BENCHMARKS.md, "The xla backend's decode block cap").
 DECODE_BLOCK_BYTES = 2 << 20
 DECODE_BLOCK_MAX_KEYS = 64
 PREFILL_BLOCK_KEYS = 128
