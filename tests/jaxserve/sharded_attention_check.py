@@ -42,10 +42,17 @@ def copy_scale_heads(scales, replicas: int):
     return copy_kv_heads(np.asarray(scales)[..., None], replicas)[..., 0]
 
 
+# (devices on 'model', kv heads): kv > tp, kv == tp, kv < tp (copied 2x and 4x). SHARDED_ATTENTION_CASES
+# ("2:4,4:1") picks some of them.
+ALL_CASES = ((2, 4), (2, 2), (4, 2), (4, 1))
+CASES = tuple(tuple(int(x) for x in case.split(":"))
+              for case in os.environ.get("SHARDED_ATTENTION_CASES", "").split(",") if case) or ALL_CASES
+
+
 def main(backend: str, kv_dtype: str | None = None) -> None:
     errors = {}
     seqs = [(1, 9), (5, 5), (3, 14)]
-    for model, hkv in ((2, 4), (2, 2), (4, 2), (4, 1)):  # kv > tp, kv == tp, kv < tp (copied 2x and 4x)
+    for model, hkv in CASES:
         mesh = Mesh(np.asarray(jax.devices()[:model]), ("model",))
         batch = make_batch(seqs, page_size=4, num_q_heads=8, num_kv_heads=hkv, head_dim=16, max_seqs=5,
                            num_tokens=12, max_pages_per_seq=5, seed=model + hkv)

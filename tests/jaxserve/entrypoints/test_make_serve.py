@@ -308,10 +308,11 @@ def test_probes_from_spawn_to_exit_with_a_drain_under_load(make_serve):
     deadline = time.monotonic() + 30
     while prober.states()[-1] != ("200 ok", "200 ok", "200 alive", "SERVING") and time.monotonic() < deadline:
         time.sleep(0.1)
-    # A long stream in flight keeps the drain going for a while.
+    # A long stream in flight keeps the drain going for a while: 120 tokens are about 3 s of drain at the
+    # tests' -O0 and 1 s at XLA's defaults, ten polls or more (with 300 this test took 21 s of a cold make test).
     client = openai_client(http_port)
     stream = client.completions.create(model=client.models.list().data[0].id, prompt="Once upon a time",
-                                       max_tokens=300, stream=True, extra_body={"ignore_eos": True})
+                                       max_tokens=120, stream=True, extra_body={"ignore_eos": True})
     first = next(iter(stream))
     assert first.choices[0].text is not None
     server.proc.send_signal(signal.SIGTERM)
