@@ -12,9 +12,10 @@ SERVE_ARGS ?= serve --config cpu --host 127.0.0.1 --grpc-port 50051 --http-port 
 # It deselects the cases marked `slow` (long kernel sweeps and repeats of a check, each beside
 # representative unmarked cases of the same check); `make test-all` runs them too. The test files
 # are spread over PYTEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so
-# its module fixtures are built once): `make test PYTEST_WORKERS=0` runs them in this process.
+# its module fixtures are built once), the heaviest files first (tests/conftest.py: HEAVY_FIRST):
+# `make test PYTEST_WORKERS=0` runs them in this process.
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= -v --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_ARGS ?= -v --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: serve test test-all clean-venv
 

@@ -118,7 +118,10 @@ def wheel_venv(tmp_path_factory):
     for name in ("models", "pallas_kernels"):
         (work / name).mkdir(parents=True)
         (work / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package was imported')\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # PYTHONDONTWRITEBYTECODE is dropped as well (set where the tests run here, not on a user's
+    # machine): with --no-compile, the first process then writes the bytecode of what it imports
+    # and the later ones read it, instead of each compiling jax and transformers from source.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
     env.update(JAXSERVE_CACHE_DIR=str(tmp / "cache"), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                PATH=f"{python.parent}{os.pathsep}{env.get('PATH', '')}")
     return python, wheel, work, env

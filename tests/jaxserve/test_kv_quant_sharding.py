@@ -11,8 +11,11 @@ import pytest
 from test_sharding import CPU, HERE, model8, run_script  # noqa: F401  (model8 is a fixture)
 
 
-def test_int8_kv_engine_gives_identical_tokens_over_tensor_parallel_meshes(model8, monkeypatch):  # noqa: F811
-    meshes = ["model=1", "model=2", "model=4", "model=8"]
+# make test: kv heads split (model=2) and copied (model=8); model=4 (copied twice) is slow.
+@pytest.mark.parametrize("meshes", [["model=1", "model=2", "model=8"],
+                                    pytest.param(["model=1", "model=4"], marks=pytest.mark.slow)],
+                         ids=["tp2-tp8", "tp4"])
+def test_int8_kv_engine_gives_identical_tokens_over_tensor_parallel_meshes(model8, monkeypatch, meshes):  # noqa: F811
     monkeypatch.setenv("MESH_CHECK_KV_CACHE_DTYPE", "int8")
     monkeypatch.setenv("MESH_CHECK_REQUESTS", "12")
     (result,) = run_script([str(HERE / "mesh_check.py"), str(model8), CPU, *meshes])
@@ -27,10 +30,14 @@ def test_int8_kv_engine_gives_identical_tokens_over_tensor_parallel_meshes(model
 
 
 # The TPU kernel in interpret mode is the slow one (18 s against 7): make test reads 8-bit pages through
-# shard_map with the GPU kernel, and test_sharding runs the TPU kernel through shard_map on plain pages.
-@pytest.mark.parametrize("backend,kv_dtype", [pytest.param("pallas_tpu", "int8", marks=pytest.mark.slow),
-                                              ("pallas_gpu", "fp8")])
-def test_pallas_kernels_through_shard_map_read_8bit_pages(backend, kv_dtype):
+# shard_map with the GPU kernel, kv heads split (2 devices, 4 heads) and copied (4 devices, 2 heads); its
+# other two layouts and the TPU kernel are slow (test_sharding runs the TPU kernel through shard_map on
+# plain pages).
+@pytest.mark.parametrize("backend,kv_dtype,cases", [
+    pytest.param("pallas_tpu", "int8", "2:4,2:2,4:2,4:1", marks=pytest.mark.slow),
+    ("pallas_gpu", "fp8", "2:4,4:2"), pytest.param("pallas_gpu", "fp8", "2:2,4:1", marks=pytest.mark.slow)])
+def test_pallas_kernels_through_shard_map_read_8bit_pages(backend, kv_dtype, cases, monkeypatch):
+    monkeypatch.setenv("SHARDED_ATTENTION_CASES", cases)
     (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend, kv_dtype])
-    assert set(errors) == {"model=2,kv_heads=4", "model=2,kv_heads=2", "model=4,kv_heads=2", "model=4,kv_heads=1"}
+    assert set(errors) == {f"model={c.split(':')[0]},kv_heads={c.split(':')[1]}" for c in cases.split(",")}
     assert max(errors.values()) < 2e-5, errors

@@ -39,8 +39,12 @@ def run_script(args: list[str], timeout: int = 600) -> list[dict]:
     return results
 
 
-def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8):
-    meshes = ["model=1", "model=2", "model=4", "model=8", "data=2,model=4"]
+# make test: kv heads split (model=2), data and tensor parallel at once with kv heads copied
+# (data=2,model=4); model=4 and model=8 (one q head a device) are slow.
+@pytest.mark.parametrize("meshes", [["model=1", "model=2", "data=2,model=4"],
+                                    pytest.param(["model=1", "model=4", "model=8"], marks=pytest.mark.slow)],
+                         ids=["tp2-dp2tp4", "tp4-tp8"])
+def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8, meshes):
     (result,) = run_script([str(HERE / "mesh_check.py"), str(model8), CPU, *meshes])
     assert result["devices"] == 8
     runs = result["meshes"]
@@ -50,12 +54,12 @@ def test_tensor_and_data_parallel_meshes_give_identical_tokens(model8):
         model = parse_mesh(mesh)["model"]
         assert runs[mesh]["q_spec"] == "P(None, None, 'model', None)"  # [layers, embed, heads, head_dim]
         assert runs[mesh]["q_shard"][1:] == [64, 8 // model, 8]  # heads split over the model axis
-    assert runs["model=2"]["kv_spec"] == "P(None, None, None, 'model', None)"  # 2 kv heads split over 2
-    # 2 kv heads over 4 or 8 devices: each copied 2 or 4 times, split one head per device.
-    for mesh in ("model=4", "model=8", "data=2,model=4"):
+    # 2 kv heads split over 2 devices; over 4 or 8: each copied 2 or 4 times, split one head per device.
+    for mesh in meshes[1:]:
         assert runs[mesh]["kv_spec"] == "P(None, None, None, 'model', None)", mesh
-    assert runs["data=2,model=4"]["replicas"] == 2
-    assert runs["data=2,model=4"]["replica_devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    if "data=2,model=4" in runs:
+        assert runs["data=2,model=4"]["replicas"] == 2
+        assert runs["data=2,model=4"]["replica_devices"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def free_port() -> int:

@@ -132,7 +132,9 @@ def test_gemma3_wrapped_checkpoint_in_both_namings(gemma, tmp_path):
     np.testing.assert_array_equal(logits(load_model(dst).model, ids), logits(load_model(src).model, ids))
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+# Gemma 3 (q/k norms, two RoPE bases) in make test; Gemma 2 is slow (the round trip does not depend on
+# the architecture beyond which weights there are).
+@pytest.mark.parametrize("name", [pytest.param("gemma2", marks=pytest.mark.slow), "gemma3"])
 def test_orbax_round_trip_identical_logits(name, gemma, tmp_path):
     src, hf = gemma(name)
     dst = convert(str(src), tmp_path / "converted")
@@ -176,7 +178,9 @@ def test_random_model_presets_are_what_transformers_builds(preset, low, high):
     assert all(not v.any() for k, v in written.items() if "norm" in k)  # Gemma's identity: 1 + 0
 
 
-@pytest.mark.parametrize("preset", ["gemma2-9b", "gemma3-4b"])
+# Gemma 2 in make test; Gemma 3 (8 s: all 34 layers) is slow. test_random_model_presets_are_what_transformers_builds
+# checks both presets' configs in make test, and the Gemma 3 family loads beside transformers in test_gemma.py.
+@pytest.mark.parametrize("preset", ["gemma2-9b", pytest.param("gemma3-4b", marks=pytest.mark.slow)])
 def test_random_model_script_writes_what_both_load_alike(preset, tmp_path):
     """A narrowed preset (all its layers, layer types, RoPE and caps) written by the script:
     jaxserve and transformers load the directory and agree on the logits."""

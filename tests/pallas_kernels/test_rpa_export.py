@@ -75,9 +75,18 @@ CASES = [("decode", 16, jnp.bfloat16, None, None), ("decode", 128, jnp.float32, 
          ("mixed", 16, jnp.float32, 1024, 30.0), ("mixed", 128, jnp.bfloat16, None, None)]
 
 
-@pytest.mark.parametrize("backend", list(KERNELS))
-@pytest.mark.parametrize("mix,page_size,dtype,window,cap", CASES,
-                         ids=[f"{m}-ps{p}-{jnp.dtype(d).name}-w{w}-c{c}" for m, p, d, w, c in CASES])
+def _params(backends, cases, ids, slow):
+    """slow: {backend: indices of `cases` marked slow for it}."""
+    return [pytest.param(b, *case, id=f"{i}-{b}", marks=[pytest.mark.slow] if k in slow.get(b, ()) else [])
+            for k, (case, i) in enumerate(zip(cases, ids)) for b in backends]
+
+
+# Our TPU kernel's exports are the slow ones (2-3 s each, Mosaic's lowering of the whole kernel): make
+# test exports it with pages of 16 here and of 128 with 8-bit pages below (both mixes, both q dtypes,
+# window and soft cap in each); the other four are slow. jax's TPU kernel and the GPU kernel export all.
+@pytest.mark.parametrize("backend,mix,page_size,dtype,window,cap", _params(
+    list(KERNELS), CASES, [f"{m}-ps{p}-{jnp.dtype(d).name}-w{w}-c{c}" for m, p, d, w, c in CASES],
+    slow={"pallas_tpu": {1, 3}}))
 def test_kernel_exports_for_its_platform(backend, mix, page_size, dtype, window, cap):
     text = _export(backend, mix, page_size, dtype, window, cap)
     assert KERNELS[backend][3] in text
@@ -90,10 +99,10 @@ QUANT_CASES = [("decode", 16, jnp.bfloat16, None, None, jnp.int8),
                ("decode", 128, jnp.float32, None, 30.0, jnp.float8_e4m3fn)]
 
 
-@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
-@pytest.mark.parametrize("mix,page_size,dtype,window,cap,kv_dtype", QUANT_CASES,
-                         ids=[f"{m}-ps{p}-q{jnp.dtype(d).name}-kv{jnp.dtype(k).name}-w{w}-c{c}"
-                              for m, p, d, w, c, k in QUANT_CASES])
+@pytest.mark.parametrize("backend,mix,page_size,dtype,window,cap,kv_dtype", _params(
+    ["pallas_tpu", "pallas_gpu"], QUANT_CASES,
+    [f"{m}-ps{p}-q{jnp.dtype(d).name}-kv{jnp.dtype(k).name}-w{w}-c{c}" for m, p, d, w, c, k in QUANT_CASES],
+    slow={"pallas_tpu": {0, 3}}))
 def test_kernel_exports_with_8bit_kv(backend, mix, page_size, dtype, window, cap, kv_dtype):
     text = _export(backend, mix, page_size, dtype, window, cap, kv_dtype)
     assert KERNELS[backend][3] in text
