@@ -178,7 +178,7 @@ def test_random_model_presets_are_what_transformers_builds(preset, low, high):
     assert all(not v.any() for k, v in written.items() if "norm" in k)  # Gemma's identity: 1 + 0
 
 
-# Gemma 2 in make test; Gemma 3 (8 s: all 34 layers) is slow. test_random_model_presets_are_what_transformers_builds
+# Gemma 2 in make test (4-5 s); Gemma 3 (7-8 s) is slow. test_random_model_presets_are_what_transformers_builds
 # checks both presets' configs in make test, and the Gemma 3 family loads beside transformers in test_gemma.py.
 @pytest.mark.parametrize("preset", ["gemma2-9b", pytest.param("gemma3-4b", marks=pytest.mark.slow)])
 def test_random_model_script_writes_what_both_load_alike(preset, tmp_path):

@@ -97,8 +97,8 @@ def _any_request_mix(preset, data):
     assert sim.kv.num_free_pages == sim.kv.num_total_pages
 
 
-# 12 examples a preset took 25 s of make test (0.6 s an example for the 8-GPU presets' 256 sequences):
-# make test draws 4 a preset (new ones each run), the slow twin 20 more.
+# 12 examples a preset took 20-25 s of make test (up to 7 s for one preset with 256 sequences): make
+# test draws 4 a preset (new ones each run), the slow twin 20 more.
 @pytest.mark.parametrize("preset", PRESETS)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
