@@ -82,8 +82,9 @@ def _params(backends, cases, ids, slow):
 
 
 # Our TPU kernel's exports are the slow ones (2-3 s each, Mosaic's lowering of the whole kernel): make
-# test exports it with pages of 16 here and of 128 with 8-bit pages below (both mixes, both q dtypes,
-# window and soft cap in each); the other four are slow. jax's TPU kernel and the GPU kernel export all.
+# test exports it here with pages of 16 (a bf16 decode; an f32 mixed batch with window and soft cap) and
+# below with 8-bit pages of 128 and 16 (int8 with f32 q, window and cap; fp8 with bf16 q and a window,
+# both mixed batches); the other four are slow. jax's TPU kernel and the GPU kernel export every case.
 @pytest.mark.parametrize("backend,mix,page_size,dtype,window,cap", _params(
     list(KERNELS), CASES, [f"{m}-ps{p}-{jnp.dtype(d).name}-w{w}-c{c}" for m, p, d, w, c in CASES],
     slow={"pallas_tpu": {1, 3}}))
