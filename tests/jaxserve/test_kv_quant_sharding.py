@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_sharding import CPU, HERE, model8, run_script  # noqa: F401  (model8 is a fixture)
+from test_sharding import CPU, HERE, case_names, model8, run_script  # noqa: F401  (model8 is a fixture)
 
 
 # make test: kv heads split (model=2) and copied (model=8); model=4 (copied twice) is slow.
@@ -39,5 +39,5 @@ def test_int8_kv_engine_gives_identical_tokens_over_tensor_parallel_meshes(model
 def test_pallas_kernels_through_shard_map_read_8bit_pages(backend, kv_dtype, cases, monkeypatch):
     monkeypatch.setenv("SHARDED_ATTENTION_CASES", cases)
     (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend, kv_dtype])
-    assert set(errors) == {f"model={c.split(':')[0]},kv_heads={c.split(':')[1]}" for c in cases.split(",")}
+    assert set(errors) == case_names(cases)
     assert max(errors.values()) < 2e-5, errors

@@ -177,6 +177,11 @@ def test_presets_load_with_valid_meshes(preset):
 ALL_CASES = "2:4,2:2,4:2,4:1"
 
 
+def case_names(cases: str) -> set[str]:
+    """SHARDED_ATTENTION_CASES ("2:4,4:2") as sharded_attention_check.py names its results."""
+    return {f"model={m},kv_heads={k}" for m, k in (c.split(":") for c in cases.split(","))}
+
+
 @pytest.mark.parametrize("backend,cases", [("pallas_tpu", "2:4,4:2"),
                                            pytest.param("pallas_tpu", "2:2,4:1", marks=pytest.mark.slow),
                                            ("pallas_gpu", ALL_CASES)])
@@ -185,8 +190,7 @@ def test_pallas_kernels_through_shard_map_equal_reference(backend, cases, monkey
     shard_map on their own kv heads: split over the devices, or copied when fewer than them."""
     monkeypatch.setenv("SHARDED_ATTENTION_CASES", cases)
     (errors,) = run_script([str(HERE / "sharded_attention_check.py"), backend])
-    want = {f"model={c.split(':')[0]},kv_heads={c.split(':')[1]}" for c in cases.split(",")}
-    assert set(errors) == want
+    assert set(errors) == case_names(cases)
     assert max(errors.values()) < 2e-5, errors
 
 
